@@ -1,0 +1,1 @@
+"""Text environments for LLM agents; importing this package registers their Gymnasium ids."""
