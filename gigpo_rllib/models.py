@@ -1,0 +1,253 @@
+"""The embedded default model: a tiny Qwen2-style causal LM and tokenizer built offline.
+
+Nothing here touches the network. ``build_tiny_model`` trains a byte-level BPE tokenizer on a built-in
+corpus and initialises a small ``Qwen2ForCausalLM`` from a seed, then writes an ordinary Hugging Face
+directory. The same seed gives byte-identical files. ``resolve_model_path("gigpo-tiny")`` builds it once
+into a cache directory (safe when several Ray workers race) and returns that path; every other value is
+passed through, so users with hub access can name any model id.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import random
+import shutil
+import tempfile
+from typing import Any
+
+TINY_MODEL_NAME = "gigpo-tiny"
+
+# Bump whenever the corpus, tokenizer recipe or model config changes: it is part of the cache path.
+TINY_MODEL_VERSION = "v1"
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+ENDOFTEXT = "<|endoftext|>"
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
+
+_TOKENIZER_VOCAB_SIZE = 1536
+_MARKER = "GIGPO_BUILD_COMPLETE"
+
+# A Qwen-like ChatML template: system / user / assistant turns, optional generation prompt.
+CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' -}}"
+    "{%- set rest = messages[1:] -%}"
+    "{%- else -%}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+    "{%- set rest = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in rest -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+
+_WORDS = """
+the a an and or not to of in on at for with from by is are was be you your we it this that there here
+agent environment state action reward step episode game grid map cell row column player goal hole frozen
+lake ice box target wall floor push move moves moved left right up down north south east west start
+finish win lose valid invalid answer think reason plan best next current position observation history
+turn turns previous choose choice must should can will only one two three four five six seven eight nine
+ten first last each all any if then else because so try again reach avoid fall fell stuck blocked free
+empty solved unsolved puzzle level rules symbol symbols means legend output format example please respond
+what where which how why when yes no true false done success failure score points penalty system user
+assistant helpful careful short brief word words letter letters number numbers guess correct wrong
+""".split()
+
+_ACTIONS = ("Left", "Down", "Right", "Up", "left", "down", "right", "up", "LEFT", "DOWN", "RIGHT", "UP")
+_GRID_SYMBOLS = "_OGPX√#S.@$*+"
+_PUNCT = ".,;:!?'\"()[]{}<>-+=*/\\|_~`^%&$#@"
+
+
+def _corpus(seed: int = 0) -> list[str]:
+    """The deterministic training corpus for the tokenizer (a list of short documents)."""
+    rng = random.Random(seed)
+    docs: list[str] = []
+    docs.extend(_WORDS)
+    docs.extend(w.capitalize() for w in _WORDS)
+    docs.extend(_ACTIONS)
+    docs.extend(["<answer>", "</answer>", "<think>", "</think>", "\n", "\n\n", " "])
+    docs.append("".join(str(d) for d in range(10)))
+    docs.append(_PUNCT)
+    docs.append(_GRID_SYMBOLS)
+    for _ in range(600):
+        # Grid observations, e.g. "_ _ O G\nP _ _ #".
+        size = rng.randint(3, 6)
+        rows = [" ".join(rng.choice(_GRID_SYMBOLS) for _ in range(size)) for _ in range(size)]
+        docs.append("\n".join(rows))
+        # Tagged replies the agents are expected to produce.
+        action = rng.choice(_ACTIONS[:4])
+        thought = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12)))
+        docs.append(f"<think>{thought}</think><answer>{action}</answer>")
+        docs.append(f"<answer>{action}</answer>")
+        # Plain sentences with numbers and punctuation.
+        sentence = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 16)))
+        docs.append(f"{sentence.capitalize()}{rng.choice('.!?:,')} {rng.randint(0, 999)}")
+        docs.append(f"Turn {rng.randint(1, 50)}: action {action}, reward {rng.choice(['0', '1', '-1', '0.5'])}.")
+    return docs
+
+
+def _build_tokenizer(seed: int) -> Any:
+    """Train the byte-level BPE tokenizer and wrap it as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_TOKENIZER_VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        unk_token=None,
+        bos_token=None,
+        additional_special_tokens=[IM_START],
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
+    """Write the tiny model + tokenizer as a Hugging Face directory at ``path`` and return it.
+
+    The directory holds ``config.json``, ``model.safetensors``, ``generation_config.json``,
+    ``tokenizer.json``, ``tokenizer_config.json`` (and the chat template) and loads with
+    ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``. Same ``seed`` gives
+    byte-identical files. Model: ``Qwen2ForCausalLM``, 2 layers, hidden 64, 4 heads (2 KV heads), tied
+    embeddings, vocab = tokenizer size (~1.5k).
+    """
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    out = pathlib.Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = _build_tokenizer(seed)
+    eos_id = tokenizer.convert_tokens_to_ids(IM_END)
+    pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=pad_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    # Fork the global RNG so building never disturbs the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id, do_sample=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _default_cache_dir(seed: int = 0) -> pathlib.Path:
+    root = os.environ.get("GIGPO_CACHE_DIR")
+    base = pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "gigpo_rllib"
+    return base / f"{TINY_MODEL_NAME}-seed{seed}-{TINY_MODEL_VERSION}"
+
+
+def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
+    """Map a model name to something ``from_pretrained`` can load.
+
+    - ``"gigpo-tiny"`` -> the cached tiny-model directory (``cache_dir`` if given, else
+      ``$GIGPO_CACHE_DIR/gigpo-tiny-seed0-<version>`` or ``~/.cache/gigpo_rllib/...``), built on first use.
+      Safe under concurrency: each caller builds into a private temp dir and renames it into place; a loser
+      of the race discards its copy and uses the winner's.
+    - an existing local directory -> itself.
+    - anything else -> unchanged (treated as a hub id such as ``"Qwen/Qwen2.5-0.5B-Instruct"``).
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
+        raise ValueError(f"model must be a non-empty model name or path, got {name_or_path!r}")
+    name = str(name_or_path)
+    if name != TINY_MODEL_NAME:
+        return name
+    final = pathlib.Path(cache_dir) if cache_dir else _default_cache_dir()
+    if (final / _MARKER).exists():
+        return str(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        build_tiny_model(tmp, seed=0)
+        (tmp / _MARKER).write_text(TINY_MODEL_VERSION + "\n")
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Lost the race (final exists and is non-empty), or a stale incomplete dir is in the way.
+            if not (final / _MARKER).exists():
+                shutil.rmtree(final, ignore_errors=True)
+                try:
+                    os.rename(tmp, final)
+                except OSError:
+                    pass
+            if not (final / _MARKER).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
+def _dtype(dtype: Any) -> Any:
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    allowed = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in allowed:
+        raise ValueError(f"dtype must be one of {sorted(allowed)}, got {dtype!r}")
+    return allowed[dtype]
+
+
+def load_model_and_tokenizer(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"):
+    """Load ``(model, tokenizer)`` for a model name/path (``"gigpo-tiny"`` builds the embedded one).
+
+    The model is in eval mode on ``device`` with ``dtype``; the tokenizer always has a pad token (the EOS
+    token when the checkpoint defines none). Padding side is left to the caller.
+    Raises ``ValueError`` naming the value, with a hint, when the model cannot be found.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _dtype(dtype)
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        if os.path.isdir(path):
+            raise
+        raise ValueError(
+            f"model={name_or_path!r} is neither a local directory nor a model that could be downloaded "
+            f"({type(err).__name__}: {err}). Without network access use model='{TINY_MODEL_NAME}' "
+            "(the embedded tiny model) or a local Hugging Face directory."
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    model.eval()
+    return model, tokenizer
