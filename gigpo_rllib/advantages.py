@@ -1,0 +1,394 @@
+"""GiGPO's two-level, critic-free advantages (Feng et al., arXiv 2505.10978, Sec. 3), in vectorised torch.
+
+Every function takes flat 1-D tensors with one entry per *step sample* (one turn of one trajectory), in any
+order, and returns tensors in that same order on the inputs' device. There is no Python loop over samples,
+trajectories or groups. Notation (DESIGN.md "The math"):
+
+* ``τ(i)`` trajectory, ``g(i)`` episode group, ``t(i)`` step index, ``r_i`` reward, ``a(i)`` anchor state id.
+* Episode return ``R_τ = Σ_t r_t``; episode advantage ``A^E_i = norm(R_τ(i); {R_τ' : τ' ∈ g(i)})`` (Eq. 3),
+  statistics taken over *trajectories* (one value each), not over step samples.
+* Discounted step return ``G_i = r_i + γ G_next(i)`` (Eq. 5), ``next`` = the following step of the trajectory.
+* Anchor groups: samples with equal ``(g(i), a(i))`` (Eq. 6), i.e. the same state seen inside the same episode
+  group, repeats within one trajectory included; never pooled across episode groups.
+* Step advantage ``A^S_i = norm(G_i; {G_j : j ∈ anchor group of i})`` (Eq. 7).
+* Combined ``A_i = w_E A^E_i + w_S A^S_i`` (Eq. 8).
+
+``norm`` is one of :data:`NORMALIZATION_METHODS`: ``identity`` (x), ``mean`` (x − μ), ``mean_std``
+((x − μ)/(σ + 1e-6), unbiased σ) and ``asym_clip`` (the ``mean_std`` score clamped to [−1, 3]). For the
+centring methods a group of one sample gets 0 (it has no baseline) and a group with σ ≈ 0 gets 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NORMALIZATION_METHODS = ("identity", "mean", "mean_std", "asym_clip")
+EPISODE_GROUPINGS = ("traj_group_id", "tags", "batch")
+BATCH_ADJUST_MODES = ("copy", "delete", "auto")
+
+STD_EPSILON = 1e-6
+ASYM_CLIP_RANGE = (-1.0, 3.0)
+# Statistics run in float64: with float32, a group of equal large returns can leave a rounding-level σ that
+# ``(x − μ)/(σ + ε)`` would blow up into ±1 scores.
+_STATS_DTYPE = torch.float64
+_ZERO_STD_RELATIVE = 1e-9
+
+
+@dataclass(frozen=True)
+class GiGPOAdvantages:
+    """Result of :func:`compute_gigpo_advantages`; every tensor has shape ``(N,)`` in input order."""
+
+    advantages: torch.Tensor
+    episode_advantages: torch.Tensor
+    step_advantages: torch.Tensor
+    step_returns: torch.Tensor
+    episode_returns: torch.Tensor
+    anchor_group_ids: torch.Tensor
+    """Dense anchor-group label ``0..K-1`` of each sample (equal label ⇔ equal ``(group, anchor)``)."""
+
+
+@dataclass(frozen=True)
+class AnchorGroupStats:
+    """Metrics of the step-level grouping: how much state sharing the batch had."""
+
+    num_groups: int
+    singleton_fraction: float
+    """Fraction of anchor groups that hold one sample (their step advantage is 0)."""
+    mean_group_size: float
+
+    def as_dict(self, prefix: str = "anchor_") -> dict[str, float]:
+        return {
+            f"{prefix}num_groups": float(self.num_groups),
+            f"{prefix}singleton_fraction": self.singleton_fraction,
+            f"{prefix}mean_group_size": self.mean_group_size,
+        }
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def _check_1d(name: str, tensor: torch.Tensor, length: int | None) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (one entry per step sample), got shape {tuple(tensor.shape)}")
+    if length is not None and tensor.shape[0] != length:
+        raise ValueError(
+            f"{name} has {tensor.shape[0]} entries but rewards has {length}; every input needs one entry per "
+            "step sample (nothing is broadcast)"
+        )
+
+
+def _check_ids(name: str, tensor: torch.Tensor, length: int, device: torch.device) -> None:
+    _check_1d(name, tensor, length)
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {tensor.dtype}")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but rewards is on {device}; put all inputs on one device")
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_rewards(rewards: torch.Tensor) -> None:
+    _check_1d("rewards", rewards, None)
+    if not rewards.dtype.is_floating_point:
+        raise ValueError(f"rewards must be a floating-point tensor, got dtype {rewards.dtype}")
+    if not bool(torch.isfinite(rewards).all()):
+        bad = int((~torch.isfinite(rewards)).nonzero()[0])
+        raise ValueError(f"rewards must be finite; entry {bad} is {rewards[bad].item()}")
+
+
+# ------------------------------------------------------------------------------------------ building blocks
+
+
+def _dense_labels(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Relabel arbitrary integer ids to ``0..k-1``. Returns ``(labels (N,), k)``."""
+    unique, labels = torch.unique(ids, return_inverse=True)
+    return labels, unique.shape[0]
+
+
+def segment_normalize(values: torch.Tensor, segments: torch.Tensor, num_segments: int, method: str) -> torch.Tensor:
+    """Normalise ``values`` within their segment: the ``norm`` of DESIGN.md for every group at once.
+
+    Args:
+        values: ``(N,)`` float.
+        segments: ``(N,)`` int64 dense labels in ``[0, num_segments)``.
+        num_segments: number of segments ``S``.
+        method: one of :data:`NORMALIZATION_METHODS`.
+
+    Returns:
+        ``(N,)`` tensor of ``values``' dtype.
+    """
+    _check_choice("method", method, NORMALIZATION_METHODS)
+    if method == "identity":
+        return values.clone()
+    x = values.to(_STATS_DTYPE)
+    counts = torch.bincount(segments, minlength=num_segments).to(_STATS_DTYPE)
+    means = torch.zeros(num_segments, dtype=_STATS_DTYPE, device=x.device).index_add_(0, segments, x) / counts.clamp_min(1)
+    centred = x - means[segments]
+    has_baseline = counts[segments] > 1
+    if method == "mean":
+        return torch.where(has_baseline, centred, torch.zeros_like(centred)).to(values.dtype)
+    squares = torch.zeros(num_segments, dtype=_STATS_DTYPE, device=x.device).index_add_(0, segments, centred * centred)
+    std = (squares / (counts - 1).clamp_min(1)).sqrt()[segments]
+    scores = centred / (std + STD_EPSILON)
+    has_spread = std > _ZERO_STD_RELATIVE * (1.0 + means[segments].abs())
+    scores = torch.where(has_baseline & has_spread, scores, torch.zeros_like(scores))
+    if method == "asym_clip":
+        scores = scores.clamp(*ASYM_CLIP_RANGE)
+    return scores.to(values.dtype)
+
+
+@dataclass(frozen=True)
+class _TrajectoryLayout:
+    """Where each step sample sits: trajectory label and position (rank of its step id) within it."""
+
+    traj_labels: torch.Tensor  # (N,) in [0, T)
+    positions: torch.Tensor  # (N,) in [0, max_len)
+    num_trajectories: int
+    max_length: int
+
+
+def _order_by_trajectory_then_step(traj_labels: torch.Tensor, num_traj: int, step_ids: torch.Tensor) -> torch.Tensor:
+    """Permutation sorting samples by (trajectory, step); equal neighbours then expose repeated step ids."""
+    low, high = int(step_ids.min()), int(step_ids.max())
+    span = high - low + 1
+    if num_traj * span < 2**62:  # one sort of a combined key when it cannot overflow int64
+        return torch.sort(traj_labels * span + (step_ids - low)).indices
+    by_step = torch.sort(step_ids, stable=True).indices
+    return by_step[torch.sort(traj_labels[by_step], stable=True).indices]
+
+
+def _trajectory_layout(traj_ids: torch.Tensor, step_ids: torch.Tensor) -> _TrajectoryLayout:
+    traj_labels, num_traj = _dense_labels(traj_ids)
+    n = traj_ids.shape[0]
+    if n == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=traj_ids.device)
+        return _TrajectoryLayout(empty, empty, 0, 0)
+    order = _order_by_trajectory_then_step(traj_labels, num_traj, step_ids)
+    sorted_traj = traj_labels[order]
+    sorted_step = step_ids[order]
+    repeated = (sorted_traj[1:] == sorted_traj[:-1]) & (sorted_step[1:] == sorted_step[:-1])
+    if bool(repeated.any()):
+        k = int(repeated.nonzero()[0])
+        raise ValueError(
+            f"step_ids must be unique within a trajectory; trajectory {traj_ids[order[k]].item()} has step "
+            f"{sorted_step[k].item()} more than once"
+        )
+    lengths = torch.bincount(traj_labels, minlength=num_traj)
+    starts = torch.cumsum(lengths, 0) - lengths
+    positions = torch.empty_like(order)
+    positions[order] = torch.arange(n, device=order.device) - starts[sorted_traj]
+    return _TrajectoryLayout(traj_labels, positions, num_traj, int(lengths.max()))
+
+
+def _discounted_returns(rewards: torch.Tensor, layout: _TrajectoryLayout, gamma: float) -> torch.Tensor:
+    if layout.num_trajectories == 0:
+        return rewards.clone()
+    dtype = _STATS_DTYPE
+    length = layout.max_length
+    # Trajectories as rows of a zero-padded (T, L) matrix; G = R @ W with W[j, k] = γ^(j−k) for j ≥ k sums the
+    # discounted future rewards of every position in one matmul. Padding adds zeros, so it changes nothing.
+    padded = torch.zeros(layout.num_trajectories, length, dtype=dtype, device=rewards.device)
+    padded[layout.traj_labels, layout.positions] = rewards.to(dtype)
+    offsets = torch.arange(length, device=rewards.device)
+    lag = offsets[:, None] - offsets[None, :]
+    discount = torch.where(
+        lag >= 0, torch.tensor(gamma, dtype=dtype, device=rewards.device).pow(lag.clamp_min(0)), torch.zeros((), dtype=dtype, device=rewards.device)
+    )
+    returns = padded @ discount
+    return returns[layout.traj_labels, layout.positions].to(rewards.dtype)
+
+
+def discounted_step_returns(
+    rewards: torch.Tensor, traj_ids: torch.Tensor, step_ids: torch.Tensor, gamma: float = 0.95
+) -> torch.Tensor:
+    """Discounted return of every step within its trajectory, ``G_i = r_i + γ G_next(i)`` (Eq. 5).
+
+    Args:
+        rewards: ``(N,)`` float, finite.
+        traj_ids: ``(N,)`` integer trajectory id of each sample.
+        step_ids: ``(N,)`` integer step index; unique within a trajectory, gaps allowed (only order matters).
+        gamma: discount in ``[0, 1]``.
+
+    Returns:
+        ``(N,)`` tensor of ``rewards``' dtype, input order. Cost ``O(T·L²)`` for T trajectories of at most
+        L steps, with no Python loop.
+    """
+    _check_rewards(rewards)
+    n = rewards.shape[0]
+    _check_ids("traj_ids", traj_ids, n, rewards.device)
+    _check_ids("step_ids", step_ids, n, rewards.device)
+    _check_gamma(gamma)
+    return _discounted_returns(rewards, _trajectory_layout(traj_ids, step_ids), gamma)
+
+
+def _check_gamma(gamma: float) -> None:
+    if not (0.0 <= float(gamma) <= 1.0):
+        raise ValueError(f"gamma (step_reward_gamma) must be in [0, 1], got {gamma!r}")
+
+
+def anchor_group_stats(anchor_group_ids: torch.Tensor) -> AnchorGroupStats:
+    """Summarise dense anchor-group labels (``GiGPOAdvantages.anchor_group_ids``) for metrics."""
+    _check_1d("anchor_group_ids", anchor_group_ids, None)
+    if anchor_group_ids.numel() == 0:
+        return AnchorGroupStats(0, 0.0, 0.0)
+    sizes = torch.bincount(anchor_group_ids)
+    sizes = sizes[sizes > 0]
+    return AnchorGroupStats(
+        num_groups=int(sizes.numel()),
+        singleton_fraction=float((sizes == 1).double().mean()),
+        mean_group_size=float(sizes.double().mean()),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def compute_gigpo_advantages(
+    rewards: torch.Tensor,
+    traj_ids: torch.Tensor,
+    step_ids: torch.Tensor,
+    group_ids: torch.Tensor,
+    anchor_ids: torch.Tensor,
+    *,
+    gamma: float = 0.95,
+    episode_weight: float = 1.0,
+    step_weight: float = 1.0,
+    method: str = "mean",
+    grouping: str = "traj_group_id",
+    tag_ids: torch.Tensor | None = None,
+) -> GiGPOAdvantages:
+    """GiGPO advantages of a batch of step samples (Eqs. 3, 5–8).
+
+    Args:
+        rewards: ``(N,)`` float reward of each step sample.
+        traj_ids: ``(N,)`` integer trajectory id; all samples of one trajectory share it.
+        step_ids: ``(N,)`` integer step index within the trajectory (unique per trajectory).
+        group_ids: ``(N,)`` integer episode-group id (the ``group_size`` rollouts from one env seed); constant
+            within a trajectory.
+        anchor_ids: ``(N,)`` integer anchor-state id of the observation the step acted on.
+        gamma: ``step_reward_gamma``, the discount of the step returns, in ``[0, 1]``.
+        episode_weight: ``episode_reward_weight`` w_E.
+        step_weight: ``step_reward_weight`` w_S (0 gives GRPO).
+        method: ``reward_normalization.method``, one of :data:`NORMALIZATION_METHODS`, used at both levels.
+        grouping: ``reward_normalization.grouping``, the episode-level group: ``traj_group_id`` (the episode
+            group), ``tags`` (every group of one env tag; needs ``tag_ids``) or ``batch`` (the whole batch).
+            Step-level anchor groups are always keyed by ``group_ids``.
+        tag_ids: ``(N,)`` integer env-tag id of each sample, required when ``grouping="tags"``.
+
+    Returns:
+        :class:`GiGPOAdvantages` with ``(N,)`` tensors in input order, on the inputs' device.
+
+    Raises:
+        ValueError: naming the argument, for mismatched lengths, non-integer ids, non-finite rewards,
+            unknown ``method``/``grouping``, missing ``tag_ids``, repeated step ids within a trajectory, or a
+            trajectory that spans several episode groups (or tags).
+    """
+    _check_rewards(rewards)
+    n, device = rewards.shape[0], rewards.device
+    for name, ids in (("traj_ids", traj_ids), ("step_ids", step_ids), ("group_ids", group_ids), ("anchor_ids", anchor_ids)):
+        _check_ids(name, ids, n, device)
+    _check_choice("method", method, NORMALIZATION_METHODS)
+    _check_choice("grouping", grouping, EPISODE_GROUPINGS)
+    _check_gamma(gamma)
+    if grouping == "tags":
+        if tag_ids is None:
+            raise ValueError('grouping="tags" needs tag_ids (one env-tag id per step sample), got None')
+        _check_ids("tag_ids", tag_ids, n, device)
+
+    layout = _trajectory_layout(traj_ids, step_ids)
+    num_traj = layout.num_trajectories
+    traj_group = _per_trajectory(group_ids, layout, "group_ids")
+    if grouping == "traj_group_id":
+        traj_episode_key = traj_group
+    elif grouping == "tags":
+        traj_episode_key = _per_trajectory(tag_ids, layout, "tag_ids")
+    else:
+        traj_episode_key = torch.zeros_like(traj_group)
+
+    # Episode level (Eq. 3): one return per trajectory, normalised among the trajectories of its group.
+    traj_returns = torch.zeros(num_traj, dtype=rewards.dtype, device=device).index_add_(0, layout.traj_labels, rewards)
+    episode_group_labels, num_episode_groups = _dense_labels(traj_episode_key)
+    traj_advantages = segment_normalize(traj_returns, episode_group_labels, num_episode_groups, method)
+    episode_advantages = traj_advantages[layout.traj_labels]
+
+    # Step level (Eqs. 5-7): discounted returns, normalised within (episode group, anchor state).
+    step_returns = _discounted_returns(rewards, layout, gamma)
+    # Dense episode-group labels come from the T per-trajectory values (cheap) instead of sorting all N samples.
+    traj_group_labels, _ = _dense_labels(traj_group)
+    anchor_labels, num_anchors = _dense_labels(anchor_ids)
+    anchor_group_ids, num_anchor_groups = _dense_labels(traj_group_labels[layout.traj_labels] * num_anchors + anchor_labels)
+    step_advantages = segment_normalize(step_returns, anchor_group_ids, num_anchor_groups, method)
+
+    return GiGPOAdvantages(
+        advantages=episode_weight * episode_advantages + step_weight * step_advantages,  # Eq. 8
+        episode_advantages=episode_advantages,
+        step_advantages=step_advantages,
+        step_returns=step_returns,
+        episode_returns=traj_returns[layout.traj_labels],
+        anchor_group_ids=anchor_group_ids,
+    )
+
+
+def _per_trajectory(values: torch.Tensor, layout: _TrajectoryLayout, name: str) -> torch.Tensor:
+    """The value each trajectory carries, checking that it is constant within the trajectory. ``(T,)``."""
+    per_traj = torch.empty(layout.num_trajectories, dtype=values.dtype, device=values.device)
+    per_traj[layout.traj_labels] = values
+    mismatch = per_traj[layout.traj_labels] != values
+    if bool(mismatch.any()):
+        k = int(mismatch.nonzero()[0])
+        raise ValueError(f"{name} must be constant within a trajectory; sample {k} disagrees with its trajectory's other samples")
+    return per_traj
+
+
+# -------------------------------------------------------------------------------------------- batch adjust
+
+
+def batch_adjust(num_samples: int, divisor: int, mode: str, seed: int = 0) -> torch.Tensor:
+    """Indices of the step samples to keep so that their count is a multiple of ``divisor``.
+
+    Runs *after* the advantages are computed, so duplicated or dropped samples never bias group statistics.
+
+    Args:
+        num_samples: batch size N ≥ 1.
+        divisor: the count must become a multiple of this (minibatch size × number of learners), ≥ 1.
+        mode: ``copy`` duplicates random samples up to the next multiple; ``delete`` drops random samples down
+            to the previous multiple (falls back to ``copy`` if that would empty the batch); ``auto`` copies
+            when the remainder is at least half the divisor or N < divisor, else deletes.
+        seed: seed of the random choice.
+
+    Returns:
+        ``(M,)`` int64 CPU tensor of indices into the batch, ``M % divisor == 0``; kept originals come in
+        ascending order, duplicates are appended after them.
+    """
+    _check_choice("mode (batch_adjust_mode)", mode, BATCH_ADJUST_MODES)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if divisor < 1:
+        raise ValueError(f"divisor must be >= 1, got {divisor}")
+    remainder = num_samples % divisor
+    everything = torch.arange(num_samples)
+    if remainder == 0:
+        return everything
+    if mode == "auto":
+        mode = "copy" if (remainder * 2 >= divisor or num_samples < divisor) else "delete"
+    if mode == "delete" and num_samples - remainder == 0:
+        mode = "copy"
+    generator = torch.Generator().manual_seed(seed)
+    if mode == "delete":
+        dropped = torch.randperm(num_samples, generator=generator)[:remainder]
+        keep = torch.ones(num_samples, dtype=torch.bool)
+        keep[dropped] = False
+        return everything[keep]
+    missing = divisor - remainder
+    if missing <= num_samples:
+        extra = torch.randperm(num_samples, generator=generator)[:missing]
+    else:
+        extra = torch.randint(num_samples, (missing,), generator=generator)
+    return torch.cat([everything, extra])
