@@ -1,1 +1,87 @@
-"""Text environments for LLM agents; importing this package registers their Gymnasium ids."""
+"""Text environments for LLM agents; importing this package registers their Gymnasium ids.
+
+Registered ids (keyword arguments are the env class's arguments):
+
+* ``"TextFrozenLake-v0"``: :class:`envs.frozen_lake.TextFrozenLakeEnv` (``size=4, p=0.8, is_slippery=False,
+  max_steps=10``).
+* ``"TextSokoban-v0"``: :class:`envs.sokoban.TextSokobanEnv` (``dim_room=(6, 6), num_boxes=1, max_steps=10``).
+* ``"TextArena-v0"``: :class:`envs.textarena.TextArenaEnv`, one id for all textarena games, chosen with the
+  ``game=`` keyword (``gymnasium.make("TextArena-v0", game="Sudoku-v0")``); ``opponent="random"|"scripted"``
+  for two-player games. ``envs.textarena.VERIFIED_GAMES`` lists the games tested offline.
+
+Training-config tags (``TAGS``): ``"FrozenLake"``, ``"Sokoban"`` and every verified textarena game by name or id
+(``"TowerOfHanoi"`` or ``"TowerOfHanoi-v0"``). :func:`make_env_from_tag` builds the bare text env of a tag;
+:func:`make_llm_env` builds what an LLM rollout steps: ``AnchorStateWrapper(LLMActionWrapper(base_env))``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+
+from envs.textarena import VERIFIED_GAMES
+from gigpo_rllib.anchors import Canonicalizer
+from gigpo_rllib.wrappers import AnchorStateWrapper, LLMActionWrapper
+
+FROZEN_LAKE_ID = "TextFrozenLake-v0"
+SOKOBAN_ID = "TextSokoban-v0"
+TEXTARENA_ID = "TextArena-v0"
+
+_ENTRY_POINTS = {
+    FROZEN_LAKE_ID: "envs.frozen_lake:TextFrozenLakeEnv",
+    SOKOBAN_ID: "envs.sokoban:TextSokobanEnv",
+    TEXTARENA_ID: "envs.textarena:TextArenaEnv",
+}
+for _env_id, _entry_point in _ENTRY_POINTS.items():
+    if _env_id not in gym.registry:
+        gym.register(id=_env_id, entry_point=_entry_point)
+
+TAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "FrozenLake": (FROZEN_LAKE_ID, {}),
+    "Sokoban": (SOKOBAN_ID, {}),
+    **{game.split("-v0")[0]: (TEXTARENA_ID, {"game": game}) for game in VERIFIED_GAMES},
+    **{game: (TEXTARENA_ID, {"game": game}) for game in VERIFIED_GAMES},
+}
+"""Config tag -> (registered Gymnasium id, keyword arguments the tag fixes)."""
+
+
+def _make_base(env_id: str, kwargs: dict[str, Any]) -> gym.Env:
+    # The bare env, not gymnasium.make's checker/order wrappers, so attributes such as ``instructions`` and
+    # ``action_words`` are read directly; gymnasium.make still applies the registered spec and sets ``spec``.
+    return gym.make(env_id, disable_env_checker=True, **kwargs).unwrapped
+
+
+def make_env_from_tag(tag: str, **kwargs: Any) -> gym.Env:
+    """The bare text env of a config tag (see ``TAGS``); ``kwargs`` override the env's arguments."""
+    if tag not in TAGS:
+        raise ValueError(f"unknown env tag {tag!r}; known tags: {sorted(TAGS)}")
+    env_id, tag_kwargs = TAGS[tag]
+    return _make_base(env_id, {**tag_kwargs, **kwargs})
+
+
+def make_llm_env(
+    tag_or_id: str,
+    *,
+    invalid_action_penalty: float = -0.1,
+    require_think: bool = False,
+    canonicalize: Canonicalizer | None = None,
+    anchor_bits: int = 64,
+    **env_kwargs: Any,
+) -> gym.Env:
+    """``AnchorStateWrapper(LLMActionWrapper(base_env))`` for a config tag or a registered Gymnasium id.
+
+    ``step`` takes the model's raw reply; ``info`` carries ``anchor_id`` and ``action_is_valid``; the prompt text
+    is ``env.get_wrapper_attr("instructions")`` (it ends with the answer format).
+    """
+    if tag_or_id in TAGS:
+        base = make_env_from_tag(tag_or_id, **env_kwargs)
+    elif tag_or_id in gym.registry:
+        base = _make_base(tag_or_id, env_kwargs)
+    else:
+        raise ValueError(f"unknown env tag or id {tag_or_id!r}; known tags: {sorted(TAGS)}")
+    llm_env = LLMActionWrapper(base, invalid_action_penalty=invalid_action_penalty, require_think=require_think)
+    return AnchorStateWrapper(llm_env, canonicalize=canonicalize, bits=anchor_bits)
+
+
+__all__ = ["FROZEN_LAKE_ID", "SOKOBAN_ID", "TEXTARENA_ID", "TAGS", "make_env_from_tag", "make_llm_env"]

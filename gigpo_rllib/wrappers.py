@@ -113,7 +113,7 @@ def parse_answer(reply: Any, action_words: Sequence[str] | None, require_think: 
     return _invalid(f"{answer[:80]!r} is not one of the actions {tuple(action_words)}")
 
 
-class LLMActionWrapper(gym.Wrapper):
+class LLMActionWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Take the LLM's raw reply as the action; step the wrapped env with the parsed action.
 
     Valid reply: the wrapped env steps with the action's index in ``action_words`` (or with the answer text for
@@ -134,7 +134,10 @@ class LLMActionWrapper(gym.Wrapper):
     """
 
     def __init__(self, env: gym.Env, invalid_action_penalty: float = -0.1, require_think: bool = False):
-        super().__init__(env)
+        gym.utils.RecordConstructorArgs.__init__(
+            self, invalid_action_penalty=invalid_action_penalty, require_think=require_think
+        )
+        gym.Wrapper.__init__(self, env)
         if not isinstance(invalid_action_penalty, (int, float)) or isinstance(invalid_action_penalty, bool):
             raise ValueError(f"invalid_action_penalty must be a number, got {invalid_action_penalty!r}")
         if not isinstance(require_think, bool):
@@ -186,7 +189,7 @@ def _optional_attr(env: gym.Env, name: str) -> Any:
         return None
 
 
-class AnchorStateWrapper(gym.Wrapper):
+class AnchorStateWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Add ``info["anchor_id"]``, the id of the observed state, on every ``reset`` and ``step``.
 
     The id is ``hash_canonical(canonicalize(observation, canonicalize), bits)``: it depends on the observation
@@ -209,7 +212,10 @@ class AnchorStateWrapper(gym.Wrapper):
         bits: int = 64,
         include_canonical_text: bool = False,
     ):
-        super().__init__(env)
+        gym.utils.RecordConstructorArgs.__init__(
+            self, canonicalize=canonicalize, bits=bits, include_canonical_text=include_canonical_text
+        )
+        gym.Wrapper.__init__(self, env)
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
         if canonicalize is not None and not callable(canonicalize):
@@ -223,6 +229,16 @@ class AnchorStateWrapper(gym.Wrapper):
         self.canonicalize = canonicalize
         self.bits = bits
         self.include_canonical_text = include_canonical_text
+
+    @property
+    def instructions(self) -> str:
+        """The wrapped env's ``instructions`` (``AttributeError`` if it has none)."""
+        return self.env.get_wrapper_attr("instructions")
+
+    @property
+    def action_words(self) -> tuple[str, ...] | None:
+        """The wrapped env's ``action_words`` (``AttributeError`` if it has none)."""
+        return self.env.get_wrapper_attr("action_words")
 
     def _with_anchor(self, observation: Any, info: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(observation, str):
