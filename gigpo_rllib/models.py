@@ -185,7 +185,8 @@ def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
         raise ValueError(f"model must be a non-empty model name or path, got {name_or_path!r}")
     name = str(name_or_path)
     if name != TINY_MODEL_NAME:
-        return name
+        expanded = os.path.expanduser(name)
+        return expanded if os.path.isdir(expanded) else name
     final = pathlib.Path(cache_dir) if cache_dir else _default_cache_dir()
     if (final / _MARKER).exists():
         return str(final)
@@ -222,6 +223,16 @@ def _dtype(dtype: Any) -> Any:
     return allowed[dtype]
 
 
+def _looks_like_path(value: str) -> bool:
+    """True for values that cannot be a hub id ("org/name" or "name"): absolute, relative or home paths."""
+    return (
+        os.path.isabs(value)
+        or value.startswith((".", "~"))
+        or value.count("/") > 1
+        or os.sep != "/" and os.sep in value
+    )
+
+
 def load_model_and_tokenizer(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"):
     """Load ``(model, tokenizer)`` for a model name/path (``"gigpo-tiny"`` builds the embedded one).
 
@@ -233,6 +244,12 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype: str = "float32", devic
 
     torch_dtype = _dtype(dtype)
     path = resolve_model_path(name_or_path)
+    if not os.path.isdir(path) and _looks_like_path(path):
+        raise ValueError(
+            f"model={name_or_path!r} looks like a local path but no such directory exists. Use "
+            f"model='{TINY_MODEL_NAME}' (the embedded tiny model), a local Hugging Face directory, or a hub id "
+            "such as 'Qwen/Qwen2.5-0.5B-Instruct' (needs network access)."
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
