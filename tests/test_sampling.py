@@ -145,3 +145,144 @@ def test_next_token_candidates_matches_list_helper():
 def test_position_ids_any_padding_side():
     am = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
     assert position_ids_from_attention_mask(am).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
+
+
+# ---------------------------------------------------------------- samplers
+
+from gigpo_rllib.sampling import SamplingParams, make_sampler, resolve_backend  # noqa: E402
+from gigpo_rllib.sampling.base import Completion  # noqa: E402
+
+ACTIONS = ("Left", "Down", "Right", "Up")
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    s = make_sampler("hf", "gigpo-tiny")
+    yield s
+    s.close()
+
+
+def _prompts(tok, n):
+    out = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": f"Grid {i}:\n_ O G\nP _ #" + " Move?" * (i % 3)}]
+        out.append(tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)))
+    return out
+
+
+def _allowed(tok, n):
+    replies = [tok.encode(f"<answer>{a}</answer>") + [tok.eos_token_id] for a in ACTIONS]
+    return [replies] * n
+
+
+def test_sampling_params_validation():
+    assert SamplingParams().top_k == -1
+    for kwargs, name in [
+        ({"temperature": 0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            SamplingParams(**kwargs)
+
+
+def test_backend_selection():
+    assert resolve_backend("hf") == "hf"
+    assert resolve_backend("auto") in ("hf", "vllm")
+    with pytest.raises(ValueError, match="sampler_backend.*'hf', 'vllm', 'auto'"):
+        make_sampler("torch", "gigpo-tiny")
+    with pytest.raises(NotImplementedError, match="sampler_backend='hf'"):
+        make_sampler("vllm", "gigpo-tiny")
+
+
+def test_generate_unconstrained_is_reproducible(sampler):
+    tok = sampler.tokenizer
+    prompts = _prompts(tok, 4)
+    params = SamplingParams(max_new_tokens=6)
+    a = sampler.generate(prompts, params, seed=3)
+    b = sampler.generate(prompts, params, seed=3)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    for c in a:
+        assert isinstance(c, Completion) and len(c.token_ids) == len(c.logprobs) <= 6
+        assert c.finish_reason == ("stop" if c.token_ids[-1] == tok.eos_token_id else "length")
+        assert tok.pad_token_id not in c.token_ids or c.finish_reason == "length"
+        assert all(lp <= 0 for lp in c.logprobs)
+    with pytest.raises(ValueError, match="prompt_ids"):
+        sampler.generate([[]], params)
+    with pytest.raises(ValueError, match="allowed_responses"):
+        sampler.generate(prompts, params, allowed_responses=[[[1, 5]]] * 4)  # no EOS at the end
+
+
+def test_logprobs_match_incremental_decoding(sampler):
+    """The one-pass recomputation equals HF's own step-by-step (KV-cache) scores of the sampled tokens."""
+    tok = sampler.tokenizer
+    prompts = _prompts(tok, 3)
+    params = SamplingParams(temperature=0.8, max_new_tokens=5)
+    comps = sampler.generate(prompts, params, seed=0)
+    for prompt, comp in zip(prompts, comps):
+        ids = torch.tensor([prompt + comp.token_ids])
+        with torch.no_grad():
+            logits = sampler.model(ids).logits[0, len(prompt) - 1 : -1] / 0.8
+        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(comp.token_ids)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(comp.logprobs), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_constrained_generation_stays_in_the_allowed_set(sampler):
+    tok = sampler.tokenizer
+    prompts = _prompts(tok, 8)
+    allowed = _allowed(tok, 8)
+    allowed[1] = []  # an unconstrained row mixed in
+    comps = sampler.generate(prompts, SamplingParams(max_new_tokens=16), allowed_responses=allowed, seed=0)
+    for i, c in enumerate(comps):
+        if i == 1:
+            continue
+        assert c.token_ids in allowed[i] and c.finish_reason == "stop"
+        # Only the step that picks the action is random; the rest of each reply is forced (log-prob 0).
+        assert sum(1 for lp in c.logprobs if lp < -1e-6) == 1
+    seen = {tok.decode(c.token_ids) for i, c in enumerate(comps) if i != 1}
+    assert len(seen) > 1
+
+
+def test_load_weights_changes_outputs_and_matches_new_weights(sampler):
+    from gigpo_rllib.models import load_model_and_tokenizer
+
+    tok = sampler.tokenizer
+    prompts = _prompts(tok, 4)
+    allowed = _allowed(tok, 4)
+    params = SamplingParams(max_new_tokens=12)
+    original = {k: v.clone() for k, v in sampler.model.state_dict().items()}
+    before = sampler.generate(prompts, params, allowed_responses=allowed, seed=5)
+    # A "trained" copy: perturb every weight, send numpy arrays like RLlib does (tied lm_head omitted).
+    other, _ = load_model_and_tokenizer("gigpo-tiny")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in other.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+    new_state = {k: v.numpy() for k, v in other.state_dict().items() if k != "lm_head.weight"}
+    try:
+        sampler.load_weights(new_state)
+        assert sampler.model.lm_head.weight.data_ptr() == sampler.model.model.embed_tokens.weight.data_ptr()
+        after = sampler.generate(prompts, params, allowed_responses=allowed, seed=5)
+        assert [c.logprobs for c in after] != [c.logprobs for c in before]
+        # The recorded log-probs are those of the new weights.
+        for prompt, comp in zip(prompts, after):
+            ids = torch.tensor([prompt + comp.token_ids])
+            with torch.no_grad():
+                lg = other(ids).logits[0, len(prompt) - 1 : -1]
+            step = [i for i, lp in enumerate(comp.logprobs) if lp < -1e-6]
+            t = step[0]
+            cands = sorted({r[t] for r in allowed[0] if r[:t] == comp.token_ids[:t]})
+            ref = lg[t, comp.token_ids[t]] - torch.logsumexp(lg[t, cands], 0)
+            assert comp.logprobs[t] == pytest.approx(ref.item(), abs=1e-5)
+        with pytest.raises(ValueError, match="prefix"):
+            sampler.load_weights({"model." + k: v for k, v in new_state.items()})
+        with pytest.raises(ValueError, match="missing"):
+            sampler.load_weights({"model.norm.weight": new_state["model.norm.weight"]})
+    finally:
+        sampler.load_weights(original)
+    again = sampler.generate(prompts, params, allowed_responses=allowed, seed=5)
+    assert [c.token_ids for c in again] == [c.token_ids for c in before]
+    for a, b in zip(again, before):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-6)
