@@ -1,0 +1,133 @@
+"""``LLMRLModule``: a Hugging Face causal LM as an RLlib (new API stack) ``TorchRLModule``.
+
+The module only scores tokens: ``forward_train`` returns per-token log-probs and entropies of the
+responses in a padded token batch. Text generation goes through ``gigpo_rllib.sampling`` instead, so
+``forward_inference`` / ``forward_exploration`` raise ``NotImplementedError``.
+
+Batch format for ``forward_train`` (all tensors on the module's device, one row per step sample):
+
+- ``"input_ids"``: (B, S) int64, prompt tokens then response tokens; padding on either side (use
+  right padding: ``[prompt, response, pad...]``). Position ids are derived from the attention mask, so
+  the layout does not change the result.
+- ``"attention_mask"``: (B, S), 1 on real tokens (prompt + response), 0 on padding.
+- ``"response_mask"``: (B, S) bool, True on the response tokens (one contiguous run per row, never at
+  position 0). The loss is taken over these positions.
+- ``"allowed_responses"`` (optional): (B, K, L) int64, -1 padded: each row's allowed complete replies (see
+  ``gigpo_rllib.logprobs``). A row of all -1 is unconstrained.
+
+Output: ``{"token_logprobs": (B, S) float32, "token_entropy": (B, S) float32}``, 0 off the response.
+
+``model_config`` keys: ``"model"`` (name or path, default ``"gigpo-tiny"``), ``"dtype"`` (``"float32"``),
+``"temperature"`` (1.0, must equal the sampler's). The observation/action spaces are unused placeholders
+(e.g. ``Box(0, 1, (1,))`` and ``Discrete(1)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ray.rllib.core.rl_module.torch import TorchRLModule
+
+from gigpo_rllib.logprobs import forward_token_logprobs
+from gigpo_rllib.models import TINY_MODEL_NAME, load_model_and_tokenizer
+
+MODEL_ATTR = "model"
+MODULE_PREFIX = MODEL_ATTR + "."
+
+TOKEN_LOGPROBS = "token_logprobs"
+TOKEN_ENTROPY = "token_entropy"
+
+_DEFAULTS = {"model": TINY_MODEL_NAME, "dtype": "float32", "temperature": 1.0}
+
+
+def to_sampler_state_dict(module_state: Mapping[str, Any]) -> dict[str, Any]:
+    """The module's state (``get_state()``: keys ``"model.<hf name>"``, numpy arrays) -> the sampler's
+    ``load_weights`` input (keys ``"<hf name>"``). Non-``model.`` keys are dropped; values are not copied."""
+    return {k[len(MODULE_PREFIX) :]: v for k, v in module_state.items() if k.startswith(MODULE_PREFIX)}
+
+
+class LLMRLModule(TorchRLModule):
+    """A causal LM scored token by token for policy-gradient training (see module docstring)."""
+
+    def setup(self) -> None:
+        cfg = dict(_DEFAULTS)
+        user = self.model_config or {}
+        if not isinstance(user, Mapping):
+            raise ValueError(f"model_config must be a dict with keys {sorted(_DEFAULTS)}, got {type(user).__name__}")
+        cfg.update(user)
+        temperature = cfg["temperature"]
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"model_config['temperature'] must be a number > 0, got {temperature!r}")
+        self.temperature = float(temperature)
+        self.model_name = cfg["model"]
+        model, tokenizer = load_model_and_tokenizer(cfg["model"], dtype=cfg["dtype"], device="cpu")
+        self.model = model
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+        # Tokenizer is not a torch module; keep it out of the state dict.
+        self._tokenizer = tokenizer
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer (padding side left to callers)."""
+        return self._tokenizer
+
+    def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, torch.Tensor]:
+        """Token log-probs/entropies of the responses; see the module docstring for the batch keys."""
+        for key in ("input_ids", "attention_mask", "response_mask"):
+            if key not in batch:
+                raise ValueError(f"LLMRLModule batch is missing {key!r}; it has {sorted(batch)}")
+        device = next(self.model.parameters()).device
+        input_ids = torch.as_tensor(batch["input_ids"], device=device).long()
+        attention_mask = torch.as_tensor(batch["attention_mask"], device=device).long()
+        response_mask = torch.as_tensor(batch["response_mask"], device=device).bool()
+        allowed = batch.get("allowed_responses")
+        if allowed is not None:
+            allowed = torch.as_tensor(allowed, device=device).long()
+        logprobs, entropy = forward_token_logprobs(
+            self.model,
+            input_ids,
+            attention_mask,
+            response_mask,
+            temperature=self.temperature,
+            allowed_responses=allowed,
+        )
+        return {TOKEN_LOGPROBS: logprobs, TOKEN_ENTROPY: entropy}
+
+    def _forward_inference(self, batch: dict[str, Any], **kwargs):
+        raise NotImplementedError(
+            "LLMRLModule does not generate actions; text generation goes through gigpo_rllib.sampling "
+            "(make_sampler) in the env runner. Use forward_train to score tokens."
+        )
+
+    def _forward_exploration(self, batch: dict[str, Any], **kwargs):
+        raise NotImplementedError(
+            "LLMRLModule does not generate actions; text generation goes through gigpo_rllib.sampling "
+            "(make_sampler) in the env runner. Use forward_train to score tokens."
+        )
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Load a (numpy or torch) state dict in place. Tied parameters may appear under one name or
+        both; unknown keys and shape mismatches raise ValueError instead of being skipped silently."""
+        own = self.state_dict(keep_vars=True)
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise ValueError(f"LLMRLModule.set_state got keys the module lacks: {unknown[:5]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                target = own[name]
+                src = torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
+                if tuple(src.shape) != tuple(target.shape):
+                    raise ValueError(
+                        f"LLMRLModule.set_state: {name!r} has shape {tuple(src.shape)}, expected {tuple(target.shape)}"
+                    )
+                target.data.copy_(src.to(device=target.device, dtype=target.dtype))
+
+    def sampler_state_dict(self) -> dict[str, torch.Tensor]:
+        """The HF model's own state dict (keys without the ``"model."`` prefix), for ``Sampler.load_weights``
+        when learner and sampler share a process. Across processes use :func:`to_sampler_state_dict`."""
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
