@@ -158,7 +158,7 @@ class TextArenaEnv(gym.Env):
     * ``max_steps``: learner moves before truncation, >= 1.
     """
 
-    metadata = {"render_modes": ["ansi"]}
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
     action_words = None
 
     def __init__(
