@@ -24,6 +24,7 @@ Output: ``{"token_logprobs": (B, S) float32, "token_entropy": (B, S) float32}``,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,6 +57,8 @@ class LLMRLModule(TorchRLModule):
     def setup(self) -> None:
         cfg = dict(_DEFAULTS)
         user = self.model_config or {}
+        if dataclasses.is_dataclass(user) and not isinstance(user, type):
+            user = dataclasses.asdict(user)
         if not isinstance(user, Mapping):
             raise ValueError(f"model_config must be a dict with keys {sorted(_DEFAULTS)}, got {type(user).__name__}")
         cfg.update(user)

@@ -64,6 +64,21 @@ def test_builds_from_spec_with_placeholder_spaces(module):
         _spec(temperature=0).build()
 
 
+def test_algorithm_config_builds_module_with_placeholder_spaces():
+    from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    class _Config(AlgorithmConfig):
+        def get_default_rl_module_spec(self):
+            return RLModuleSpec(module_class=LLMRLModule)
+
+    spaces = {DEFAULT_MODULE_ID: (gym.spaces.Box(0, 1, (1,)), gym.spaces.Discrete(1))}
+    cfg = _Config().rl_module(model_config={"temperature": 0.9})
+    m = cfg.get_rl_module_spec(spaces=spaces, inference_only=True).build()
+    assert isinstance(m, LLMRLModule) and m.inference_only and m.temperature == 0.9
+    assert m.model_name == "gigpo-tiny"
+
+
 def test_state_round_trip_keeps_tied_embeddings(module):
     state = module.get_state()
     assert all(isinstance(v, np.ndarray) for v in state.values())
