@@ -1,0 +1,171 @@
+"""`GiGPO(Algorithm)`: one training iteration = sample → advantages + update (on the learners) → weight sync.
+
+Each block is timed under RLlib's ``timers``; rollout metrics go under ``env_runners``, learner metrics under
+``learners``, validation under ``validation`` and throughput under ``throughput``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    ENV_RUNNER_SAMPLING_TIMER,
+    LEARNER_RESULTS,
+    LEARNER_UPDATE_TIMER,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    SYNCH_WORKER_WEIGHTS_TIMER,
+    TIMERS,
+)
+
+from gigpo_rllib.batch import merge_rollouts, minibatches_per_shard, pad_token_batch, shard_rows, take_rows
+from gigpo_rllib.config import GiGPOConfig
+from gigpo_rllib.rollout import GroupSpec
+
+VALIDATION_RESULTS = "validation"
+THROUGHPUT = "throughput"
+# Validation seeds live far above the training ones, so the two sets never meet.
+VALIDATION_SEED_OFFSET = 1 << 40
+WEIGHT_SYNC_TIMEOUT_S = 600.0
+
+
+class GiGPO(Algorithm):
+    """GiGPO (arXiv 2505.10978) for LLM agents on text environments; configure it with :class:`GiGPOConfig`."""
+
+    @classmethod
+    def get_default_config(cls) -> GiGPOConfig:
+        return GiGPOConfig()
+
+    def setup(self, config: GiGPOConfig) -> None:
+        super().setup(config)
+        from transformers import AutoTokenizer
+
+        from gigpo_rllib.models import resolve_model_path
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.model_name_or_path))
+        self._pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        base = config.seed if config.seed is not None else 0
+        self._next_train_seed = base
+        self._next_val_seed = base + VALIDATION_SEED_OFFSET
+
+    # ------------------------------------------------------------------------------------ the iteration
+
+    def training_step(self) -> None:
+        config = self.config
+        group_size = config.train_env_manager["group_size"]
+        groups = self._groups(config.groups_per_tag, self._next_train_seed)
+        self._next_train_seed += len(groups)
+
+        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+            started = time.perf_counter()
+            rollout = self._rollout(groups, group_size, seed=self.iteration)
+            sample_seconds = time.perf_counter() - started
+        self._log_rollout(rollout, ENV_RUNNER_RESULTS, sample_seconds)
+        self.metrics.log_value((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), len(rollout["rewards"]),
+                               reduce="lifetime_sum")
+
+        batch = pad_token_batch(rollout, self._pad_token_id, rollout.get("allowed_replies"))
+        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+            started = time.perf_counter()
+            learner_results = self._update(batch)
+            update_seconds = time.perf_counter() - started
+        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+        trained_tokens = float(batch["response_mask"].sum()) * config.ppo_epochs
+        self.metrics.log_value((THROUGHPUT, "train_tokens_per_s"), trained_tokens / update_seconds, window=1)
+
+        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True,
+                                               timeout_seconds=WEIGHT_SYNC_TIMEOUT_S)
+
+        if config.val_interval and (self.iteration + 1) % config.val_interval == 0:
+            self.validate()
+
+    def validate(self) -> dict[str, float]:
+        """Roll out ``val_batch_size`` single episodes on fresh validation seeds; logs and returns the metrics."""
+        config = self.config
+        weights = np.asarray(config.groups_per_tag, dtype=np.float64)
+        per_tag = np.floor(weights / weights.sum() * config.val_batch_size).astype(int)
+        per_tag[0] += config.val_batch_size - per_tag.sum()
+        groups = self._groups(per_tag.tolist(), self._next_val_seed)
+        self._next_val_seed += len(groups)
+        started = time.perf_counter()
+        rollout = self._rollout(groups, group_size=1, seed=-1 - self.iteration)
+        return self._log_rollout(rollout, VALIDATION_RESULTS, time.perf_counter() - started)
+
+    # ----------------------------------------------------------------------------------------- sampling
+
+    def _groups(self, groups_per_tag: list[int], first_seed: int) -> list[GroupSpec]:
+        groups = []
+        for tag_id, (tag, count) in enumerate(zip(self.config.env_tags, groups_per_tag)):
+            for _ in range(count):
+                groups.append(GroupSpec(group_id=len(groups), tag=tag, tag_id=tag_id, seed=first_seed + len(groups)))
+        return groups
+
+    def _rollout(self, groups: list[GroupSpec], group_size: int, seed: int) -> dict[str, Any]:
+        runners = self.env_runner_group
+        remote = runners.num_remote_env_runners() > 0
+        num_runners = runners.num_remote_env_runners() if remote else 1
+        # Round-robin keeps each runner's share of every tag about equal; remote runners are indexed from 1.
+        shares = {index + int(remote): groups[index::num_runners] for index in range(num_runners)}
+        outputs = runners.foreach_env_runner(
+            lambda runner: runner.sample(groups=shares[runner.worker_index], group_size=group_size,
+                                         seed=seed * 7919 + runner.worker_index),
+            local_env_runner=not remote)
+        return merge_rollouts([out for out in outputs if len(out["rewards"])])
+
+    def _log_rollout(self, rollout: dict[str, Any], key: str, seconds: float) -> dict[str, float]:
+        episodes = rollout["episodes"]
+        steps = len(rollout["rewards"])
+        response_tokens = sum(len(r) for r in rollout["response_ids"])
+        metrics = {
+            "episode_return_mean": float(np.mean(episodes["return"])),
+            "episode_len_mean": float(np.mean(episodes["length"])),
+            "success_rate": float(np.mean(episodes["success"])),
+            "invalid_action_rate": float(1.0 - np.mean(rollout["action_is_valid"])),
+            "prompt_truncations": float(np.sum(rollout["prompt_truncated"])),
+            "num_episodes": float(len(episodes["return"])),
+            "num_env_steps": float(steps),
+            "env_steps_per_s": steps / seconds,
+            "sample_tokens_per_s": response_tokens / seconds,
+            "generate_time_s": rollout["timing"]["generate_s"],
+            "env_step_time_s": rollout["timing"]["env_step_s"],
+        }
+        for name, value in metrics.items():
+            self.metrics.log_value((key, name), value, window=1)
+        return metrics
+
+    # ------------------------------------------------------------------------------------------- update
+
+    def _update(self, batch: dict[str, np.ndarray]) -> list[dict]:
+        config = self.config
+        minibatch = config.minibatch_size
+        if config.num_learners > 1:
+            by = "tag_ids" if config.reward_normalization["grouping"] == "tags" else "group_ids"
+            shards = [take_rows(batch, rows) for rows in shard_rows(batch, config.num_learners, by)]
+        else:
+            shards = [batch]
+        per_epoch = minibatches_per_shard([len(s["rewards"]) for s in shards], minibatch, config.batch_adjust_mode)
+        batches = [MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(s)}, env_steps=len(s["rewards"])) for s in shards]
+        common = dict(minibatch_size=minibatch, num_epochs=config.ppo_epochs, shuffle_batch_per_epoch=True,
+                      num_total_minibatches=per_epoch * config.ppo_epochs)
+        if config.num_learners > 1:
+            return self.learner_group.update(batches=batches, **common)
+        return self.learner_group.update(batch=batches[0], **common)
+
+    # -------------------------------------------------------------------------------------- checkpoints
+
+    def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        state["seed_counters"] = {"train": self._next_train_seed, "validation": self._next_val_seed}
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        counters = state.get("seed_counters")
+        if counters:
+            self._next_train_seed, self._next_val_seed = counters["train"], counters["validation"]

@@ -1,0 +1,93 @@
+"""From the env runners' step samples to padded token batches for the learners (numpy, no RLlib).
+
+Each step sample becomes one right-padded row ``[prompt, response, pad...]``. Scalar columns stay 1-D, so the
+learner can compute the advantages on its device before minibatching. With several learners the batch is
+sharded by *episode group* (by tag with ``grouping="tags"``), so every group's statistics stay exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gigpo_rllib.advantages import batch_adjust
+from gigpo_rllib.logprobs import PAD_REPLY_ID
+from gigpo_rllib.rollout import SAMPLE_COLUMNS
+
+
+def merge_rollouts(rollouts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate the outputs of several :meth:`StepCollector.collect` calls."""
+    merged: dict[str, Any] = {name: np.concatenate([r[name] for r in rollouts]) for name in SAMPLE_COLUMNS}
+    for name in ("prompt_ids", "response_ids", "response_logprobs", "allowed_replies"):
+        if name in rollouts[0]:
+            merged[name] = [row for r in rollouts for row in r[name]]
+    episode_keys = rollouts[0]["episodes"].keys()
+    merged["episodes"] = {k: np.concatenate([r["episodes"][k] for r in rollouts]) for k in episode_keys}
+    merged["timing"] = {k: max(r["timing"][k] for r in rollouts) for k in rollouts[0]["timing"]}
+    return merged
+
+
+def pad_token_batch(samples: dict[str, Any], pad_token_id: int, allowed_replies: list[list[list[int]]] | None = None
+                    ) -> dict[str, np.ndarray]:
+    """Padded learner columns for N step samples.
+
+    Returns ``input_ids`` (N, S) int64, ``attention_mask`` (N, S) int64, ``response_mask`` (N, S) bool,
+    ``old_logprobs`` (N, S) float32, the 1-D scalar columns of :data:`SAMPLE_COLUMNS` (rewards float32, ids
+    int64), and with ``allowed_replies`` (one list of token-id replies per sample) ``allowed_responses``
+    (N, K, L) int64 padded with -1.
+    """
+    prompts, responses, logprobs = samples["prompt_ids"], samples["response_ids"], samples["response_logprobs"]
+    n = len(prompts)
+    width = max((len(p) + len(r) for p, r in zip(prompts, responses)), default=1)
+    input_ids = np.full((n, width), pad_token_id, dtype=np.int64)
+    attention = np.zeros((n, width), dtype=np.int64)
+    response_mask = np.zeros((n, width), dtype=bool)
+    old_logprobs = np.zeros((n, width), dtype=np.float32)
+    for row, (prompt, response, lp) in enumerate(zip(prompts, responses, logprobs)):
+        end = len(prompt) + len(response)
+        input_ids[row, :len(prompt)] = prompt
+        input_ids[row, len(prompt):end] = response
+        attention[row, :end] = 1
+        response_mask[row, len(prompt):end] = True
+        old_logprobs[row, len(prompt):end] = lp
+    out = {"input_ids": input_ids, "attention_mask": attention, "response_mask": response_mask,
+           "old_logprobs": old_logprobs}
+    for name in SAMPLE_COLUMNS:
+        out[name] = samples[name].astype(np.float32 if name == "rewards" else np.int64)
+    if allowed_replies is not None:
+        k = max(len(replies) for replies in allowed_replies)
+        length = max(len(reply) for replies in allowed_replies for reply in replies)
+        allowed = np.full((n, k, length), PAD_REPLY_ID, dtype=np.int64)
+        for row, replies in enumerate(allowed_replies):
+            for j, reply in enumerate(replies):
+                allowed[row, j, :len(reply)] = reply
+        out["allowed_responses"] = allowed
+    return out
+
+
+def shard_rows(batch: dict[str, np.ndarray], num_shards: int, by: str = "group_ids") -> list[np.ndarray]:
+    """Row indices of ``num_shards`` shards that never split a value of ``batch[by]`` (an episode group or a
+    tag), balanced by row count (largest units first onto the lightest shard)."""
+    units, counts = np.unique(batch[by], return_counts=True)
+    if len(units) < num_shards:
+        raise ValueError(f"cannot shard {len(units)} distinct {by} over {num_shards} learners; each learner needs "
+                         "at least one")
+    loads = np.zeros(num_shards, dtype=np.int64)
+    owner = {}
+    for unit_index in np.argsort(-counts, kind="stable"):
+        shard = int(np.argmin(loads))
+        owner[units[unit_index]] = shard
+        loads[shard] += counts[unit_index]
+    shard_of_row = np.array([owner[v] for v in batch[by]], dtype=np.int64)
+    return [np.flatnonzero(shard_of_row == s) for s in range(num_shards)]
+
+
+def take_rows(batch: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: column[rows] for name, column in batch.items()}
+
+
+def minibatches_per_shard(shard_sizes: list[int], minibatch_size: int, mode: str) -> int:
+    """Minibatches per epoch of the largest shard after :func:`batch_adjust`; every learner must run this many
+    so that DDP's collective calls line up."""
+    return max(len(batch_adjust(size, minibatch_size, mode)) // minibatch_size for size in shard_sizes)

@@ -1,0 +1,280 @@
+"""`GiGPOConfig`: every GiGPO and LLM key, documented where it is defined, validated with messages that name the
+key and the allowed values.
+
+RLlib's own keys keep their usual setters: ``.environment(env, env_config=...)``, ``.env_runners(
+num_env_runners=...)``, ``.learners(num_learners=...)``, ``.training(lr=..., minibatch_size=...)``. The GiGPO
+keys below are set through ``.training(...)`` (or a YAML/dict through ``update_from_dict``); the nested ones
+(``reward_normalization``, ``train_env_manager``) take partial dicts that are merged into the current value.
+
+The README's configuration reference is generated from :data:`GIGPO_KEYS` (``python -m gigpo_rllib.config``)
+and a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+from gigpo_rllib.advantages import BATCH_ADJUST_MODES, EPISODE_GROUPINGS, NORMALIZATION_METHODS
+from gigpo_rllib.models import TINY_MODEL_NAME
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One GiGPO config key: its default, what it does, and (for enumerations) the allowed values."""
+
+    name: str
+    default: Any
+    help: str
+    choices: tuple | None = None
+
+
+GIGPO_KEYS: tuple[ConfigKey, ...] = (
+    # ----- advantage estimation (DESIGN.md "The math")
+    ConfigKey("adv_estimator", "gigpo", "`gigpo`: episode + anchor-state step advantages. `grpo`: the same "
+              "pipeline with `step_reward_weight` forced to 0 (the ablation baseline).", ("gigpo", "grpo")),
+    ConfigKey("episode_reward_weight", 1.0, "Weight w_E of the episode-level advantage (Eq. 8)."),
+    ConfigKey("step_reward_weight", 1.0, "Weight w_S of the anchor-state step-level advantage (Eq. 8)."),
+    ConfigKey("step_reward_gamma", 0.95, "Discount γ of the step returns G_t = r_t + γ G_{t+1} (Eq. 5), in [0, 1]."),
+    ConfigKey("reward_normalization", {"grouping": "traj_group_id", "method": "mean"},
+              "`grouping`: the episode-level group (`traj_group_id` | `tags` | `batch`); `method`: the group "
+              "normalisation at both levels (`mean` | `mean_std` | `asym_clip` | `identity`)."),
+    ConfigKey("whiten_advantages", True, "Whiten the combined advantages over the response tokens of the batch."),
+    ConfigKey("advantage_clip", 0.2, "Clamp the final advantages to ±this value; `null` disables the clamp."),
+    ConfigKey("batch_adjust_mode", "copy", "How the step samples are made a multiple of the minibatch size, after "
+              "the advantages are computed: `copy` duplicates, `delete` drops, `auto` picks the smaller change.",
+              BATCH_ADJUST_MODES),
+    # ----- loss
+    ConfigKey("ppo_epochs", 1, "Passes of the clipped-PPO update over each batch."),
+    ConfigKey("pg_clip", 0.2, "PPO ratio clip ε: the ratio is clipped to [1 − ε, 1 + ε]."),
+    ConfigKey("dual_clip_loss", False, "Dual-clip PPO: bound the loss of negative-advantage tokens by "
+              "`dual_clip_ratio` × |A|."),
+    ConfigKey("dual_clip_ratio", 3.0, "The constant c > 1 of dual-clip PPO (used when `dual_clip_loss`)."),
+    ConfigKey("init_kl_coef", 0.0, "Coefficient of the k3 KL penalty to the frozen initial policy. At 0 no "
+              "reference model is kept in memory."),
+    ConfigKey("entropy_loss_coef", 0.0, "Coefficient of the token-entropy bonus."),
+    ConfigKey("max_grad_norm", 1.0, "Clip the global gradient norm to this value; `null` disables clipping."),
+    # ----- batch shape
+    ConfigKey("rollout_batch_size", 1024, "Trajectories per training batch; must equal "
+              "`train_env_manager.num_env_groups × group_size`."),
+    ConfigKey("val_batch_size", 1024, "Episodes per validation run (group size 1, seeds disjoint from training)."),
+    ConfigKey("val_interval", 0, "Validate every this many iterations; 0 never validates."),
+    ConfigKey("sequence_length", 1024, "Token budget of prompt + reply per turn; the oldest history turns are "
+              "dropped first to fit (counted in `prompt_truncations`)."),
+    ConfigKey("train_env_manager", {"max_env_num_per_worker": 16, "num_env_groups": 128, "group_size": 8,
+                                    "tags": ["FrozenLake"], "num_groups_partition": [128]},
+              "`num_env_groups` groups of `group_size` envs reset with one seed each; `tags` name the env "
+              "families (a tag or a Gymnasium id) and `num_groups_partition` how many groups each gets; an env "
+              "runner steps at most `max_env_num_per_worker` envs at once."),
+    ConfigKey("env_manager_cls", "StepEnvManager", "The trajectory collector. GiGPO needs the per-step one "
+              "(`StepEnvManager`, also accepted as ROLL's dotted path); a per-trajectory collector is rejected."),
+    # ----- the LLM policy
+    ConfigKey("model_name_or_path", TINY_MODEL_NAME, "Hugging Face causal LM: a local path, a hub id (needs "
+              f"network), or `{TINY_MODEL_NAME}`, a tiny model built offline. (RLlib's own `model` key is the "
+              "old API stack's network config, hence the longer name.)"),
+    ConfigKey("model_dtype", "float32", "Parameter dtype of the policy.", ("float32", "bfloat16", "float16")),
+    ConfigKey("sampler_backend", "hf", "Generation backend: `hf` (transformers `generate`), `vllm`, or `auto` "
+              "(vLLM when importable with CUDA, else hf).", ("hf", "vllm", "auto")),
+    ConfigKey("temperature", 1.0, "Sampling temperature; the learner scores tokens at the same temperature."),
+    ConfigKey("top_p", 1.0, "Nucleus-sampling mass in (0, 1]."),
+    ConfigKey("top_k", -1, "Sample from the k most likely tokens; -1 disables."),
+    ConfigKey("max_new_tokens", 32, "Most tokens generated per turn."),
+    ConfigKey("history_length", 2, "Earlier (observation, reply) turns shown in each prompt."),
+    ConfigKey("answer_format", "answer", "`answer`: replies are `<answer>ACTION</answer>`; `think_answer`: "
+              "`<think>…</think><answer>ACTION</answer>`.", ("answer", "think_answer")),
+    ConfigKey("action_constraint", False, "Restrict sampling (and the learner's log-probs, identically) to the "
+              "env's allowed answers. Needs `answer_format: answer` and envs with a fixed action set."),
+    ConfigKey("invalid_action_penalty", -0.1, "Reward of a turn whose reply is not a valid action."),
+)
+
+_KEYS_BY_NAME = {key.name: key for key in GIGPO_KEYS}
+_NESTED_KEYS = ("reward_normalization", "train_env_manager")
+_STEP_COLLECTORS = ("StepEnvManager", "step")
+
+
+class GiGPOConfig(AlgorithmConfig):
+    """Configuration of the :class:`~gigpo_rllib.algorithm.GiGPO` algorithm.
+
+    Example:
+        >>> config = (GiGPOConfig().environment("TextFrozenLake-v0")
+        ...           .training(train_env_manager={"num_env_groups": 4, "group_size": 4}, rollout_batch_size=16))
+    """
+
+    def __init__(self, algo_class=None):
+        from gigpo_rllib.algorithm import GiGPO
+
+        super().__init__(algo_class=algo_class or GiGPO)
+        for key in GIGPO_KEYS:
+            setattr(self, key.name, copy.deepcopy(key.default))
+        # RLlib keys with GiGPO defaults: step samples per minibatch, and a small learning rate for LLMs.
+        self.minibatch_size = 64
+        self.lr = 1e-6
+        from gigpo_rllib.env_runner import GiGPOEnvRunner
+
+        self.env_runner_cls = GiGPOEnvRunner
+        # With remote runners, a driver-side runner would only hold another model copy that every sync updates.
+        self.create_local_env_runner = False
+        # Our runner keeps its own counters; RLlib's per-iteration state push carries nothing it needs.
+        self._dont_auto_sync_env_runner_states = True
+
+    def training(self, **kwargs) -> "GiGPOConfig":
+        """RLlib's ``training()`` plus every key of :data:`GIGPO_KEYS` (see the README's configuration
+        reference). Nested keys merge a partial dict into the current value."""
+        ours = {name: kwargs.pop(name) for name in list(kwargs) if name in _KEYS_BY_NAME}
+        super().training(**kwargs)
+        for name, value in ours.items():
+            if value is NotProvided:
+                continue
+            if name in _NESTED_KEYS:
+                value = self._merged(name, value)
+            setattr(self, name, value)
+        return self
+
+    def update_from_dict(self, config_dict: dict) -> "GiGPOConfig":
+        # RLlib would replace a nested dict wholesale; a YAML that overrides one sub-key must keep the others.
+        config_dict = dict(config_dict)
+        for name in _NESTED_KEYS:
+            if name in config_dict and isinstance(config_dict[name], dict):
+                config_dict[name] = self._merged(name, config_dict[name])
+        return super().update_from_dict(config_dict)
+
+    def _merged(self, name: str, value: Any) -> dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a dict (its keys: {sorted(_KEYS_BY_NAME[name].default)}), got {value!r}")
+        unknown = sorted(set(value) - set(_KEYS_BY_NAME[name].default))
+        if unknown:
+            raise ValueError(f"{name} has unknown keys {unknown}; allowed keys: {sorted(_KEYS_BY_NAME[name].default)}")
+        return {**getattr(self, name), **value}
+
+    def build(self, *args, **kwargs):
+        """Same as :meth:`build_algo` (RLlib deprecates ``build``; the brief promises it)."""
+        return self.build_algo(*args, **kwargs)
+
+    # ----------------------------------------------------------------------------------- derived settings
+
+    @property
+    def env_tags(self) -> list[str]:
+        """Env families of the training groups: ``.environment(env)`` when given, else ``train_env_manager.tags``."""
+        return [self.env] if isinstance(self.env, str) and self.env else list(self.train_env_manager["tags"])
+
+    @property
+    def groups_per_tag(self) -> list[int]:
+        if isinstance(self.env, str) and self.env:
+            return [self.train_env_manager["num_env_groups"]]
+        return list(self.train_env_manager["num_groups_partition"])
+
+    @property
+    def effective_step_reward_weight(self) -> float:
+        return 0.0 if self.adv_estimator == "grpo" else float(self.step_reward_weight)
+
+    # -------------------------------------------------------------------------------------------- spec
+
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        from gigpo_rllib.rl_module import LLMRLModule
+
+        return RLModuleSpec(module_class=LLMRLModule, model_config=self.module_model_config())
+
+    def module_model_config(self) -> dict:
+        return {"model": self.model_name_or_path, "dtype": self.model_dtype, "temperature": self.temperature}
+
+    def get_default_learner_class(self):
+        from gigpo_rllib.learner import GiGPOTorchLearner
+
+        return GiGPOTorchLearner
+
+    # ----------------------------------------------------------------------------------------- validate
+
+    def validate(self) -> None:
+        super().validate()
+        for key in GIGPO_KEYS:
+            if key.choices is not None and getattr(self, key.name) not in key.choices:
+                raise ValueError(f"{key.name} must be one of {list(key.choices)}, got {getattr(self, key.name)!r}")
+        norm = self.reward_normalization
+        _require(norm.get("method") in NORMALIZATION_METHODS, "reward_normalization.method",
+                 f"one of {list(NORMALIZATION_METHODS)}", norm.get("method"))
+        _require(norm.get("grouping") in EPISODE_GROUPINGS, "reward_normalization.grouping",
+                 f"one of {list(EPISODE_GROUPINGS)}", norm.get("grouping"))
+        _require(0.0 <= self.step_reward_gamma <= 1.0, "step_reward_gamma", "a number in [0, 1]", self.step_reward_gamma)
+        _require(self.ppo_epochs >= 1, "ppo_epochs", "an integer >= 1", self.ppo_epochs)
+        _require(self.pg_clip > 0, "pg_clip", "a number > 0", self.pg_clip)
+        _require(self.dual_clip_ratio > 1, "dual_clip_ratio", "a number > 1", self.dual_clip_ratio)
+        _require(self.init_kl_coef >= 0, "init_kl_coef", "a number >= 0", self.init_kl_coef)
+        _require(self.advantage_clip is None or self.advantage_clip > 0, "advantage_clip", "null or a number > 0",
+                 self.advantage_clip)
+        _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "null or a number > 0",
+                 self.max_grad_norm)
+        _require(self.temperature > 0, "temperature", "a number > 0", self.temperature)
+        _require(0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
+        _require(self.top_k == -1 or self.top_k >= 1, "top_k", "-1 (disabled) or an integer >= 1", self.top_k)
+        _require(self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1", self.max_new_tokens)
+        _require(self.max_new_tokens < self.sequence_length, "max_new_tokens",
+                 f"fewer than sequence_length ({self.sequence_length}) tokens", self.max_new_tokens)
+        _require(self.history_length >= 0, "history_length", "an integer >= 0", self.history_length)
+        _require(self.val_interval >= 0, "val_interval", "an integer >= 0 (0 disables validation)", self.val_interval)
+        _require(self.val_batch_size >= 1, "val_batch_size", "an integer >= 1", self.val_batch_size)
+        _require(self.minibatch_size is not None and self.minibatch_size >= 1, "minibatch_size",
+                 "an integer >= 1 (step samples per minibatch per learner)", self.minibatch_size)
+        collector = str(self.env_manager_cls).rsplit(".", 1)[-1]
+        _require(collector in _STEP_COLLECTORS, "env_manager_cls",
+                 "the per-step collector `StepEnvManager` (GiGPO's step-level groups need one sample per turn)",
+                 self.env_manager_cls)
+        if self.action_constraint and self.answer_format != "answer":
+            raise ValueError("action_constraint needs answer_format='answer' (free-form thinking cannot be "
+                             f"constrained to a fixed answer set), got answer_format={self.answer_format!r}")
+        self._validate_env_manager()
+        self._validate_learner_sharding()
+
+    def _validate_env_manager(self) -> None:
+        manager = self.train_env_manager
+        for name in ("max_env_num_per_worker", "num_env_groups", "group_size"):
+            _require(isinstance(manager[name], int) and manager[name] >= 1, f"train_env_manager.{name}",
+                     "an integer >= 1", manager[name])
+        if not (isinstance(self.env, str) and self.env):
+            tags, partition = manager["tags"], manager["num_groups_partition"]
+            _require(isinstance(tags, list) and len(tags) >= 1, "train_env_manager.tags", "a non-empty list", tags)
+            _require(isinstance(partition, list) and len(partition) == len(tags), "train_env_manager.num_groups_partition",
+                     f"a list with one group count per tag ({len(tags)} tags)", partition)
+            _require(sum(partition) == manager["num_env_groups"], "train_env_manager.num_groups_partition",
+                     f"counts summing to num_env_groups ({manager['num_env_groups']})", partition)
+        trajectories = manager["num_env_groups"] * manager["group_size"]
+        if self.rollout_batch_size != trajectories:
+            raise ValueError(
+                f"rollout_batch_size ({self.rollout_batch_size}) must equal train_env_manager.num_env_groups × "
+                f"group_size ({manager['num_env_groups']} × {manager['group_size']} = {trajectories}): it counts "
+                "the trajectories of one batch")
+        if manager["group_size"] == 1 and self.reward_normalization["grouping"] == "traj_group_id":
+            warnings.warn("train_env_manager.group_size is 1: every episode group holds one trajectory, so every "
+                          "centred advantage is 0 and nothing is learned; use group_size >= 2", stacklevel=2)
+
+    def _validate_learner_sharding(self) -> None:
+        grouping = self.reward_normalization["grouping"]
+        if self.num_learners > 1 and grouping == "batch":
+            raise ValueError("reward_normalization.grouping='batch' normalises over the whole batch, which needs "
+                             f"one learner; got num_learners={self.num_learners}. Use traj_group_id or tags.")
+        if self.num_learners > 1 and grouping == "tags" and len(self.env_tags) < self.num_learners:
+            raise ValueError(f"reward_normalization.grouping='tags' shards the batch by tag, so it needs at least "
+                             f"num_learners ({self.num_learners}) tags; got {self.env_tags}")
+
+
+def _require(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ValueError(f"{key} must be {expected}, got {got!r}")
+
+
+def markdown_reference() -> str:
+    """The README's configuration-reference table, generated from :data:`GIGPO_KEYS`."""
+    import json
+
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key in GIGPO_KEYS:
+        lines.append(f"| `{key.name}` | `{json.dumps(key.default)}` | {key.help} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_reference())

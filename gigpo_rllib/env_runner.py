@@ -1,0 +1,103 @@
+"""`GiGPOEnvRunner`: the RLlib `EnvRunner` that collects GiGPO step samples (ROLL's ``StepEnvManager`` role).
+
+It owns a sampler (its own copy of the policy weights) and a :class:`~gigpo_rllib.rollout.StepCollector`.
+Text never passes through RLlib's env-to-module connectors (they mangle strings): ``sample(groups=...)``
+returns plain numpy step samples that the algorithm turns into learner batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import ray
+from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+from ray.rllib.env.env_runner import EnvRunner
+from ray.rllib.utils.checkpoints import Checkpointable
+from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, WEIGHTS_SEQ_NO
+
+from gigpo_rllib.rl_module import MODULE_PREFIX, to_sampler_state_dict
+from gigpo_rllib.rollout import GroupSpec, RolloutSettings, StepCollector
+from gigpo_rllib.sampling import make_sampler
+from gigpo_rllib.sampling.base import SamplingParams
+
+# RLlib builds a learner module from these; the LLM module ignores them (text is not an RLlib space).
+PLACEHOLDER_SPACES = (gym.spaces.Box(0.0, 1.0, (1,)), gym.spaces.Discrete(1))
+
+
+def sampling_params(config) -> SamplingParams:
+    return SamplingParams(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+                          max_new_tokens=config.max_new_tokens)
+
+
+def make_env_factory(config):
+    """``tag -> fully wrapped LLM env``, built from the config's env keys."""
+    import envs
+
+    def make(tag: str) -> gym.Env:
+        return envs.make_llm_env(tag, invalid_action_penalty=config.invalid_action_penalty,
+                                 require_think=config.answer_format == "think_answer", **dict(config.env_config))
+
+    return make
+
+
+class GiGPOEnvRunner(EnvRunner, Checkpointable):
+    """Collects step samples for the episode groups the algorithm hands it (see module docstring)."""
+
+    def __init__(self, *, config, **kwargs):
+        super().__init__(config=config, **kwargs)
+        device = "cuda" if config.num_gpus_per_env_runner else "cpu"
+        self.sampler = make_sampler(config.sampler_backend, config.model_name_or_path, device=device, dtype=config.model_dtype)
+        self.collector = StepCollector(
+            self.sampler, make_env_factory(config),
+            RolloutSettings(sampling=sampling_params(config), sequence_length=config.sequence_length,
+                            history_length=config.history_length,
+                            max_envs=config.train_env_manager["max_env_num_per_worker"],
+                            action_constraint=config.action_constraint))
+        self.weights_seq_no = 0
+
+    def sample(self, *, groups: list[GroupSpec] | None = None, group_size: int | None = None, seed: int = 0,
+               **kwargs) -> dict[str, Any]:
+        """Roll out ``groups`` (``group_size`` trajectories each) and return their step samples."""
+        if groups is None or group_size is None:
+            raise ValueError("GiGPOEnvRunner.sample needs groups=[GroupSpec, ...] and group_size=int; the GiGPO "
+                             "algorithm assigns them (RLlib's generic sampling does not apply to text envs)")
+        out = self.collector.collect(groups, group_size, seed)
+        out[WEIGHTS_SEQ_NO] = self.weights_seq_no
+        self.num_env_steps_sampled_lifetime += len(out["rewards"])
+        return out
+
+    def get_spaces(self):
+        return {DEFAULT_MODULE_ID: PLACEHOLDER_SPACES}
+
+    def assert_healthy(self):
+        assert self.sampler is not None, "GiGPOEnvRunner has no sampler"
+
+    def stop(self) -> None:
+        self.sampler.close()
+
+    # -------------------------------------------------------------------------------- Checkpointable
+
+    def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
+        state = {NUM_ENV_STEPS_SAMPLED_LIFETIME: self.num_env_steps_sampled_lifetime,
+                 WEIGHTS_SEQ_NO: self.weights_seq_no}
+        # The learner owns the weights (they are checkpointed there); hand them out only when asked by name.
+        if components is not None and self._check_component(COMPONENT_RL_MODULE, components, not_components):
+            weights = {MODULE_PREFIX + name: value.detach().cpu().numpy()
+                       for name, value in self.sampler.model.state_dict().items()}
+            state[COMPONENT_RL_MODULE] = {DEFAULT_MODULE_ID: weights}
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if COMPONENT_RL_MODULE in state:
+            weights = state[COMPONENT_RL_MODULE]
+            if isinstance(weights, ray.ObjectRef):
+                weights = ray.get(weights)
+            weights = weights.get(DEFAULT_MODULE_ID, weights)
+            self.sampler.load_weights(to_sampler_state_dict(weights))
+            self.weights_seq_no = state.get(WEIGHTS_SEQ_NO, self.weights_seq_no)
+        if NUM_ENV_STEPS_SAMPLED_LIFETIME in state:
+            self.num_env_steps_sampled_lifetime = state[NUM_ENV_STEPS_SAMPLED_LIFETIME]
+
+    def get_ctor_args_and_kwargs(self):
+        return (), {"config": self.config}

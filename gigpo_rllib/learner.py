@@ -1,0 +1,163 @@
+"""`GiGPOTorchLearner`: GiGPO advantages on the learner's device, then a token-level clipped-PPO update.
+
+Once per update, on the learner's whole shard (device tensors): :func:`compute_gigpo_advantages`, optional
+whitening over response tokens and clamping, and only then :func:`batch_adjust` so the shard splits into full
+minibatches. Each minibatch then gets :func:`gigpo_policy_loss`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+
+from gigpo_rllib.advantages import anchor_group_stats, batch_adjust, compute_gigpo_advantages
+from gigpo_rllib.logprobs import forward_token_logprobs
+from gigpo_rllib.rl_module import TOKEN_ENTROPY, TOKEN_LOGPROBS
+
+ADVANTAGES = "advantages"
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+def shape_advantages(advantages: torch.Tensor, response_lengths: torch.Tensor, *, whiten: bool,
+                     clip: float | None) -> torch.Tensor:
+    """Whiten per-sample advantages over the batch's response *tokens* (a sample weighs by its length), then
+    clamp to ``±clip``. Shapes ``(N,)`` -> ``(N,)``."""
+    if whiten:
+        weights = response_lengths.to(advantages.dtype)
+        total = weights.sum().clamp_min(1)
+        mean = (weights * advantages).sum() / total
+        var = (weights * (advantages - mean) ** 2).sum() / total
+        advantages = (advantages - mean) * torch.rsqrt(var + 1e-8)
+    if clip is not None:
+        advantages = advantages.clamp(-clip, clip)
+    return advantages
+
+
+def gigpo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      response_mask: torch.Tensor, *, pg_clip: float, dual_clip_ratio: float | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Token-level clipped PPO surrogate (optionally dual-clipped), averaged over response tokens.
+
+    Args:
+        logprobs, old_logprobs: ``(B, S)`` token log-probs under the current and the sampling policy.
+        advantages: ``(B,)`` one advantage per step sample, broadcast over its response tokens.
+        response_mask: ``(B, S)`` bool.
+        pg_clip: ε of the ratio clip ``[1 − ε, 1 + ε]``.
+        dual_clip_ratio: c > 1; when given, the loss of a negative-advantage token is at most ``−c · A``.
+
+    Returns:
+        ``(loss, diagnostics)``: diagnostics are ``policy_kl`` (the ``(r − 1) − log r`` estimator) and
+        ``clip_fraction``, both scalars.
+    """
+    mask = response_mask.to(logprobs.dtype)
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    adv = advantages[:, None].to(logprobs.dtype)
+    token_loss = -torch.minimum(ratio * adv, ratio.clamp(1 - pg_clip, 1 + pg_clip) * adv)
+    if dual_clip_ratio is not None:
+        token_loss = torch.where(adv < 0, torch.minimum(token_loss, -dual_clip_ratio * adv), token_loss)
+    with torch.no_grad():
+        diagnostics = {
+            "policy_kl": masked_mean((ratio - 1) - log_ratio, mask),
+            "clip_fraction": masked_mean(((ratio - 1).abs() > pg_clip).to(mask.dtype), mask),
+        }
+    return masked_mean(token_loss, mask), diagnostics
+
+
+def k3_kl(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(π ‖ π_ref) per token: ``exp(ref − lp) − (ref − lp) − 1`` (≥ 0)."""
+    log_ratio = reference_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+class GiGPOTorchLearner(TorchLearner):
+    """Learner of the GiGPO algorithm (see module docstring)."""
+
+    def build(self) -> None:
+        super().build()
+        self._reference_model = None
+        if self.config.init_kl_coef > 0:
+            # A frozen copy of the initial policy; kept only when the KL term is on.
+            self._reference_model = copy.deepcopy(self.module[DEFAULT_MODULE_ID].unwrapped().model).eval()
+            self._reference_model.requires_grad_(False)
+
+    # ------------------------------------------------------------------------ once per update, whole shard
+
+    def _make_batch_if_necessary(self, training_data) -> MultiAgentBatch:
+        batch = super()._make_batch_if_necessary(training_data)
+        columns = batch.policy_batches[DEFAULT_MODULE_ID]
+        started = time.perf_counter()
+        advantages = self._advantages(columns)
+        self.metrics.log_value("advantages_time_s", time.perf_counter() - started, window=1)
+        keep = batch_adjust(len(advantages), self.config.minibatch_size, self.config.batch_adjust_mode,
+                            seed=self._weights_seq_no).to(advantages.device)
+        self.metrics.log_value("batch_adjust_delta", float(len(keep) - len(advantages)), window=1)
+        adjusted = {name: value[keep] for name, value in columns.items() if torch.is_tensor(value)}
+        adjusted[ADVANTAGES] = advantages[keep]
+        if self._reference_model is not None:
+            adjusted["reference_logprobs"] = self._reference_logprobs(adjusted)
+        return MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(adjusted)}, env_steps=len(keep))
+
+    def _advantages(self, columns: SampleBatch) -> torch.Tensor:
+        config = self.config
+        norm = config.reward_normalization
+        out = compute_gigpo_advantages(
+            columns["rewards"].float(), columns["traj_ids"], columns["step_ids"], columns["group_ids"],
+            columns["anchor_ids"], gamma=config.step_reward_gamma, episode_weight=config.episode_reward_weight,
+            step_weight=config.effective_step_reward_weight, method=norm["method"], grouping=norm["grouping"],
+            tag_ids=columns["tag_ids"])
+        for name, value in anchor_group_stats(out.anchor_group_ids).as_dict().items():
+            self.metrics.log_value(name, value, window=1)
+        self.metrics.log_value("episode_advantage_abs_mean", float(out.episode_advantages.abs().mean()), window=1)
+        self.metrics.log_value("step_advantage_abs_mean", float(out.step_advantages.abs().mean()), window=1)
+        lengths = columns["response_mask"].sum(-1)
+        return shape_advantages(out.advantages, lengths, whiten=config.whiten_advantages, clip=config.advantage_clip)
+
+    @torch.no_grad()
+    def _reference_logprobs(self, columns: dict[str, torch.Tensor]) -> torch.Tensor:
+        logprobs, _ = forward_token_logprobs(
+            self._reference_model, columns["input_ids"], columns["attention_mask"], columns["response_mask"],
+            temperature=self.config.temperature, allowed_responses=columns.get("allowed_responses"))
+        return logprobs
+
+    # --------------------------------------------------------------------------------- per minibatch
+
+    def compute_loss_for_module(self, *, module_id: str, config: Any, batch: dict[str, Any],
+                                fwd_out: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = batch["response_mask"].bool()
+        logprobs = fwd_out[TOKEN_LOGPROBS]
+        loss, diagnostics = gigpo_policy_loss(
+            logprobs, batch["old_logprobs"], batch[ADVANTAGES], mask, pg_clip=config.pg_clip,
+            dual_clip_ratio=config.dual_clip_ratio if config.dual_clip_loss else None)
+        entropy = masked_mean(fwd_out[TOKEN_ENTROPY], mask.float())
+        metrics = {"policy_loss": loss.detach(), "entropy": entropy.detach(), **diagnostics,
+                   "response_tokens": mask.sum().float()}
+        if config.entropy_loss_coef:
+            loss = loss - config.entropy_loss_coef * entropy
+        if "reference_logprobs" in batch:
+            kl = masked_mean(k3_kl(logprobs, batch["reference_logprobs"]), mask.float())
+            loss = loss + config.init_kl_coef * kl
+            metrics["reference_kl"] = kl.detach()
+        for name, value in metrics.items():
+            reduce = "sum" if name == "response_tokens" else "mean"
+            self.metrics.log_value((module_id, name), float(value), reduce=reduce)
+        return loss
+
+    def postprocess_gradients_for_module(self, *, module_id, config=None, module_gradients_dict):
+        gradients = [g for g in module_gradients_dict.values() if g is not None]
+        norm = torch.nn.utils.get_total_norm(gradients)
+        if config.max_grad_norm is not None:
+            scale = (config.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            for gradient in gradients:
+                gradient.mul_(scale)
+        self.metrics.log_value((module_id, "grad_norm"), float(norm), reduce="mean")
+        return module_gradients_dict
