@@ -134,7 +134,8 @@ class TextFrozenLakeEnv(gym.Env):
         if not isinstance(max_steps, (int, np.integer)) or isinstance(max_steps, bool) or max_steps < 1:
             raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
         if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"render_mode must be one of {[None, *self.metadata['render_modes']]}, got {render_mode!r}")
+            allowed = [None, *self.metadata["render_modes"]]
+            raise ValueError(f"render_mode must be one of {allowed}, got {render_mode!r}")
         self.size = int(size)
         self.p = float(p)
         self.is_slippery = is_slippery

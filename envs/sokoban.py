@@ -164,6 +164,10 @@ def generate_room(
             return Room(height, width, frozenset(floor), frozenset(targets), boxes, player)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 class TextSokobanEnv(gym.Env):
     """
     ## Description
@@ -223,23 +227,24 @@ class TextSokobanEnv(gym.Env):
         if (
             not isinstance(dim_room, (tuple, list))
             or len(dim_room) != 2
-            or not all(isinstance(side, (int, np.integer)) and not isinstance(side, bool) and side >= 4 for side in dim_room)
+            or not all(_is_int(side) and side >= 4 for side in dim_room)
         ):
             raise ValueError(f"dim_room must be (height, width) with ints >= 4, got {dim_room!r}")
         height, width = int(dim_room[0]), int(dim_room[1])
-        if not isinstance(num_boxes, (int, np.integer)) or isinstance(num_boxes, bool) or num_boxes < 1:
+        if not _is_int(num_boxes) or num_boxes < 1:
             raise ValueError(f"num_boxes must be an int >= 1, got {num_boxes!r}")
         if num_boxes + 2 > (height - 2) * (width - 2):
             raise ValueError(
                 f"num_boxes must leave room for the player: at most {(height - 2) * (width - 2) - 2} for "
                 f"dim_room={dim_room!r}, got {num_boxes!r}"
             )
-        if not isinstance(max_steps, (int, np.integer)) or isinstance(max_steps, bool) or max_steps < 1:
+        if not _is_int(max_steps) or max_steps < 1:
             raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
-        if not isinstance(num_backward_steps, (int, np.integer)) or num_backward_steps < 1:
+        if not _is_int(num_backward_steps) or num_backward_steps < 1:
             raise ValueError(f"num_backward_steps must be an int >= 1, got {num_backward_steps!r}")
         if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"render_mode must be one of {[None, *self.metadata['render_modes']]}, got {render_mode!r}")
+            allowed = [None, *self.metadata["render_modes"]]
+            raise ValueError(f"render_mode must be one of {allowed}, got {render_mode!r}")
         self.dim_room = (height, width)
         self.num_boxes = int(num_boxes)
         self.max_steps = int(max_steps)

@@ -178,7 +178,8 @@ class TextArenaEnv(gym.Env):
         if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
             raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
         if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"render_mode must be one of {[None, *self.metadata['render_modes']]}, got {render_mode!r}")
+            allowed = [None, *self.metadata["render_modes"]]
+            raise ValueError(f"render_mode must be one of {allowed}, got {render_mode!r}")
         self._game = _make_game(self.game_id)
         self._random_state = random.Random(0).getstate()
         self._opponent_rng = random.Random(0)

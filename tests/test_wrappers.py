@@ -190,7 +190,8 @@ def test_llm_wrapper_invalid_replies_use_the_turn_budget():
 def test_llm_wrapper_exposes_words_and_instructions():
     env = LLMActionWrapper(CorridorEnv(), require_think=True)
     assert env.action_words == ("Back", "Forward")
-    assert env.instructions.startswith("Walk to the end") and "<think>...</think><answer>Back</answer>" in env.instructions
+    assert env.instructions.startswith("Walk to the end")
+    assert "<think>...</think><answer>Back</answer>" in env.instructions
     assert isinstance(env.action_space, spaces.Text)
     with pytest.raises(ValueError, match="invalid_action_penalty"):
         LLMActionWrapper(CorridorEnv(), invalid_action_penalty="big")
