@@ -204,6 +204,10 @@ def test_generate_unconstrained_is_reproducible(sampler):
     a = sampler.generate(prompts, params, seed=3)
     b = sampler.generate(prompts, params, seed=3)
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    # Without a seed, successive calls draw fresh samples.
+    c1 = sampler.generate(prompts, params)
+    c2 = sampler.generate(prompts, params)
+    assert [c.token_ids for c in c1] != [c.token_ids for c in c2]
     for c in a:
         assert isinstance(c, Completion) and len(c.token_ids) == len(c.logprobs) <= 6
         assert c.finish_reason == ("stop" if c.token_ids[-1] == tok.eos_token_id else "length")

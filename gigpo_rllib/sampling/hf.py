@@ -126,12 +126,15 @@ class HFSampler(Sampler):
             repetition_penalty=1.0,
             num_return_sequences=1,
         )
-        with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
-            if seed is not None:
+        gen_kwargs = dict(
+            input_ids=ids, attention_mask=attn, generation_config=gen_config, logits_processor=processors
+        )
+        if seed is None:  # draw from (and advance) the global RNG
+            out = self.model.generate(**gen_kwargs)
+        else:  # a private, seeded stream; the caller's RNG state is left untouched
+            with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
                 torch.manual_seed(seed)
-            out = self.model.generate(
-                input_ids=ids, attention_mask=attn, generation_config=gen_config, logits_processor=processors
-            )
+                out = self.model.generate(**gen_kwargs)
         gen = out[:, p_len:]  # (N, T)
 
         # Reply length: up to and including the first EOS; everything after it is padding.
