@@ -223,6 +223,7 @@ class TextArenaEnv(gym.Env):
 
     @property
     def instructions(self) -> str:
+        """The game's prompt for the learner (known after ``reset``) and how the answer becomes the move."""
         return (
             f"{self._prompt}\nYour answer is passed to the game as your move, written the way the rules above "
             "ask for it."
