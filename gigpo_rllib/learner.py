@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
@@ -28,18 +28,35 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def shape_advantages(advantages: torch.Tensor, response_lengths: torch.Tensor, *, whiten: bool,
-                     clip: float | None) -> torch.Tensor:
+                     clip: float | None, sum_over_learners: Callable[[torch.Tensor], torch.Tensor] | None = None
+                     ) -> torch.Tensor:
     """Whiten per-sample advantages over the batch's response *tokens* (a sample weighs by its length), then
-    clamp to ``±clip``. Shapes ``(N,)`` -> ``(N,)``."""
+    clamp to ``±clip``. Shapes ``(N,)`` -> ``(N,)``.
+
+    ``sum_over_learners`` adds a small tensor over all learners (an all-reduce), so sharded learners whiten with
+    the statistics of the whole batch, exactly as a single learner would.
+    """
     if whiten:
-        weights = response_lengths.to(advantages.dtype)
-        total = weights.sum().clamp_min(1)
-        mean = (weights * advantages).sum() / total
-        var = (weights * (advantages - mean) ** 2).sum() / total
-        advantages = (advantages - mean) * torch.rsqrt(var + 1e-8)
+        weights = response_lengths.to(torch.float64)
+        values = advantages.to(torch.float64)
+        sums = torch.stack([weights.sum(), (weights * values).sum(), (weights * values * values).sum()])
+        if sum_over_learners is not None:
+            sums = sum_over_learners(sums)
+        total = sums[0].clamp_min(1)
+        mean = sums[1] / total
+        var = (sums[2] / total - mean * mean).clamp_min(0)
+        advantages = ((values - mean) * torch.rsqrt(var + 1e-8)).to(advantages.dtype)
     if clip is not None:
         advantages = advantages.clamp(-clip, clip)
     return advantages
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    reduced = tensor.clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced
 
 
 def gigpo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -96,7 +113,7 @@ class GiGPOTorchLearner(TorchLearner):
         batch = super()._make_batch_if_necessary(training_data)
         columns = batch.policy_batches[DEFAULT_MODULE_ID]
         started = time.perf_counter()
-        advantages = self._advantages(columns)
+        advantages = self.compute_advantages(columns)
         self.metrics.log_value("advantages_time_s", time.perf_counter() - started, window=1)
         keep = batch_adjust(len(advantages), self.config.minibatch_size, self.config.batch_adjust_mode,
                             seed=self._weights_seq_no).to(advantages.device)
@@ -107,7 +124,9 @@ class GiGPOTorchLearner(TorchLearner):
             adjusted["reference_logprobs"] = self._reference_logprobs(adjusted)
         return MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(adjusted)}, env_steps=len(keep))
 
-    def _advantages(self, columns: SampleBatch) -> torch.Tensor:
+    def compute_advantages(self, columns: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Final per-sample advantages ``(N,)`` of this learner's shard (device tensors), before batch_adjust.
+        With several learners every learner must call it at once (whitening all-reduces its statistics)."""
         config = self.config
         norm = config.reward_normalization
         out = compute_gigpo_advantages(
@@ -120,7 +139,9 @@ class GiGPOTorchLearner(TorchLearner):
         self.metrics.log_value("episode_advantage_abs_mean", float(out.episode_advantages.abs().mean()), window=1)
         self.metrics.log_value("step_advantage_abs_mean", float(out.step_advantages.abs().mean()), window=1)
         lengths = columns["response_mask"].sum(-1)
-        return shape_advantages(out.advantages, lengths, whiten=config.whiten_advantages, clip=config.advantage_clip)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return shape_advantages(out.advantages, lengths, whiten=config.whiten_advantages, clip=config.advantage_clip,
+                                sum_over_learners=_all_reduce_sum if distributed else None)
 
     @torch.no_grad()
     def _reference_logprobs(self, columns: dict[str, torch.Tensor]) -> torch.Tensor:

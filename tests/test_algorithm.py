@@ -1,0 +1,200 @@
+"""GiGPO on Ray RLlib end to end (CPU, tiny offline model): training, runners, learners, checkpoints, Tune."""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from gigpo_rllib import GiGPO, GiGPOConfig
+from gigpo_rllib.advantages import compute_gigpo_advantages
+from gigpo_rllib.batch import pad_token_batch, shard_rows, take_rows
+from gigpo_rllib.learner import shape_advantages
+
+pytestmark = pytest.mark.slow
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**training) -> GiGPOConfig:
+    settings = dict(train_env_manager={"num_env_groups": 2, "group_size": 2}, rollout_batch_size=4,
+                    minibatch_size=8, max_new_tokens=8, action_constraint=True, lr=1e-3, history_length=1)
+    return (GiGPOConfig().environment("TextFrozenLake-v0", env_config={"max_steps": 3})
+            .training(**{**settings, **training}))
+
+
+def module_weights(algo) -> dict[str, np.ndarray]:
+    return algo.learner_group.get_weights()["default_policy"]
+
+
+def runner_weights(algo) -> list[dict[str, np.ndarray]]:
+    states = algo.env_runner_group.foreach_env_runner(
+        lambda runner: runner.get_state(components=["rl_module"])["rl_module"]["default_policy"],
+        local_env_runner=algo.env_runner_group.num_remote_env_runners() == 0)
+    return states
+
+
+def adam_steps(algo) -> list[float]:
+    optimizer = algo.learner_group.get_state()["learner"]["optimizer"]["default_policy_default_optimizer"]
+    return [float(param_state["step"]) for param_state in optimizer["state"]["state"].values()]
+
+
+def assert_same_weights(first, second):
+    assert first.keys() == second.keys()
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+
+
+def test_train_with_the_local_runner(ray_session):
+    algo = tiny_config().build()
+    try:
+        before = {k: v.copy() for k, v in module_weights(algo).items()}
+        result = algo.train()
+        runners = result["env_runners"]
+        assert runners["num_episodes"] == 4
+        assert math.isfinite(runners["episode_return_mean"]) and 0 <= runners["success_rate"] <= 1
+        assert runners["invalid_action_rate"] == 0.0  # the action constraint allows valid answers only
+        learners = result["learners"]
+        policy = learners["default_policy"]
+        for name in ("policy_loss", "policy_kl", "clip_fraction", "entropy", "grad_norm"):
+            assert math.isfinite(policy[name]), name
+        assert policy["clip_fraction"] == 0.0  # first minibatch of fresh samples: ratio 1
+        assert learners["anchor_num_groups"] >= 2
+        assert 0 <= learners["anchor_singleton_fraction"] <= 1
+        assert result["throughput"]["train_tokens_per_s"] > 0
+        for timer in ("env_runner_sampling_timer", "learner_update_timer", "synch_weights"):
+            assert timer in result["timers"]
+        after = module_weights(algo)
+        assert any(not np.array_equal(before[k], after[k]) for k in before), "the update changed nothing"
+        assert_same_weights(runner_weights(algo)[0], after)  # the sampler got the new weights
+    finally:
+        algo.stop()
+
+
+def test_train_with_two_remote_runners(ray_session):
+    config = tiny_config(train_env_manager={"num_env_groups": 4, "group_size": 2}, rollout_batch_size=8)
+    algo = config.env_runners(num_env_runners=2).build()
+    try:
+        result = algo.train()
+        assert result["env_runners"]["num_episodes"] == 8
+        weights = module_weights(algo)
+        remote = runner_weights(algo)
+        assert len(remote) == 2
+        for state in remote:
+            assert_same_weights(state, weights)
+    finally:
+        algo.stop()
+
+
+def test_two_learners_give_the_single_learner_advantages(ray_session):
+    config = tiny_config(train_env_manager={"num_env_groups": 4, "group_size": 2}, rollout_batch_size=8,
+                         reward_normalization={"method": "mean_std"}, minibatch_size=4)
+    algo = config.learners(num_learners=2).build()
+    try:
+        rollout = algo._rollout(algo._groups([4], first_seed=100), group_size=2, seed=0)
+        batch = pad_token_batch(rollout, pad_token_id=0, allowed_replies=rollout["allowed_replies"])
+        shards = [take_rows(batch, rows) for rows in shard_rows(batch, 2)]
+
+        def shard_advantages(learner):
+            rank = torch.distributed.get_rank()
+            columns = {k: torch.as_tensor(v) for k, v in shards[rank].items()}
+            return rank, learner.compute_advantages(columns).numpy()
+
+        by_rank = dict(call.get() for call in algo.learner_group.foreach_learner(shard_advantages))
+        single = compute_gigpo_advantages(*(torch.as_tensor(batch[k]) for k in
+                                            ("rewards", "traj_ids", "step_ids", "group_ids", "anchor_ids")),
+                                          method="mean_std")
+        expected = shape_advantages(single.advantages, torch.as_tensor(batch["response_mask"].sum(-1)),
+                                    whiten=True, clip=config.advantage_clip).numpy()
+        for rank, rows in enumerate(shard_rows(batch, 2)):
+            np.testing.assert_allclose(by_rank[rank], expected[rows], rtol=1e-5, atol=1e-6)
+        result = algo.train()  # shards of unequal size must not hang DDP
+        assert math.isfinite(result["learners"]["default_policy"]["policy_loss"])
+    finally:
+        algo.stop()
+
+
+def test_grpo_baseline_uses_episode_advantages_only(ray_session):
+    algo = tiny_config(adv_estimator="grpo", whiten_advantages=False, advantage_clip=None).build()
+    try:
+        rollout = algo._rollout(algo._groups([2], first_seed=7), group_size=2, seed=0)
+        batch = pad_token_batch(rollout, pad_token_id=0, allowed_replies=rollout["allowed_replies"])
+        columns = {k: torch.as_tensor(v) for k, v in batch.items()}
+        (call,) = algo.learner_group.foreach_learner(lambda learner: learner.compute_advantages(columns))
+        advantages = call.get()
+        reference = compute_gigpo_advantages(*(columns[k].double() if k == "rewards" else columns[k] for k in
+                                               ("rewards", "traj_ids", "step_ids", "group_ids", "anchor_ids")))
+        np.testing.assert_allclose(advantages.numpy(), reference.episode_advantages.numpy(), atol=1e-6)
+        assert math.isfinite(algo.train()["env_runners"]["episode_return_mean"])
+    finally:
+        algo.stop()
+
+
+RESUME_SCRIPT = """
+import json, sys, numpy as np, ray
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+from gigpo_rllib import GiGPO
+algo = GiGPO.from_checkpoint(sys.argv[1])
+weights = algo.learner_group.get_weights()["default_policy"]
+state = algo.get_state()
+before = dict(iteration=algo.iteration, seeds=state["seed_counters"],
+              checksum=float(sum(np.abs(w).sum() for w in weights.values())))
+result = algo.train()
+print("RESULT" + json.dumps(dict(before=before, iteration=algo.iteration,
+                                 ret=result["env_runners"]["episode_return_mean"])))
+"""
+
+
+def test_checkpoint_round_trip_and_resume_in_a_new_process(ray_session, tmp_path):
+    algo = tiny_config().build()
+    try:
+        algo.train()
+        path = algo.save_to_path(str(tmp_path / "ckpt"))
+        saved = {k: v.copy() for k, v in module_weights(algo).items()}
+        seeds = algo.get_state()["seed_counters"]
+        steps = adam_steps(algo)
+        assert steps and all(step == steps[0] > 0 for step in steps)
+        restored = GiGPO.from_checkpoint(path)
+        try:
+            assert_same_weights(module_weights(restored), saved)
+            assert restored.get_state()["seed_counters"] == seeds
+            assert restored.iteration == 1
+            assert adam_steps(restored) == steps
+        finally:
+            restored.stop()
+    finally:
+        algo.stop()
+    process = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, path], capture_output=True, text=True,
+                             cwd=ROOT, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    line = next(line for line in process.stdout.splitlines() if line.startswith("RESULT"))
+    resumed = json.loads(line[len("RESULT"):])
+    assert resumed["before"]["iteration"] == 1 and resumed["iteration"] == 2
+    assert resumed["before"]["seeds"] == seeds
+    assert resumed["before"]["checksum"] == pytest.approx(float(sum(np.abs(w).sum() for w in saved.values())))
+    assert math.isfinite(resumed["ret"])
+
+
+def test_tune_runs_gigpo_by_name(ray_session, tmp_path):
+    from ray import tune
+
+    tuner = tune.Tuner("GiGPO", param_space=tiny_config(),
+                       run_config=tune.RunConfig(stop={"training_iteration": 1}, storage_path=str(tmp_path),
+                                                 verbose=0))
+    results = tuner.fit()
+    assert not results.errors
+    result = results.get_best_result(metric="env_runners/episode_return_mean", mode="max")
+    assert result.metrics["training_iteration"] == 1
+
+
+def test_validation_uses_its_own_seeds(ray_session):
+    algo = tiny_config(val_batch_size=3, val_interval=1).build()
+    try:
+        result = algo.train()
+        assert result["validation"]["num_episodes"] == 3
+        assert algo.get_state()["seed_counters"]["validation"] > algo.get_state()["seed_counters"]["train"] + 1_000_000
+    finally:
+        algo.stop()

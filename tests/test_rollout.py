@@ -1,0 +1,143 @@
+"""The step-sample collector and batch assembly, without Ray: real tiny model, real text envs."""
+
+import numpy as np
+import pytest
+import torch
+
+import envs
+from gigpo_rllib.batch import merge_rollouts, pad_token_batch, shard_rows, take_rows
+from gigpo_rllib.advantages import compute_gigpo_advantages
+from gigpo_rllib.rl_module import TOKEN_LOGPROBS
+from gigpo_rllib.rollout import GroupSpec, PromptBuilder, RolloutSettings, StepCollector
+from gigpo_rllib.sampling import make_sampler
+from gigpo_rllib.sampling.base import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    return make_sampler("hf", "gigpo-tiny")
+
+
+def collector(sampler, *, constraint=True, max_envs=16, sequence_length=1024, history_length=2, max_steps=4):
+    settings = RolloutSettings(sampling=SamplingParams(max_new_tokens=12), sequence_length=sequence_length,
+                               history_length=history_length, max_envs=max_envs, action_constraint=constraint)
+    return StepCollector(sampler, lambda tag: envs.make_llm_env(tag, max_steps=max_steps), settings)
+
+
+def groups(n, tag="FrozenLake", first_seed=0):
+    return [GroupSpec(group_id=i, tag=tag, tag_id=0, seed=first_seed + i) for i in range(n)]
+
+
+def test_every_turn_becomes_one_sample(sampler):
+    out = collector(sampler).collect(groups(2), group_size=3, sample_seed=0)
+    episodes = out["episodes"]
+    assert len(episodes["return"]) == 6
+    assert len(out["rewards"]) == episodes["length"].sum()
+    assert sorted(set(out["traj_ids"].tolist())) == list(range(6))
+    for traj in range(6):
+        steps = out["step_ids"][out["traj_ids"] == traj]
+        assert steps.tolist() == list(range(len(steps)))
+        assert (out["group_ids"][out["traj_ids"] == traj] == traj // 3).all()
+    # Every trajectory ends exactly once, on its last step.
+    assert out["episode_ends"].sum() == 6
+    assert np.isclose(out["rewards"].sum(), episodes["return"].sum())
+    assert len(out["prompt_ids"]) == len(out["response_ids"]) == len(out["response_logprobs"]) == len(out["rewards"])
+
+
+def test_group_members_start_from_the_same_state(sampler):
+    out = collector(sampler).collect(groups(3), group_size=4, sample_seed=1)
+    first = out["step_ids"] == 0
+    for group in range(3):
+        anchors = out["anchor_ids"][first & (out["group_ids"] == group)]
+        assert len(anchors) == 4 and len(set(anchors.tolist())) == 1
+    starts = {out["anchor_ids"][first & (out["group_ids"] == g)][0] for g in range(3)}
+    assert len(starts) == 3  # different seeds, different maps
+
+
+def test_constraint_gives_only_valid_actions(sampler):
+    out = collector(sampler, constraint=True).collect(groups(2), group_size=2, sample_seed=2)
+    assert out["action_is_valid"].all()
+    unconstrained = collector(sampler, constraint=False).collect(groups(2), group_size=2, sample_seed=2)
+    assert not unconstrained["action_is_valid"].all()  # the untrained tiny model babbles
+
+
+def test_waves_respect_max_envs_and_give_the_same_samples_count(sampler):
+    out = collector(sampler, max_envs=2).collect(groups(3), group_size=2, sample_seed=3)
+    assert len(out["episodes"]["return"]) == 6
+
+
+def test_history_and_truncation(sampler):
+    tokenizer = sampler.tokenizer
+    builder = PromptBuilder(tokenizer, sequence_length=1024, max_new_tokens=12, history_length=2)
+    history = [(f"state {k}", f"<answer>Up</answer> {k}") for k in range(4)]
+    ids, truncated = builder.build("rules", history, "now")
+    text = tokenizer.decode(ids)
+    assert "state 3" in text and "state 2" in text and "state 1" not in text and not truncated
+    short = len(builder.build("rules", [], "now")[0])
+    tight = PromptBuilder(tokenizer, sequence_length=short + 12 + 5, max_new_tokens=12, history_length=2)
+    ids, truncated = tight.build("rules", history, "now")
+    assert truncated and len(ids) <= short + 5
+    tiny = PromptBuilder(tokenizer, sequence_length=12 + 4, max_new_tokens=12, history_length=2)
+    ids, truncated = tiny.build("rules", history, "now")
+    assert truncated and len(ids) == 4
+
+
+def test_truncations_are_counted(sampler):
+    out = collector(sampler, sequence_length=200).collect(groups(1), group_size=2, sample_seed=4)
+    assert out["prompt_truncated"].all()
+
+
+def test_learner_logprobs_equal_sampling_logprobs_before_an_update(sampler):
+    """The PPO ratio is exactly 1 on fresh samples: module log-probs on the padded learner batch equal the
+    sampler's, with the action constraint and temperature applied on both sides."""
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from gigpo_rllib.env_runner import PLACEHOLDER_SPACES
+    from gigpo_rllib.rl_module import LLMRLModule
+
+    out = collector(sampler, constraint=True).collect(groups(2), group_size=2, sample_seed=5)
+    batch = pad_token_batch(out, sampler.tokenizer.pad_token_id, out["allowed_replies"])
+    module = RLModuleSpec(module_class=LLMRLModule, observation_space=PLACEHOLDER_SPACES[0],
+                          action_space=PLACEHOLDER_SPACES[1], model_config={"model": "gigpo-tiny"}).build()
+    module.set_state({"model." + k: v for k, v in sampler.model.state_dict().items()})
+    with torch.no_grad():
+        fwd = module.forward_train({k: torch.from_numpy(v) for k, v in batch.items()})
+    mask = torch.from_numpy(batch["response_mask"])
+    ratio = torch.exp(fwd[TOKEN_LOGPROBS] - torch.from_numpy(batch["old_logprobs"]))[mask]
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+
+
+def test_padded_batch_layout(sampler):
+    out = collector(sampler).collect(groups(1), group_size=2, sample_seed=6)
+    batch = pad_token_batch(out, pad_token_id=0)
+    for row, (prompt, response) in enumerate(zip(out["prompt_ids"], out["response_ids"])):
+        end = len(prompt) + len(response)
+        assert batch["input_ids"][row, :end].tolist() == prompt.tolist() + response.tolist()
+        assert batch["attention_mask"][row].sum() == end
+        assert batch["response_mask"][row].nonzero()[0].tolist() == list(range(len(prompt), end))
+    assert batch["rewards"].dtype == np.float32 and batch["anchor_ids"].dtype == np.int64
+    merged = merge_rollouts([out, out])
+    assert len(merged["rewards"]) == 2 * len(out["rewards"])
+
+
+def test_sharding_by_group_keeps_group_advantages_exact():
+    rng = np.random.default_rng(0)
+    n = 200
+    batch = {"group_ids": rng.integers(0, 9, n), "traj_ids": None, "rewards": rng.normal(size=n)}
+    batch["traj_ids"] = batch["group_ids"] * 10 + rng.integers(0, 3, n)
+    batch["step_ids"] = np.arange(n)
+    batch["anchor_ids"] = rng.integers(0, 4, n)
+    shards = shard_rows(batch, 2)
+    assert sorted(np.concatenate(shards).tolist()) == list(range(n))
+    assert not set(batch["group_ids"][shards[0]]) & set(batch["group_ids"][shards[1]])
+    assert abs(len(shards[0]) - len(shards[1])) < 0.3 * n
+
+    def advantages(part):
+        tensors = [torch.as_tensor(part[k]) for k in ("rewards", "traj_ids", "step_ids", "group_ids", "anchor_ids")]
+        return compute_gigpo_advantages(*tensors, method="mean_std").advantages
+
+    whole = advantages(batch)
+    for rows in shards:
+        torch.testing.assert_close(advantages(take_rows(batch, rows)), whole[torch.as_tensor(rows)])
+    with pytest.raises(ValueError, match="cannot shard 9 distinct group_ids over 10 learners"):
+        shard_rows(batch, 10)
