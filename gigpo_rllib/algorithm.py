@@ -32,6 +32,8 @@ THROUGHPUT = "throughput"
 # Validation seeds live far above the training ones, so the two sets never meet.
 VALIDATION_SEED_OFFSET = 1 << 40
 WEIGHT_SYNC_TIMEOUT_S = 600.0
+# Timers report this iteration's seconds (RLlib's default is a slow moving average).
+THIS_ITERATION = {"reduce": "mean", "window": 1}
 
 
 class GiGPO(Algorithm):
@@ -61,7 +63,7 @@ class GiGPO(Algorithm):
         groups = self._groups(config.groups_per_tag, self._next_train_seed)
         self._next_train_seed += len(groups)
 
-        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER), **THIS_ITERATION):
             started = time.perf_counter()
             rollout = self._rollout(groups, group_size, seed=self.iteration)
             sample_seconds = time.perf_counter() - started
@@ -70,7 +72,7 @@ class GiGPO(Algorithm):
                                reduce="lifetime_sum")
 
         batch = pad_token_batch(rollout, self._pad_token_id, rollout.get("allowed_replies"))
-        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER), **THIS_ITERATION):
             started = time.perf_counter()
             learner_results = self._update(batch)
             update_seconds = time.perf_counter() - started
@@ -78,7 +80,7 @@ class GiGPO(Algorithm):
         trained_tokens = float(batch["response_mask"].sum()) * config.ppo_epochs
         self.metrics.log_value((THROUGHPUT, "train_tokens_per_s"), trained_tokens / update_seconds, window=1)
 
-        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER), **THIS_ITERATION):
             self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True,
                                                timeout_seconds=WEIGHT_SYNC_TIMEOUT_S)
 

@@ -145,10 +145,17 @@ class GiGPOTorchLearner(TorchLearner):
 
     @torch.no_grad()
     def _reference_logprobs(self, columns: dict[str, torch.Tensor]) -> torch.Tensor:
-        logprobs, _ = forward_token_logprobs(
-            self._reference_model, columns["input_ids"], columns["attention_mask"], columns["response_mask"],
-            temperature=self.config.temperature, allowed_responses=columns.get("allowed_responses"))
-        return logprobs
+        # Minibatch-sized chunks: one forward pass over the whole shard could exceed device memory.
+        chunks = []
+        for start in range(0, len(columns["input_ids"]), self.config.minibatch_size):
+            rows = slice(start, start + self.config.minibatch_size)
+            allowed = columns.get("allowed_responses")
+            logprobs, _ = forward_token_logprobs(
+                self._reference_model, columns["input_ids"][rows], columns["attention_mask"][rows],
+                columns["response_mask"][rows], temperature=self.config.temperature,
+                allowed_responses=None if allowed is None else allowed[rows])
+            chunks.append(logprobs)
+        return torch.cat(chunks)
 
     # --------------------------------------------------------------------------------- per minibatch
 

@@ -198,3 +198,18 @@ def test_validation_uses_its_own_seeds(ray_session):
         assert algo.get_state()["seed_counters"]["validation"] > algo.get_state()["seed_counters"]["train"] + 1_000_000
     finally:
         algo.stop()
+
+
+def test_reference_model_only_when_kl_is_on(ray_session):
+    for coefficient in (0.0, 0.5):
+        algo = tiny_config(init_kl_coef=coefficient).build()
+        try:
+            (call,) = algo.learner_group.foreach_learner(lambda learner: learner._reference_model is not None)
+            assert call.get() == (coefficient > 0)
+            policy = algo.train()["learners"]["default_policy"]
+            if coefficient > 0:
+                assert policy["reference_kl"] >= 0.0 and math.isfinite(policy["reference_kl"])
+            else:
+                assert "reference_kl" not in policy
+        finally:
+            algo.stop()
