@@ -1,0 +1,56 @@
+"""Evaluate a GiGPO checkpoint: restore it and run validation episodes (group size 1, fresh seeds).
+
+    python3 examples/evaluate.py CHECKPOINT [--episodes 64]
+    python3 examples/evaluate.py            # no checkpoint: first trains 1 iteration of
+                                            # configs/frozenlake_gigpo.yaml into a temporary directory
+
+What it shows: `gigpo_rllib.cli.evaluate` (the function behind `rllib evaluate`) restores the algorithm from
+the checkpoint with its own config (only `val_batch_size` changed) and returns the metrics of
+`GiGPO.validate()`: episode_return_mean, success_rate, invalid_action_rate, episode_len_mean, throughput.
+
+Time on a 2-core CPU: about 20 s for 32 FrozenLake episodes with the tiny model (Ray start-up and algorithm
+build included); about 40 s more when it trains the checkpoint first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import tempfile
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Run from a checkout without installing: the driver and the Ray workers it starts import from the repo.
+sys.path.insert(0, str(REPO))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: train one first)")
+    parser.add_argument("--episodes", type=int, default=32, help="validation episodes (default 32)")
+    args = parser.parse_args()
+
+    import ray
+
+    from gigpo_rllib.cli import evaluate, load_experiment, train
+
+    ray.init(include_dashboard=False)
+    try:
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            config, _ = load_experiment(REPO / "configs" / "frozenlake_gigpo.yaml")
+            directory = tempfile.mkdtemp(prefix="gigpo_eval_example_")
+            print(f"no checkpoint given: training 1 iteration into {directory}")
+            checkpoint = train(config, 1, checkpoint_dir=directory)["checkpoint"]
+        metrics = evaluate(checkpoint, episodes=args.episodes)
+        print(f"\nvalidation of {checkpoint} ({args.episodes} episodes):")
+        for name, value in sorted(metrics.items()):
+            print(f"  {name:22s} {value:10.4f}")
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
