@@ -26,16 +26,16 @@ ESTIMATORS = ("gigpo", "grpo")
 
 
 def run(estimator: str, iterations: int) -> list[dict[str, float]]:
-    from gigpo_rllib.cli import IterationTimes, load_experiment, progress_line
+    from gigpo_rllib.cli import load_experiment, progress_line
 
     config, _ = load_experiment(REPO / "configs" / "frozenlake_gigpo.yaml")
     config.training(adv_estimator=estimator)
     algo = config.build_algo()
-    rows, times = [], IterationTimes()
+    rows = []
     try:
         for _ in range(iterations):
             result = algo.train()
-            print(f"[{estimator}] {progress_line(result, times(result))}", flush=True)
+            print(f"[{estimator}] {progress_line(result)}", flush=True)
             runners = result["env_runners"]
             rows.append({"return": float(runners["episode_return_mean"]), "success": float(runners["success_rate"])})
     finally:
@@ -61,7 +61,8 @@ def main() -> None:
     print("------+--------------+---------------+-------------+-------------")
     for i in range(args.iters):
         g, r = results["gigpo"][i], results["grpo"][i]
-        print(f" {i + 1:4d} | {g['return']:+12.3f} | {g['success']:13.3f} | {r['return']:+11.3f} | {r['success']:12.3f}")
+        print(f" {i + 1:4d} | {g['return']:+12.3f} | {g['success']:13.3f} | {r['return']:+11.3f} | "
+              f"{r['success']:12.3f}")
 
     try:
         import matplotlib

@@ -122,7 +122,7 @@ def train(iterations: int) -> None:
 
     import envs  # noqa: F401  (the bundled envs; make_llm_env lives there)
     from gigpo_rllib import GiGPOConfig
-    from gigpo_rllib.cli import IterationTimes, progress_line
+    from gigpo_rllib.cli import progress_line
 
     if ENV_ID not in gym.registry:
         gym.register(id=ENV_ID, entry_point=LineWalkEnv)
@@ -138,10 +138,8 @@ def train(iterations: int) -> None:
     ray.init(include_dashboard=False)
     try:
         algo = config.build_algo()
-        times = IterationTimes()
         for _ in range(iterations):
-            result = algo.train()
-            print(progress_line(result, times(result)), flush=True)
+            print(progress_line(algo.train()), flush=True)
         algo.stop()
     finally:
         ray.shutdown()

@@ -119,37 +119,12 @@ def _metric(result: dict, *keys: str) -> float:
 
 
 TIMER_KEYS = ("env_runner_sampling_timer", "learner_update_timer", "synch_weights")
-RLLIB_TIMER_EMA = 0.01  # RLlib's default: ``log_time`` reports an EMA with this coefficient
 
 
-class IterationTimes:
-    """This iteration's seconds per timer of ``result["timers"]``.
-
-    RLlib reports its timers as an exponential moving average (coefficient 0.01), which barely moves after the
-    first iteration. The last value is recovered exactly from two consecutive averages,
-    ``x_t = (ema_t - (1 - c) ema_{t-1}) / c``. If the timers are instead logged per iteration (``window=1``), the
-    raw values are used: of the two readings, the one whose sum is closer to ``time_this_iter_s`` wins.
-    """
-
-    def __init__(self) -> None:
-        self._previous: dict[str, float] | None = None
-
-    def __call__(self, result: dict) -> dict[str, float]:
-        raw = {key: _metric(result, "timers", key) for key in TIMER_KEYS}
-        previous, self._previous = self._previous, raw
-        if previous is None or any(math.isnan(v) for v in (*raw.values(), *previous.values())):
-            return raw
-        decoded = {key: (raw[key] - (1 - RLLIB_TIMER_EMA) * previous[key]) / RLLIB_TIMER_EMA for key in raw}
-        total = _metric(result, "time_this_iter_s")
-        if math.isnan(total):
-            return decoded
-        return min((decoded, raw), key=lambda times: abs(sum(times.values()) - total))
-
-
-def progress_line(result: dict, times: dict[str, float] | None = None) -> str:
-    """One line per iteration: return, success, invalid-action rate and the time split (sample, update, weight
-    sync; ``times`` from :class:`IterationTimes`, else the raw ``result["timers"]``)."""
-    times = times or {key: _metric(result, "timers", key) for key in TIMER_KEYS}
+def progress_line(result: dict) -> str:
+    """One line per iteration: return, success, invalid-action rate and the time split of this iteration from
+    ``result["timers"]`` (sampling, learner update, weight sync; GiGPO logs them per iteration)."""
+    times = {key: _metric(result, "timers", key) for key in TIMER_KEYS}
     return (
         f"iter {int(result.get('training_iteration', 0)):4d} | "
         f"return {_metric(result, 'env_runners', 'episode_return_mean'):+.3f} | "
@@ -189,10 +164,9 @@ def train(config, stop_iters: int, *, checkpoint_dir: str | pathlib.Path, checkp
     result: dict[str, Any] = {}
     checkpoint = None
     try:
-        iteration_times = IterationTimes()
         for _ in range(stop_iters):
             result = algo.train()
-            print(progress_line(result, iteration_times(result)), file=out, flush=True)
+            print(progress_line(result), file=out, flush=True)
             best_return = max(best_return, _metric(result, "env_runners", "episode_return_mean"))
             best_success = max(best_success, _metric(result, "env_runners", "success_rate"))
             if checkpoint_every and algo.iteration % checkpoint_every == 0 and algo.iteration < stop_iters:
