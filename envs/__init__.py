@@ -69,17 +69,21 @@ def make_llm_env(
     anchor_bits: int = 64,
     **env_kwargs: Any,
 ) -> gym.Env:
-    """``AnchorStateWrapper(LLMActionWrapper(base_env))`` for a config tag or a registered Gymnasium id.
+    """``AnchorStateWrapper(LLMActionWrapper(base_env))`` for a config tag, a registered Gymnasium id, or
+    ``"module:EnvId"`` (the module is imported first, which registers the id).
 
     ``step`` takes the model's raw reply; ``info`` carries ``anchor_id`` and ``action_is_valid``; the prompt text
     is ``env.get_wrapper_attr("instructions")`` (it ends with the answer format).
     """
     if tag_or_id in TAGS:
         base = make_env_from_tag(tag_or_id, **env_kwargs)
-    elif tag_or_id in gym.registry:
+    elif tag_or_id in gym.registry or ":" in tag_or_id:
+        # "my_package.my_module:MyEnv-v0": gymnasium imports the module first, so its registration also runs in
+        # Ray worker processes that never imported it.
         base = _make_base(tag_or_id, env_kwargs)
     else:
-        raise ValueError(f"unknown env tag or id {tag_or_id!r}; known tags: {sorted(TAGS)}")
+        raise ValueError(f"unknown env tag or id {tag_or_id!r}; known tags: {sorted(TAGS)}; for your own env pass "
+                         "a registered Gymnasium id, or 'module:EnvId' so that worker processes can import it")
     llm_env = LLMActionWrapper(base, invalid_action_penalty=invalid_action_penalty, require_think=require_think)
     return AnchorStateWrapper(llm_env, canonicalize=canonicalize, bits=anchor_bits)
 

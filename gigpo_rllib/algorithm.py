@@ -118,6 +118,9 @@ class GiGPO(Algorithm):
             lambda runner: runner.sample(groups=shares[runner.worker_index], group_size=group_size,
                                          seed=seed * 7919 + runner.worker_index),
             local_env_runner=not remote)
+        if not outputs:
+            raise RuntimeError("no env runner returned samples (all failed); their logs say why, e.g. an env id "
+                               "registered only in the driver: pass 'module:EnvId' so runners can import it")
         return merge_rollouts([out for out in outputs if len(out["rewards"])])
 
     def _log_rollout(self, rollout: dict[str, Any], key: str, seconds: float) -> dict[str, float]:

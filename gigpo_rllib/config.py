@@ -90,6 +90,9 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("action_constraint", False, "Restrict sampling (and the learner's log-probs, identically) to the "
               "env's allowed answers. Needs `answer_format: answer` and envs with a fixed action set."),
     ConfigKey("invalid_action_penalty", -0.1, "Reward of a turn whose reply is not a valid action."),
+    ConfigKey("anchor_canonicalizer", None, "`\"module:function\"` (a `str -> str` function) applied to each "
+              "observation before hashing, to drop volatile text such as turn counters; `null` uses the "
+              "built-in whitespace canonicalisation only."),
 )
 
 _KEYS_BY_NAME = {key.name: key for key in GIGPO_KEYS}
@@ -226,6 +229,9 @@ class GiGPOConfig(AlgorithmConfig):
         if self.action_constraint and self.answer_format != "answer":
             raise ValueError("action_constraint needs answer_format='answer' (free-form thinking cannot be "
                              f"constrained to a fixed answer set), got answer_format={self.answer_format!r}")
+        _require(self.anchor_canonicalizer is None or (isinstance(self.anchor_canonicalizer, str)
+                                                        and ":" in self.anchor_canonicalizer),
+                 "anchor_canonicalizer", 'null or "module:function"', self.anchor_canonicalizer)
         self._validate_env_manager()
         self._validate_learner_sharding()
 

@@ -7,6 +7,7 @@ returns plain numpy step samples that the algorithm turns into learner batches.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import gymnasium as gym
@@ -30,13 +31,25 @@ def sampling_params(config) -> SamplingParams:
                           max_new_tokens=config.max_new_tokens)
 
 
+def load_function(reference: str):
+    """Import ``"module:function"``."""
+    module_name, _, attribute = reference.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot import {reference!r} (expected 'module:function'): {error}") from error
+
+
 def make_env_factory(config):
     """``tag -> fully wrapped LLM env``, built from the config's env keys."""
     import envs
 
+    canonicalize = load_function(config.anchor_canonicalizer) if config.anchor_canonicalizer else None
+
     def make(tag: str) -> gym.Env:
         return envs.make_llm_env(tag, invalid_action_penalty=config.invalid_action_penalty,
-                                 require_think=config.answer_format == "think_answer", **dict(config.env_config))
+                                 require_think=config.answer_format == "think_answer", canonicalize=canonicalize,
+                                 **dict(config.env_config))
 
     return make
 

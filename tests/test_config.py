@@ -120,3 +120,21 @@ def test_every_key_is_documented():
 def test_readme_reference_matches_the_code():
     text = README.read_text()
     assert markdown_reference() in text, "README's configuration reference is stale: run python -m gigpo_rllib.config"
+
+
+def constant_state(text: str) -> str:
+    return "every observation is the same state"
+
+
+def test_anchor_canonicalizer_reaches_the_envs():
+    from gigpo_rllib.env_runner import load_function, make_env_factory
+
+    plain = make_env_factory(valid_config())("FrozenLake")
+    merged = make_env_factory(valid_config(anchor_canonicalizer="tests.test_config:constant_state"))("FrozenLake")
+    plain_ids = {plain.reset(seed=s)[1]["anchor_id"] for s in range(3)}
+    merged_ids = {merged.reset(seed=s)[1]["anchor_id"] for s in range(3)}
+    assert len(plain_ids) == 3 and len(merged_ids) == 1
+    with pytest.raises(ValueError, match="cannot import 'tests.test_config:missing'"):
+        load_function("tests.test_config:missing")
+    with pytest.raises(ValueError, match='anchor_canonicalizer must be null or "module:function"'):
+        valid_config(anchor_canonicalizer="no_colon").validate()
