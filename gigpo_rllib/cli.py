@@ -24,6 +24,7 @@ import json
 import math
 import pathlib
 import pickle
+import statistics
 import sys
 import time
 from typing import Any, Sequence
@@ -118,22 +119,29 @@ def _metric(result: dict, *keys: str) -> float:
         return math.nan
 
 
-TIMER_KEYS = ("env_runner_sampling_timer", "learner_update_timer", "synch_weights")
-
-
 def progress_line(result: dict) -> str:
     """One line per iteration: return, success, invalid-action rate and the time split of this iteration from
     ``result["timers"]`` (sampling, learner update, weight sync; GiGPO logs them per iteration)."""
-    times = {key: _metric(result, "timers", key) for key in TIMER_KEYS}
+    times = iteration_times(result)
     return (
         f"iter {int(result.get('training_iteration', 0)):4d} | "
         f"return {_metric(result, 'env_runners', 'episode_return_mean'):+.3f} | "
         f"success {_metric(result, 'env_runners', 'success_rate'):.3f} | "
         f"invalid {_metric(result, 'env_runners', 'invalid_action_rate'):.3f} | "
         f"time {_metric(result, 'time_this_iter_s'):.1f}s "
-        f"(sample {times['env_runner_sampling_timer']:.1f}s, update {times['learner_update_timer']:.1f}s, "
-        f"sync {times['synch_weights']:.3f}s)"
+        f"(rollout {times['rollout_s']:.2f}s, advantages {times['advantages_s'] * 1e3:.1f}ms, "
+        f"update {times['update_s']:.2f}s, sync {times['sync_s'] * 1e3:.1f}ms)"
     )
+
+
+def iteration_times(result: dict) -> dict[str, float]:
+    """This iteration's seconds in rollout, advantage computation (on the learner), the rest of the learner
+    update, and weight sync."""
+    advantages = _metric(result, "learners", "advantages_time_s")
+    return {"rollout_s": _metric(result, "timers", "env_runner_sampling_timer"),
+            "advantages_s": advantages,
+            "update_s": _metric(result, "timers", "learner_update_timer") - advantages,
+            "sync_s": _metric(result, "timers", "synch_weights")}
 
 
 def default_checkpoint_dir(name: str) -> pathlib.Path:
@@ -161,12 +169,14 @@ def train(config, stop_iters: int, *, checkpoint_dir: str | pathlib.Path, checkp
           f"per iteration, {config.num_env_runners} env runner(s)); training {stop_iters} iteration(s)",
           file=out, flush=True)
     best_return, best_success = -math.inf, -math.inf
+    time_split: list[dict[str, float]] = []
     result: dict[str, Any] = {}
     checkpoint = None
     try:
         for _ in range(stop_iters):
             result = algo.train()
             print(progress_line(result), file=out, flush=True)
+            time_split.append(iteration_times(result))
             best_return = max(best_return, _metric(result, "env_runners", "episode_return_mean"))
             best_success = max(best_success, _metric(result, "env_runners", "success_rate"))
             if checkpoint_every and algo.iteration % checkpoint_every == 0 and algo.iteration < stop_iters:
@@ -182,10 +192,17 @@ def train(config, stop_iters: int, *, checkpoint_dir: str | pathlib.Path, checkp
         "best_return": best_return,
         "best_success_rate": best_success,
         "checkpoint": checkpoint,
+        "mean_iteration_times": {key: statistics.fmean(t[key] for t in time_split) for key in time_split[0]}
+        if time_split else {},
     }
     print(f"done: {summary['iterations']} iteration(s) in {summary['time_s']:.1f}s | final return "
           f"{summary['final_return']:+.3f}, success {summary['final_success_rate']:.3f} | best return "
           f"{best_return:+.3f}, success {best_success:.3f} | checkpoint {checkpoint}", file=out, flush=True)
+    if time_split:
+        mean = summary["mean_iteration_times"]
+        print(f"mean time per iteration: rollout {mean['rollout_s']:.2f}s | advantages "
+              f"{mean['advantages_s'] * 1e3:.1f}ms | update {mean['update_s']:.2f}s | weight sync "
+              f"{mean['sync_s'] * 1e3:.1f}ms", file=out, flush=True)
     return summary
 
 
