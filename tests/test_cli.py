@@ -144,9 +144,10 @@ def test_evaluate_rejects_a_non_checkpoint(tmp_path, capsys):
 def test_progress_line():
     result = {"training_iteration": 3, "time_this_iter_s": 1.04,
               "timers": {"env_runner_sampling_timer": 0.52, "learner_update_timer": 0.5, "synch_weights": 0.0123},
+              "learners": {"advantages_time_s": 0.002},
               "env_runners": {"episode_return_mean": 0.5, "success_rate": 0.25, "invalid_action_rate": 0.0}}
     assert progress_line(result) == ("iter    3 | return +0.500 | success 0.250 | invalid 0.000 | time 1.0s "
-                                     "(sample 0.5s, update 0.5s, sync 0.012s)")
+                                     "(rollout 0.52s, advantages 2.0ms, update 0.50s, sync 12.3ms)")
     assert "return +nan" in progress_line({"training_iteration": 1})  # missing metrics do not crash
 
 
