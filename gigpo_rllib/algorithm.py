@@ -29,7 +29,7 @@ from gigpo_rllib.rollout import GroupSpec
 
 VALIDATION_RESULTS = "validation"
 THROUGHPUT = "throughput"
-# Validation seeds live far above the training ones, so the two sets never meet.
+# Validation env and sampling seeds live far above the training ones, so the two sets never meet.
 VALIDATION_SEED_OFFSET = 1 << 40
 WEIGHT_SYNC_TIMEOUT_S = 600.0
 # Timers report this iteration's seconds (RLlib's default is a slow moving average).
@@ -96,7 +96,7 @@ class GiGPO(Algorithm):
         groups = self._groups(per_tag.tolist(), self._next_val_seed)
         self._next_val_seed += len(groups)
         started = time.perf_counter()
-        rollout = self._rollout(groups, group_size=1, seed=-1 - self.iteration)
+        rollout = self._rollout(groups, group_size=1, seed=VALIDATION_SEED_OFFSET + self.iteration)
         return self._log_rollout(rollout, VALIDATION_RESULTS, time.perf_counter() - started)
 
     # ----------------------------------------------------------------------------------------- sampling

@@ -76,7 +76,6 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
             raise ValueError("GiGPOEnvRunner.sample needs groups=[GroupSpec, ...] and group_size=int; the GiGPO "
                              "algorithm assigns them (RLlib's generic sampling does not apply to text envs)")
         out = self.collector.collect(groups, group_size, seed)
-        out[WEIGHTS_SEQ_NO] = self.weights_seq_no
         self.num_env_steps_sampled_lifetime += len(out["rewards"])
         return out
 
