@@ -156,8 +156,11 @@ class GiGPO(Algorithm):
             shards = [batch]
         per_epoch = minibatches_per_shard([len(s["rewards"]) for s in shards], minibatch, config.batch_adjust_mode)
         batches = [MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(s)}, env_steps=len(s["rewards"])) for s in shards]
+        # The sampled-step count drives RLlib's learning-rate schedules (``lr=[[step, value], ...]``).
+        sampled = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
         common = dict(minibatch_size=minibatch, num_epochs=config.ppo_epochs, shuffle_batch_per_epoch=True,
-                      num_total_minibatches=per_epoch * config.ppo_epochs)
+                      num_total_minibatches=per_epoch * config.ppo_epochs,
+                      timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: sampled})
         if config.num_learners > 1:
             return self.learner_group.update(batches=batches, **common)
         return self.learner_group.update(batch=batches[0], **common)

@@ -213,3 +213,12 @@ def test_reference_model_only_when_kl_is_on(ray_session):
                 assert "reference_kl" not in policy
         finally:
             algo.stop()
+
+
+def test_learning_rate_schedule_follows_sampled_steps(ray_session):
+    algo = tiny_config(lr=[[0, 1e-3], [1, 1e-5]]).build()
+    try:
+        rates = [algo.train()["learners"]["default_policy"]["default_optimizer_learning_rate"] for _ in range(2)]
+    finally:
+        algo.stop()
+    assert rates[-1] == pytest.approx(1e-5)
