@@ -127,18 +127,22 @@ def segment_normalize(values: torch.Tensor, segments: torch.Tensor, num_segments
     _check_choice("method", method, NORMALIZATION_METHODS)
     if method == "identity":
         return values.clone()
+    # Statistics per segment first, then one gather of (mean, scale) per sample: x -> (x - mean) * scale, where
+    # scale is 0 for a segment without a baseline (one sample) or without spread.
     x = values.to(_STATS_DTYPE)
+    zeros = torch.zeros(num_segments, dtype=_STATS_DTYPE, device=x.device)
     counts = torch.bincount(segments, minlength=num_segments).to(_STATS_DTYPE)
-    means = torch.zeros(num_segments, dtype=_STATS_DTYPE, device=x.device).index_add_(0, segments, x) / counts.clamp_min(1)
-    centred = x - means[segments]
-    has_baseline = counts[segments] > 1
+    means = zeros.index_add(0, segments, x) / counts.clamp_min(1)
+    has_baseline = counts > 1
     if method == "mean":
-        return torch.where(has_baseline, centred, torch.zeros_like(centred)).to(values.dtype)
-    squares = torch.zeros(num_segments, dtype=_STATS_DTYPE, device=x.device).index_add_(0, segments, centred * centred)
-    std = (squares / (counts - 1).clamp_min(1)).sqrt()[segments]
-    scores = centred / (std + STD_EPSILON)
-    has_spread = std > _ZERO_STD_RELATIVE * (1.0 + means[segments].abs())
-    scores = torch.where(has_baseline & has_spread, scores, torch.zeros_like(scores))
+        scale = has_baseline.to(_STATS_DTYPE)
+    else:
+        centred = x - means[segments]
+        std = (zeros.index_add(0, segments, centred * centred) / (counts - 1).clamp_min(1)).sqrt()
+        has_spread = std > _ZERO_STD_RELATIVE * (1.0 + means.abs())
+        scale = torch.where(has_baseline & has_spread, 1.0 / (std + STD_EPSILON), 0.0)
+    mean_and_scale = torch.stack([means, scale], dim=1)[segments]
+    scores = (x - mean_and_scale[:, 0]) * mean_and_scale[:, 1]
     if method == "asym_clip":
         scores = scores.clamp(*ASYM_CLIP_RANGE)
     return scores.to(values.dtype)
@@ -154,37 +158,43 @@ class _TrajectoryLayout:
     max_length: int
 
 
-def _order_by_trajectory_then_step(traj_labels: torch.Tensor, num_traj: int, step_ids: torch.Tensor) -> torch.Tensor:
-    """Permutation sorting samples by (trajectory, step); equal neighbours then expose repeated step ids."""
-    low, high = int(step_ids.min()), int(step_ids.max())
-    span = high - low + 1
-    if num_traj * span < 2**62:  # one sort of a combined key when it cannot overflow int64
-        return torch.sort(traj_labels * span + (step_ids - low)).indices
+def _order_by_trajectory_then_step(traj_ids: torch.Tensor, step_ids: torch.Tensor) -> torch.Tensor:
+    """Permutation sorting samples by (trajectory id, step id)."""
+    traj_low, traj_high = int(traj_ids.min()), int(traj_ids.max())
+    step_low, step_high = int(step_ids.min()), int(step_ids.max())
+    span = step_high - step_low + 1
+    if (traj_high - traj_low + 1) * span < 2**62:  # one sort of a combined key when it cannot overflow int64
+        return torch.sort((traj_ids - traj_low) * span + (step_ids - step_low)).indices
     by_step = torch.sort(step_ids, stable=True).indices
-    return by_step[torch.sort(traj_labels[by_step], stable=True).indices]
+    return by_step[torch.sort(traj_ids[by_step], stable=True).indices]
 
 
 def _trajectory_layout(traj_ids: torch.Tensor, step_ids: torch.Tensor) -> _TrajectoryLayout:
-    traj_labels, num_traj = _dense_labels(traj_ids)
     n = traj_ids.shape[0]
     if n == 0:
         empty = torch.zeros(0, dtype=torch.long, device=traj_ids.device)
         return _TrajectoryLayout(empty, empty, 0, 0)
-    order = _order_by_trajectory_then_step(traj_labels, num_traj, step_ids)
-    sorted_traj = traj_labels[order]
-    sorted_step = step_ids[order]
-    repeated = (sorted_traj[1:] == sorted_traj[:-1]) & (sorted_step[1:] == sorted_step[:-1])
+    # One sort gives the trajectory labels (runs of equal ids), each sample's position in its trajectory, and
+    # repeated step ids (equal neighbours), with no separate unique() pass.
+    order = _order_by_trajectory_then_step(traj_ids, step_ids)
+    sorted_traj, sorted_step = traj_ids[order], step_ids[order]
+    starts_run = torch.ones(n, dtype=torch.bool, device=traj_ids.device)
+    starts_run[1:] = sorted_traj[1:] != sorted_traj[:-1]
+    repeated = ~starts_run[1:] & (sorted_step[1:] == sorted_step[:-1])
     if bool(repeated.any()):
         k = int(repeated.nonzero()[0])
         raise ValueError(
-            f"step_ids must be unique within a trajectory; trajectory {traj_ids[order[k]].item()} has step "
+            f"step_ids must be unique within a trajectory; trajectory {sorted_traj[k].item()} has step "
             f"{sorted_step[k].item()} more than once"
         )
-    lengths = torch.bincount(traj_labels, minlength=num_traj)
-    starts = torch.cumsum(lengths, 0) - lengths
+    sorted_labels = torch.cumsum(starts_run, 0) - 1
+    run_starts = starts_run.nonzero().squeeze(1)
+    traj_labels = torch.empty_like(order)
+    traj_labels[order] = sorted_labels
     positions = torch.empty_like(order)
-    positions[order] = torch.arange(n, device=order.device) - starts[sorted_traj]
-    return _TrajectoryLayout(traj_labels, positions, num_traj, int(lengths.max()))
+    positions[order] = torch.arange(n, device=order.device) - run_starts[sorted_labels]
+    lengths = torch.diff(run_starts, append=torch.tensor([n], device=order.device))
+    return _TrajectoryLayout(traj_labels, positions, run_starts.shape[0], int(lengths.max()))
 
 
 def _discounted_returns(rewards: torch.Tensor, layout: _TrajectoryLayout, gamma: float) -> torch.Tensor:
