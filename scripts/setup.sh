@@ -8,12 +8,17 @@
 # the unpinned `torch` requirement does not pull a multi-GB CUDA build. A GPU machine keeps, or gets,
 # its normal CUDA torch. Override the choice with GIGPO_TORCH_SPEC (e.g. GIGPO_TORCH_SPEC="torch==2.13.0")
 # and point pip at a CPU wheel index with GIGPO_TORCH_INDEX_URL if your PyPI mirror serves CUDA builds.
+# GIGPO_SETUP_DRY_RUN=1 prints the pip commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extra=""
 if [ "${1:-}" = "test" ]; then extra="[test]"; fi
 PIP="${PYTHON:-python3} -m pip"
+
+run() {
+  if [ -n "${GIGPO_SETUP_DRY_RUN:-}" ]; then echo "+ $*"; else "$@"; fi
+}
 
 if [ -n "${GIGPO_TORCH_SPEC:-}" ]; then
   torch_spec="$GIGPO_TORCH_SPEC"
@@ -24,13 +29,13 @@ else
 fi
 
 if [ -n "$torch_spec" ] && ! ${PYTHON:-python3} -c "import torch" >/dev/null 2>&1; then
-  echo "[setup] no GPU found: installing the CPU build ($torch_spec) first"
+  echo "[setup] installing $torch_spec first (no GPU found, or GIGPO_TORCH_SPEC set)"
   if [ -n "${GIGPO_TORCH_INDEX_URL:-}" ]; then
-    $PIP install -q "$torch_spec" --index-url "$GIGPO_TORCH_INDEX_URL"
+    run $PIP install -q "$torch_spec" --index-url "$GIGPO_TORCH_INDEX_URL"
   else
-    $PIP install -q "$torch_spec"
+    run $PIP install -q "$torch_spec"
   fi
 fi
 
 echo "[setup] installing gigpo-rllib$extra"
-$PIP install -q -e ".$extra"
+run $PIP install -q -e ".$extra"

@@ -222,3 +222,18 @@ def test_learning_rate_schedule_follows_sampled_steps(ray_session):
     finally:
         algo.stop()
     assert rates[-1] == pytest.approx(1e-5)
+
+
+def test_seed_example_config_trains_with_fewer_groups(ray_session):
+    from gigpo_rllib.cli import load_experiment
+
+    config, _ = load_experiment(ROOT / "configs" / "example_gigpo.yaml")
+    config.training(train_env_manager={"num_env_groups": 2, "group_size": 2, "num_groups_partition": [2]},
+                    rollout_batch_size=4)
+    algo = config.build()
+    try:
+        result = algo.train()
+        assert result["env_runners"]["num_episodes"] == 4
+        assert math.isfinite(result["learners"]["default_policy"]["policy_loss"])
+    finally:
+        algo.stop()

@@ -1,0 +1,58 @@
+"""scripts/setup.sh picks the CPU build of torch on machines without a GPU and leaves GPU machines alone."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+SETUP = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "setup.sh"
+# ``python -S`` skips site-packages: a Python in which torch is not importable, as on a fresh machine.
+FRESH_PYTHON = f"{sys.executable} -S"
+
+
+def dry_run(tmp_path, *, gpu: bool, python: str = FRESH_PYTHON, extra_env=None, args=()):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "nvidia-smi"
+    if gpu:
+        fake.write_text("#!/bin/sh\nexit 0\n")
+        fake.chmod(0o755)
+    elif fake.exists():
+        fake.unlink()
+    path = os.pathsep.join([str(bin_dir)] + [p for p in os.environ["PATH"].split(os.pathsep)
+                                              if not (pathlib.Path(p) / "nvidia-smi").exists()])
+    inherited = {key: value for key, value in os.environ.items() if not key.startswith("GIGPO_")}
+    env = {**inherited, "PATH": path, "PYTHON": python, "GIGPO_SETUP_DRY_RUN": "1", **(extra_env or {})}
+    result = subprocess.run(["bash", str(SETUP), *args], env=env, capture_output=True, text=True, check=True)
+    return [line for line in result.stdout.splitlines() if line.startswith("+ ")]
+
+
+def test_cpu_machine_gets_the_cpu_torch_first(tmp_path):
+    commands = dry_run(tmp_path, gpu=False)
+    assert commands[0].endswith("-m pip install -q torch==2.13.0")
+    assert commands[1].endswith('-m pip install -q -e .')
+
+
+def test_gpu_machine_keeps_the_normal_torch(tmp_path):
+    commands = dry_run(tmp_path, gpu=True)
+    assert not any("torch" in command for command in commands)
+    assert len(commands) == 1
+
+
+def test_installed_torch_is_kept(tmp_path):
+    commands = dry_run(tmp_path, gpu=False, python=sys.executable)
+    assert not any("torch==" in command for command in commands)
+
+
+@pytest.mark.parametrize("extra_env, expected", [
+    ({"GIGPO_TORCH_SPEC": "torch==2.9.1"}, "install -q torch==2.9.1"),
+    ({"GIGPO_TORCH_INDEX_URL": "https://example.invalid/cpu"}, "torch==2.13.0 --index-url https://example.invalid/cpu"),
+])
+def test_overrides(tmp_path, extra_env, expected):
+    assert expected in dry_run(tmp_path, gpu=False, extra_env=extra_env)[0]
+
+
+def test_test_extra(tmp_path):
+    assert dry_run(tmp_path, gpu=False, args=("test",))[-1].endswith("-m pip install -q -e .[test]")
