@@ -78,8 +78,9 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
               f"network), or `{TINY_MODEL_NAME}`, a tiny model built offline. (RLlib's own `model` key is the "
               "old API stack's network config, hence the longer name.)"),
     ConfigKey("model_dtype", "float32", "Parameter dtype of the policy.", ("float32", "bfloat16", "float16")),
-    ConfigKey("sampler_backend", "hf", "Generation backend: `hf` (transformers `generate`), `vllm`, or `auto` "
-              "(vLLM when importable with CUDA, else hf).", ("hf", "vllm", "auto")),
+    ConfigKey("sampler_backend", "hf", "Generation backend: `hf` (transformers `generate`), `vllm` (not "
+              "implemented yet: a clear error), or `auto` (the best implemented backend; today `hf`).",
+              ("hf", "vllm", "auto")),
     ConfigKey("temperature", 1.0, "Sampling temperature; the learner scores tokens at the same temperature."),
     ConfigKey("top_p", 1.0, "Nucleus-sampling mass in (0, 1]."),
     ConfigKey("top_k", -1, "Sample from the k most likely tokens; -1 disables."),

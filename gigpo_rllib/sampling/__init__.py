@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 from gigpo_rllib.sampling.base import Completion, Sampler, SamplingParams
 
 SAMPLER_BACKENDS = ("hf", "vllm", "auto")
@@ -12,15 +10,11 @@ __all__ = ["Completion", "Sampler", "SamplingParams", "SAMPLER_BACKENDS", "make_
 
 
 def resolve_backend(backend: str) -> str:
-    """Map a ``sampler_backend`` value to "hf" or "vllm" ("auto": vllm if importable and CUDA is available)."""
+    """Map a ``sampler_backend`` value to "hf" or "vllm". "auto" is the best implemented backend for the
+    machine; until the vLLM backend lands that is always "hf", so "auto" never picks a backend that fails."""
     if backend not in SAMPLER_BACKENDS:
         raise ValueError(f"sampler_backend must be one of {list(SAMPLER_BACKENDS)}, got {backend!r}")
-    if backend == "auto":
-        import torch
-
-        has_vllm = importlib.util.find_spec("vllm") is not None
-        return "vllm" if has_vllm and torch.cuda.is_available() else "hf"
-    return backend
+    return "hf" if backend == "auto" else backend
 
 
 def make_sampler(backend: str, model_name_or_path: str, **kw) -> Sampler:
