@@ -26,7 +26,8 @@ ESTIMATORS = ("gigpo", "grpo")
 
 
 def run(estimator: str, iterations: int) -> list[dict[str, float]]:
-    from gigpo_rllib.cli import load_experiment, progress_line
+    from gigpo_rllib.cli import load_experiment
+    from gigpo_rllib.progress import format_progress, iteration_metrics
 
     config, _ = load_experiment(REPO / "configs" / "frozenlake_gigpo.yaml")
     config.training(adv_estimator=estimator)
@@ -34,10 +35,8 @@ def run(estimator: str, iterations: int) -> list[dict[str, float]]:
     rows = []
     try:
         for _ in range(iterations):
-            result = algo.train()
-            print(f"[{estimator}] {progress_line(result)}", flush=True)
-            runners = result["env_runners"]
-            rows.append({"return": float(runners["episode_return_mean"]), "success": float(runners["success_rate"])})
+            rows.append(iteration_metrics(algo.train()))
+            print(f"[{estimator}] {format_progress(rows[-1])}", flush=True)
     finally:
         algo.stop()
     return rows
@@ -51,6 +50,8 @@ def main() -> None:
 
     import ray
 
+    from gigpo_rllib.progress import plot_runs
+
     ray.init(include_dashboard=False)
     try:
         results = {estimator: run(estimator, args.iters) for estimator in ESTIMATORS}
@@ -59,32 +60,15 @@ def main() -> None:
 
     print("\n iter | gigpo return | gigpo success | grpo return | grpo success")
     print("------+--------------+---------------+-------------+-------------")
-    for i in range(args.iters):
-        g, r = results["gigpo"][i], results["grpo"][i]
-        print(f" {i + 1:4d} | {g['return']:+12.3f} | {g['success']:13.3f} | {r['return']:+11.3f} | "
-              f"{r['success']:12.3f}")
-
+    for g, r in zip(results["gigpo"], results["grpo"]):
+        print(f" {int(g['iteration']):4d} | {g['episode_return_mean']:+12.3f} | {g['success_rate']:13.3f} | "
+              f"{r['episode_return_mean']:+11.3f} | {r['success_rate']:12.3f}")
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("\nmatplotlib is not installed: no plot written (pip install matplotlib)")
+        path = plot_runs(results, args.plot, title="GiGPO vs GRPO, text FrozenLake, tiny model")
+    except ImportError as error:
+        print(f"\nno plot written: {error}")
         return
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    iterations = range(1, args.iters + 1)
-    for estimator in ESTIMATORS:
-        axes[0].plot(iterations, [row["return"] for row in results[estimator]], marker="o", label=estimator)
-        axes[1].plot(iterations, [row["success"] for row in results[estimator]], marker="o", label=estimator)
-    for axis, title in zip(axes, ("episode return (mean)", "success rate")):
-        axis.set_xlabel("iteration")
-        axis.set_title(title)
-        axis.legend()
-    figure.suptitle("GiGPO vs GRPO, text FrozenLake, tiny model")
-    figure.tight_layout()
-    figure.savefig(args.plot, dpi=100)
-    print(f"\nplot written: {pathlib.Path(args.plot).resolve()}")
+    print(f"\nplot written: {path}")
 
 
 if __name__ == "__main__":

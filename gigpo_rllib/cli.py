@@ -9,6 +9,7 @@ Usage::
                                                    [--checkpoint-every K] [--num-env-runners N]
     rllib train --algo GiGPO --env TextFrozenLake-v0 --config '{"train_env_manager": {...}, ...}' [same flags]
     rllib evaluate CHECKPOINT [--episodes N] [--num-env-runners N]
+    rllib plot RUN_DIR [RUN_DIR ...] [--out progress.png]
 
 An experiment file is a flat YAML mapping of :class:`~gigpo_rllib.config.GiGPOConfig` keys (the GiGPO keys of
 the README's configuration reference, with partial dicts for ``reward_normalization`` / ``train_env_manager``)
@@ -29,7 +30,10 @@ import sys
 import time
 from typing import Any, Sequence
 
+from gigpo_rllib.progress import CsvLog, format_progress, iteration_metrics, plot_runs, read_csv
+
 DEFAULT_STOP_ITERS = 10
+PROGRESS_FILE = "progress.csv"
 STOP_KEYS = ("training_iteration",)
 # Keys of an experiment dict that are not config attributes.
 _EXPERIMENT_ONLY_KEYS = ("stop",)
@@ -107,41 +111,9 @@ def load_experiment(path: str | pathlib.Path) -> tuple["GiGPOConfig", int]:
 # ------------------------------------------------------------------------------------------- training
 
 
-def _metric(result: dict, *keys: str) -> float:
-    value: Any = result
-    for key in keys:
-        if not isinstance(value, dict) or key not in value:
-            return math.nan
-        value = value[key]
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def progress_line(result: dict) -> str:
-    """One line per iteration: return, success, invalid-action rate and the time split of this iteration from
-    ``result["timers"]`` (sampling, learner update, weight sync; GiGPO logs them per iteration)."""
-    times = iteration_times(result)
-    return (
-        f"iter {int(result.get('training_iteration', 0)):4d} | "
-        f"return {_metric(result, 'env_runners', 'episode_return_mean'):+.3f} | "
-        f"success {_metric(result, 'env_runners', 'success_rate'):.3f} | "
-        f"invalid {_metric(result, 'env_runners', 'invalid_action_rate'):.3f} | "
-        f"time {_metric(result, 'time_this_iter_s'):.1f}s "
-        f"(rollout {times['rollout_s']:.2f}s, advantages {times['advantages_s'] * 1e3:.1f}ms, "
-        f"update {times['update_s']:.2f}s, sync {times['sync_s'] * 1e3:.1f}ms)"
-    )
-
-
-def iteration_times(result: dict) -> dict[str, float]:
-    """This iteration's seconds in rollout, advantage computation (on the learner), the rest of the learner
-    update, and weight sync."""
-    advantages = _metric(result, "learners", "advantages_time_s")
-    return {"rollout_s": _metric(result, "timers", "env_runner_sampling_timer"),
-            "advantages_s": advantages,
-            "update_s": _metric(result, "timers", "learner_update_timer") - advantages,
-            "sync_s": _metric(result, "timers", "synch_weights")}
+    """One line per iteration: return, success, invalid-action rate and this iteration's time split."""
+    return format_progress(iteration_metrics(result))
 
 
 def default_checkpoint_dir(name: str) -> pathlib.Path:
@@ -157,53 +129,71 @@ def _save(algo, checkpoint_dir: pathlib.Path, out) -> str:
 
 def train(config, stop_iters: int, *, checkpoint_dir: str | pathlib.Path, checkpoint_every: int = 0,
           out=None) -> dict[str, Any]:
-    """Build the algorithm, train ``stop_iters`` iterations printing one progress line each, checkpoint every
-    ``checkpoint_every`` iterations (0: only at the end) and at the end. Returns a summary dict
-    (``iterations``, ``time_s``, ``final``/``best`` return and success, ``checkpoint``: the last path)."""
+    """Build the algorithm, train ``stop_iters`` iterations printing one progress line each (and appending it to
+    ``checkpoint_dir/progress.csv``), checkpoint every ``checkpoint_every`` iterations (0: only at the end) and at
+    the end. Returns a summary dict (``iterations``, ``time_s``, ``final``/``best`` return and success,
+    ``mean_iteration_times``, ``checkpoint``: the last path, ``progress_csv``)."""
     out = out or sys.stdout
     checkpoint_dir = pathlib.Path(checkpoint_dir)
+    log = CsvLog(checkpoint_dir / PROGRESS_FILE)
     started = time.perf_counter()
     algo = config.build_algo()
-    build_seconds = time.perf_counter() - started
-    print(f"built GiGPO in {build_seconds:.1f}s (env {config.env_tags}, {config.rollout_batch_size} trajectories "
-          f"per iteration, {config.num_env_runners} env runner(s)); training {stop_iters} iteration(s)",
-          file=out, flush=True)
-    best_return, best_success = -math.inf, -math.inf
-    time_split: list[dict[str, float]] = []
-    result: dict[str, Any] = {}
+    print(f"built GiGPO in {time.perf_counter() - started:.1f}s (env {config.env_tags}, {config.rollout_batch_size} "
+          f"trajectories per iteration, {config.num_env_runners} env runner(s)); training {stop_iters} "
+          f"iteration(s); progress in {log.path}", file=out, flush=True)
+    rows: list[dict[str, float]] = []
     checkpoint = None
     try:
         for _ in range(stop_iters):
-            result = algo.train()
-            print(progress_line(result), file=out, flush=True)
-            time_split.append(iteration_times(result))
-            best_return = max(best_return, _metric(result, "env_runners", "episode_return_mean"))
-            best_success = max(best_success, _metric(result, "env_runners", "success_rate"))
+            rows.append(iteration_metrics(algo.train()))
+            log.append(rows[-1])
+            print(format_progress(rows[-1]), file=out, flush=True)
             if checkpoint_every and algo.iteration % checkpoint_every == 0 and algo.iteration < stop_iters:
                 checkpoint = _save(algo, checkpoint_dir, out)
         checkpoint = _save(algo, checkpoint_dir, out)
     finally:
         algo.stop()
-    summary = {
-        "iterations": algo.iteration,
-        "time_s": time.perf_counter() - started,
-        "final_return": _metric(result, "env_runners", "episode_return_mean"),
-        "final_success_rate": _metric(result, "env_runners", "success_rate"),
-        "best_return": best_return,
-        "best_success_rate": best_success,
-        "checkpoint": checkpoint,
-        "mean_iteration_times": {key: statistics.fmean(t[key] for t in time_split) for key in time_split[0]}
-        if time_split else {},
-    }
-    print(f"done: {summary['iterations']} iteration(s) in {summary['time_s']:.1f}s | final return "
-          f"{summary['final_return']:+.3f}, success {summary['final_success_rate']:.3f} | best return "
-          f"{best_return:+.3f}, success {best_success:.3f} | checkpoint {checkpoint}", file=out, flush=True)
-    if time_split:
+    summary = _summary(rows, time.perf_counter() - started, checkpoint, log.path)
+    print(f"done: {len(rows)} iteration(s) in {summary['time_s']:.1f}s | final return {summary['final_return']:+.3f}, "
+          f"success {summary['final_success_rate']:.3f} | best return {summary['best_return']:+.3f}, success "
+          f"{summary['best_success_rate']:.3f} | checkpoint {checkpoint}", file=out, flush=True)
+    if rows:
         mean = summary["mean_iteration_times"]
         print(f"mean time per iteration: rollout {mean['rollout_s']:.2f}s | advantages "
               f"{mean['advantages_s'] * 1e3:.1f}ms | update {mean['update_s']:.2f}s | weight sync "
               f"{mean['sync_s'] * 1e3:.1f}ms", file=out, flush=True)
     return summary
+
+
+def _summary(rows: list[dict[str, float]], seconds: float, checkpoint: str | None, csv_path) -> dict[str, Any]:
+    last = rows[-1] if rows else {}
+    return {
+        "iterations": len(rows),
+        "time_s": seconds,
+        "final_return": last.get("episode_return_mean", math.nan),
+        "final_success_rate": last.get("success_rate", math.nan),
+        "best_return": max((row["episode_return_mean"] for row in rows), default=math.nan),
+        "best_success_rate": max((row["success_rate"] for row in rows), default=math.nan),
+        "mean_iteration_times": {key: statistics.fmean(row[key] for row in rows)
+                                 for key in ("rollout_s", "advantages_s", "update_s", "sync_s")} if rows else {},
+        "checkpoint": checkpoint,
+        "progress_csv": str(csv_path),
+    }
+
+
+def plot(run_dirs: Sequence[str | pathlib.Path], out: str | pathlib.Path) -> str:
+    """Plot the ``progress.csv`` of each run directory into one PNG; returns its path."""
+    runs = {}
+    for run_dir in run_dirs:
+        csv_path = pathlib.Path(run_dir) / PROGRESS_FILE
+        if not csv_path.is_file():
+            raise ExperimentError(f"no {PROGRESS_FILE} in {str(run_dir)!r} (expected a directory written by "
+                                  "`rllib train`)")
+        runs[pathlib.Path(run_dir).name] = read_csv(csv_path)
+    try:
+        return plot_runs(runs, out, title="GiGPO training progress")
+    except ImportError as error:
+        raise ExperimentError(str(error)) from error
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -315,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="validation episodes (default: the checkpoint's val_batch_size)")
     evaluate_parser.add_argument("--num-env-runners", type=_non_negative_int, default=None, metavar="N",
                                  help="override num_env_runners for the evaluation")
+    plot_parser = commands.add_parser(
+        "plot", help="plot the progress.csv of one or more training runs into a PNG",
+        description="Plot return, success rate, invalid-action rate and entropy per iteration of one or more "
+                    "runs (directories written by `rllib train`) into one PNG. Needs matplotlib.")
+    plot_parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories holding progress.csv")
+    plot_parser.add_argument("--out", default="gigpo_progress.png", help="PNG path (default gigpo_progress.png)")
     return parser
 
 
@@ -351,6 +347,13 @@ def _evaluate_command(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rllib`` console script. Returns the exit status (0 on success, 2 on bad input)."""
     args = build_parser().parse_args(argv)
+    if args.command == "plot":
+        try:
+            print(f"plot written: {plot(args.runs, args.out)}")
+        except ExperimentError as error:
+            print(f"rllib: error: {error}", file=sys.stderr)
+            return 2
+        return 0
     import ray
 
     import gigpo_rllib  # noqa: F401  (registers the "GiGPO" trainable)
