@@ -25,7 +25,7 @@ from ray.rllib.utils.metrics import (
 
 from gigpo_rllib.batch import merge_rollouts, minibatches_per_shard, pad_token_batch, shard_rows, take_rows
 from gigpo_rllib.config import GiGPOConfig
-from gigpo_rllib.rollout import GroupSpec
+from gigpo_rllib.rollout import GroupSpec, mix_seeds
 
 VALIDATION_RESULTS = "validation"
 THROUGHPUT = "throughput"
@@ -60,12 +60,13 @@ class GiGPO(Algorithm):
     def training_step(self) -> None:
         config = self.config
         group_size = config.train_env_manager["group_size"]
-        groups = self._groups(config.groups_per_tag, self._next_train_seed)
+        first_seed = self._next_train_seed
+        groups = self._groups(config.groups_per_tag, first_seed)
         self._next_train_seed += len(groups)
 
         with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER), **THIS_ITERATION):
             started = time.perf_counter()
-            rollout = self._rollout(groups, group_size, seed=self.iteration)
+            rollout = self._rollout(groups, group_size, seed=first_seed)
             sample_seconds = time.perf_counter() - started
         self._log_rollout(rollout, ENV_RUNNER_RESULTS, sample_seconds)
         self.metrics.log_value((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), len(rollout["rewards"]),
@@ -93,10 +94,11 @@ class GiGPO(Algorithm):
         weights = np.asarray(config.groups_per_tag, dtype=np.float64)
         per_tag = np.floor(weights / weights.sum() * config.val_batch_size).astype(int)
         per_tag[0] += config.val_batch_size - per_tag.sum()
-        groups = self._groups(per_tag.tolist(), self._next_val_seed)
+        first_seed = self._next_val_seed
+        groups = self._groups(per_tag.tolist(), first_seed)
         self._next_val_seed += len(groups)
         started = time.perf_counter()
-        rollout = self._rollout(groups, group_size=1, seed=VALIDATION_SEED_OFFSET + self.iteration)
+        rollout = self._rollout(groups, group_size=1, seed=first_seed)
         return self._log_rollout(rollout, VALIDATION_RESULTS, time.perf_counter() - started)
 
     # ----------------------------------------------------------------------------------------- sampling
@@ -109,6 +111,8 @@ class GiGPO(Algorithm):
         return groups
 
     def _rollout(self, groups: list[GroupSpec], group_size: int, seed: int) -> dict[str, Any]:
+        """Step samples of ``groups`` from the env runners; ``seed`` (the batch's first env seed, unique per batch
+        and set by ``config.seed``) seeds the sampling, mixed with each runner's index."""
         runners = self.env_runner_group
         remote = runners.num_remote_env_runners() > 0
         num_runners = runners.num_remote_env_runners() if remote else 1
@@ -116,7 +120,7 @@ class GiGPO(Algorithm):
         shares = {index + int(remote): groups[index::num_runners] for index in range(num_runners)}
         outputs = runners.foreach_env_runner(
             lambda runner: runner.sample(groups=shares[runner.worker_index], group_size=group_size,
-                                         seed=seed * 7919 + runner.worker_index),
+                                         seed=mix_seeds(seed, runner.worker_index)),
             local_env_runner=not remote)
         if not outputs:
             raise RuntimeError("no env runner returned samples (all failed); their logs say why, e.g. an env id "

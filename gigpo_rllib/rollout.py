@@ -51,6 +51,12 @@ class _Trajectory:
     invalid_turns: int = 0
 
 
+def mix_seeds(*seeds: int) -> int:
+    """A 32-bit seed derived from several non-negative ints (distinct inputs give independent streams, and no
+    arithmetic on large seeds can overflow)."""
+    return int(np.random.SeedSequence([int(s) for s in seeds]).generate_state(1)[0])
+
+
 SAMPLE_COLUMNS = ("rewards", "traj_ids", "step_ids", "group_ids", "tag_ids", "anchor_ids", "action_is_valid",
                   "prompt_truncated", "episode_ends")
 
@@ -122,7 +128,7 @@ class StepCollector:
         timing = {"generate_s": 0.0, "env_step_s": 0.0}
         for wave_start in range(0, len(groups), groups_per_wave):
             wave = groups[wave_start:wave_start + groups_per_wave]
-            self._run_wave(wave, group_size, sample_seed + wave_start, samples, episodes, timing)
+            self._run_wave(wave, group_size, mix_seeds(sample_seed, wave_start), samples, episodes, timing)
         out: dict[str, Any] = {name: np.asarray(samples[name]) for name in SAMPLE_COLUMNS}
         for name in ("prompt_ids", "response_ids", "response_logprobs"):
             out[name] = samples[name]
@@ -164,7 +170,8 @@ class StepCollector:
             prompts, truncated = zip(*(self.prompts.build(t.env.instructions, t.history, t.observation) for t in active))
             allowed = [self._allowed_for(t) for t in active] if self.settings.action_constraint else None
             started = time.perf_counter()
-            completions = self.sampler.generate(list(prompts), self.settings.sampling, allowed, seed=seed * 1000 + turn)
+            completions = self.sampler.generate(list(prompts), self.settings.sampling, allowed,
+                                                seed=mix_seeds(seed, turn))
             timing["generate_s"] += time.perf_counter() - started
             started = time.perf_counter()
             still_active = []
