@@ -27,3 +27,41 @@ class PreferredActionEnv(gym.Env):
 
 
 gym.register("PreferredAction-v0", entry_point="tests.learning_env:PreferredActionEnv")
+
+
+class CorridorEnv(gym.Env):
+    """A corridor ``P _ _ G``: Right moves towards the goal, Left away, Up and Down waste the turn. Reward 1 on
+    reaching the goal (success, episode ends); ``max_steps`` turns otherwise. The right move never depends on
+    the state, so the tiny model can learn it, but credit must go to the *steps* that moved right: the task
+    where GiGPO's anchor-state step advantages should beat episode-only (GRPO) credit."""
+
+    action_words = ("Left", "Down", "Right", "Up")
+    instructions = "Walk to G. Reply with one of Left, Down, Right, Up inside <answer>...</answer>."
+    metadata = {"render_modes": []}
+
+    def __init__(self, length: int = 4, max_steps: int = 6):
+        self.length, self.max_steps = length, max_steps
+        self.observation_space = spaces.Text(max_length=2 * length, charset="P_G√ ")
+        self.action_space = spaces.Discrete(4)
+
+    def _observation(self) -> str:
+        cells = ["_"] * self.length
+        cells[-1] = "√" if self.position == self.length - 1 else "G"
+        if self.position < self.length - 1:
+            cells[self.position] = "P"
+        return " ".join(cells)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.position, self.turns = 0, 0
+        return self._observation(), {}
+
+    def step(self, action):
+        self.turns += 1
+        self.position = min(max(self.position + {0: -1, 2: 1}.get(int(action), 0), 0), self.length - 1)
+        reached = self.position == self.length - 1
+        truncated = not reached and self.turns >= self.max_steps
+        return self._observation(), float(reached), reached, truncated, {"success": reached}
+
+
+gym.register("Corridor-v0", entry_point="tests.learning_env:CorridorEnv")
