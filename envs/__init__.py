@@ -49,7 +49,13 @@ TAGS: dict[str, tuple[str, dict[str, Any]]] = {
 def _make_base(env_id: str, kwargs: dict[str, Any]) -> gym.Env:
     # The bare env, not gymnasium.make's checker/order wrappers, so attributes such as ``instructions`` and
     # ``action_words`` are read directly; gymnasium.make still applies the registered spec and sets ``spec``.
-    return gym.make(env_id, disable_env_checker=True, **kwargs).unwrapped
+    return _make_with_limit(env_id, kwargs)[0]
+
+
+def _make_with_limit(env_id: str, kwargs: dict[str, Any]) -> tuple[gym.Env, int | None]:
+    """The bare env and the ``max_episode_steps`` it was registered with (its TimeLimit is not kept)."""
+    made = gym.make(env_id, disable_env_checker=True, **kwargs)
+    return made.unwrapped, made.spec.max_episode_steps if made.spec else None
 
 
 def make_env_from_tag(tag: str, **kwargs: Any) -> gym.Env:
@@ -75,16 +81,20 @@ def make_llm_env(
     ``step`` takes the model's raw reply; ``info`` carries ``anchor_id`` and ``action_is_valid``; the prompt text
     is ``env.get_wrapper_attr("instructions")`` (it ends with the answer format).
     """
+    registered_limit = None
     if tag_or_id in TAGS:
         base = make_env_from_tag(tag_or_id, **env_kwargs)
     elif tag_or_id in gym.registry or ":" in tag_or_id:
         # "my_package.my_module:MyEnv-v0": gymnasium imports the module first, so its registration also runs in
         # Ray worker processes that never imported it.
-        base = _make_base(tag_or_id, env_kwargs)
+        base, registered_limit = _make_with_limit(tag_or_id, env_kwargs)
     else:
         raise ValueError(f"unknown env tag or id {tag_or_id!r}; known tags: {sorted(TAGS)}; for your own env pass "
                          "a registered Gymnasium id, or 'module:EnvId' so that worker processes can import it")
-    llm_env = LLMActionWrapper(base, invalid_action_penalty=invalid_action_penalty, require_think=require_think)
+    # A user env registered with max_episode_steps keeps that budget (the LLM wrapper enforces it).
+    max_steps = getattr(base, "max_steps", None) or registered_limit
+    llm_env = LLMActionWrapper(base, invalid_action_penalty=invalid_action_penalty, require_think=require_think,
+                               max_steps=max_steps)
     return AnchorStateWrapper(llm_env, canonicalize=canonicalize, bits=anchor_bits)
 
 

@@ -141,7 +141,13 @@ class StepCollector:
     # ----------------------------------------------------------------------------------------- details
 
     def _acquire_env(self, tag: str) -> gym.Env:
-        return self._idle_envs[tag].pop() if self._idle_envs[tag] else self._make_env(tag)
+        if self._idle_envs[tag]:
+            return self._idle_envs[tag].pop()
+        env = self._make_env(tag)
+        if env.get_wrapper_attr("max_steps") is None:
+            raise ValueError(f"env {tag!r} has no turn limit, so a rollout could never end: give it a max_steps "
+                             "attribute or register it with max_episode_steps")
+        return env
 
     def _allowed_for(self, trajectory: _Trajectory) -> list[list[int]]:
         tag = trajectory.group.tag

@@ -131,11 +131,13 @@ class LLMActionWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
         env: a base text env with ``action_words``, ``instructions`` and (optionally) ``max_steps``.
         invalid_action_penalty: reward of an invalid reply (usually <= 0).
         require_think: demand a ``<think>...</think>`` block before the answer.
+        max_steps: the turn budget; default the env's ``max_steps`` attribute (None: no budget of its own).
     """
 
-    def __init__(self, env: gym.Env, invalid_action_penalty: float = -0.1, require_think: bool = False):
+    def __init__(self, env: gym.Env, invalid_action_penalty: float = -0.1, require_think: bool = False,
+                 max_steps: int | None = None):
         gym.utils.RecordConstructorArgs.__init__(
-            self, invalid_action_penalty=invalid_action_penalty, require_think=require_think
+            self, invalid_action_penalty=invalid_action_penalty, require_think=require_think, max_steps=max_steps
         )
         gym.Wrapper.__init__(self, env)
         if not isinstance(invalid_action_penalty, (int, float)) or isinstance(invalid_action_penalty, bool):
@@ -145,7 +147,7 @@ class LLMActionWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
         self.invalid_action_penalty = float(invalid_action_penalty)
         self.require_think = require_think
         self.action_words: tuple[str, ...] | None = _optional_attr(env, "action_words")
-        self.max_steps: int | None = _optional_attr(env, "max_steps")
+        self.max_steps: int | None = max_steps if max_steps is not None else _optional_attr(env, "max_steps")
         self.action_space = spaces.Text(MAX_REPLY_LENGTH, min_length=0, charset=REPLY_CHARSET)
         self._turns_used = 0
         self._last_observation: Any = None

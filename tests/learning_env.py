@@ -26,7 +26,7 @@ class PreferredActionEnv(gym.Env):
         return "A crossroads.", reward, True, False, {"success": reward > 0}
 
 
-gym.register("PreferredAction-v0", entry_point="tests.learning_env:PreferredActionEnv")
+gym.register("PreferredAction-v0", entry_point="tests.learning_env:PreferredActionEnv", max_episode_steps=1)
 
 
 class CorridorEnv(gym.Env):

@@ -1,5 +1,6 @@
 """The step-sample collector and batch assembly, without Ray: real tiny model, real text envs."""
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -141,3 +142,41 @@ def test_sharding_by_group_keeps_group_advantages_exact():
         torch.testing.assert_close(advantages(take_rows(batch, rows)), whole[torch.as_tensor(rows)])
     with pytest.raises(ValueError, match="cannot shard 9 distinct group_ids over 10 learners"):
         shard_rows(batch, 10)
+
+
+class EndlessEnv(gym.Env):
+    """Never ends by itself: only a turn budget can stop it."""
+
+    action_words = ("Up",)
+    instructions = "Say Up."
+    observation_space = gym.spaces.Text(8)
+    action_space = gym.spaces.Discrete(1)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return "loop", {}
+
+    def step(self, action):
+        return "loop", 0.0, False, False, {}
+
+
+gym.register("EndlessWithLimit-v0", entry_point=EndlessEnv, max_episode_steps=3)
+gym.register("EndlessWithoutLimit-v0", entry_point=EndlessEnv)
+
+
+def test_registered_turn_limit_is_enforced(sampler):
+    env = envs.make_llm_env("EndlessWithLimit-v0")
+    env.reset(seed=0)
+    assert [env.step("<answer>Up</answer>")[3] for _ in range(3)] == [False, False, True]
+    out = StepCollector(sampler, envs.make_llm_env, RolloutSettings(
+        sampling=SamplingParams(max_new_tokens=4), sequence_length=256, history_length=0, max_envs=4,
+        action_constraint=False)).collect(groups(1, tag="EndlessWithLimit-v0"), group_size=2, sample_seed=0)
+    assert out["episodes"]["length"].tolist() == [3, 3]
+
+
+def test_env_without_a_turn_limit_is_refused(sampler):
+    endless = StepCollector(sampler, envs.make_llm_env, RolloutSettings(
+        sampling=SamplingParams(max_new_tokens=4), sequence_length=256, history_length=0, max_envs=4,
+        action_constraint=False))
+    with pytest.raises(ValueError, match="has no turn limit"):
+        endless.collect(groups(1, tag="EndlessWithoutLimit-v0"), group_size=1, sample_seed=0)
