@@ -290,3 +290,15 @@ def test_load_weights_changes_outputs_and_matches_new_weights(sampler):
     assert [c.token_ids for c in again] == [c.token_ids for c in before]
     for a, b in zip(again, before):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-6)
+
+
+def test_constraint_keeps_token_zero_when_an_empty_slot_follows_it():
+    from gigpo_rllib.sampling.hf import _AllowedRepliesProcessor
+
+    # Both replies continue with token 0 at the first step; the deduplicated second slot is empty (-1).
+    allowed = torch.tensor([[[0, 2], [0, 3]]])
+    processor = _AllowedRepliesProcessor(allowed, prompt_len=1)
+    scores = processor(torch.tensor([[7]]), torch.zeros(1, 5))
+    assert torch.isfinite(scores[0, 0]) and torch.isinf(scores[0, 1:]).all()
+    second = processor(torch.tensor([[7, 0]]), torch.zeros(1, 5))
+    assert torch.isfinite(second[0, [2, 3]]).all() and torch.isinf(second[0, [0, 1, 4]]).all()

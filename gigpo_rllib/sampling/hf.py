@@ -46,8 +46,12 @@ class _AllowedRepliesProcessor:
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         cand = next_token_candidates(self.allowed, input_ids[:, self.prompt_len :])  # (B, K)
         valid = cand != PAD_REPLY_ID
-        keep = torch.zeros_like(scores, dtype=torch.bool)
-        keep.scatter_(1, cand.clamp(min=0), valid)
+        # Empty candidate slots go to an extra column that is then dropped: clamped onto token 0 instead, a
+        # "no candidate" slot could overwrite token 0's "allowed" when token 0 is a real candidate.
+        vocab = scores.shape[-1]
+        keep = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+        keep.scatter_(1, torch.where(valid, cand, vocab), True)
+        keep = keep[:, :vocab]
         active = valid.any(-1, keepdim=True)
         return scores.masked_fill(active & ~keep, float("-inf"))
 
