@@ -17,7 +17,7 @@ from ray.rllib.env.env_runner import EnvRunner
 from ray.rllib.utils.checkpoints import Checkpointable
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, WEIGHTS_SEQ_NO
 
-from gigpo_rllib.rl_module import MODULE_PREFIX, to_sampler_state_dict
+from gigpo_rllib.rl_module import MODULE_PREFIX, state_dict_to_numpy, to_sampler_state_dict
 from gigpo_rllib.rollout import GroupSpec, RolloutSettings, StepCollector
 from gigpo_rllib.sampling import make_sampler
 from gigpo_rllib.sampling.base import SamplingParams
@@ -95,8 +95,8 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
                  WEIGHTS_SEQ_NO: self.weights_seq_no}
         # The learner owns the weights (they are checkpointed there); hand them out only when asked by name.
         if components is not None and self._check_component(COMPONENT_RL_MODULE, components, not_components):
-            weights = {MODULE_PREFIX + name: value.detach().cpu().numpy()
-                       for name, value in self.sampler.model.state_dict().items()}
+            weights = {MODULE_PREFIX + name: value
+                       for name, value in state_dict_to_numpy(self.sampler.model.state_dict()).items()}
             state[COMPONENT_RL_MODULE] = {DEFAULT_MODULE_ID: weights}
         return state
 

@@ -45,6 +45,13 @@ TOKEN_ENTROPY = "token_entropy"
 _DEFAULTS = {"model": TINY_MODEL_NAME, "dtype": "float32", "temperature": 1.0}
 
 
+def state_dict_to_numpy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """CPU numpy copies of a torch state dict; bfloat16 tensors become float32 (numpy has no bfloat16, and every
+    ``set_state``/``load_weights`` casts back to the model's own dtype)."""
+    return {name: (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).detach().cpu().numpy()
+            for name, tensor in state_dict.items()}
+
+
 def to_sampler_state_dict(module_state: Mapping[str, Any]) -> dict[str, Any]:
     """The module's state (``get_state()``: keys ``"model.<hf name>"``, numpy arrays) -> the sampler's
     ``load_weights`` input (keys ``"<hf name>"``). Non-``model.`` keys are dropped; values are not copied."""
@@ -112,6 +119,11 @@ class LLMRLModule(TorchRLModule):
             "LLMRLModule does not generate actions; text generation goes through gigpo_rllib.sampling "
             "(make_sampler) in the env runner. Use forward_train to score tokens."
         )
+
+    def get_state(self, components=None, *, not_components=None, inference_only: bool = False, **kwargs):
+        """The weights as numpy arrays (the whole model is needed for inference, so ``inference_only`` keeps
+        everything); see :func:`state_dict_to_numpy` for bfloat16."""
+        return state_dict_to_numpy(self.state_dict())
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Load a (numpy or torch) state dict in place. Tied parameters may appear under one name or

@@ -240,3 +240,15 @@ def test_seed_example_config_trains_with_fewer_groups(ray_session):
         assert math.isfinite(result["learners"]["default_policy"]["policy_loss"])
     finally:
         algo.stop()
+
+
+def test_bfloat16_policy_syncs_and_trains(ray_session):
+    algo = tiny_config(model_dtype="bfloat16").build()
+    try:
+        result = algo.train()
+        assert math.isfinite(result["learners"]["default_policy"]["policy_loss"])
+        weights = module_weights(algo)
+        assert all(w.dtype == np.float32 for w in weights.values())  # numpy has no bfloat16
+        assert_same_weights(runner_weights(algo)[0], weights)
+    finally:
+        algo.stop()
