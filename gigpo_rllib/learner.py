@@ -116,8 +116,12 @@ class GiGPOTorchLearner(TorchLearner):
         advantages = self.compute_advantages(columns)
         self.metrics.log_value("advantages_time_s", time.perf_counter() - started, window=1)
         keep = batch_adjust(len(advantages), self.config.minibatch_size, self.config.batch_adjust_mode,
-                            seed=self._weights_seq_no).to(advantages.device)
+                            seed=self._weights_seq_no)
         self.metrics.log_value("batch_adjust_delta", float(len(keep) - len(advantages)), window=1)
+        # Rows arrive in rollout order (runner, wave, turn) and RLlib shuffles only from a second epoch on: shuffle
+        # here so every minibatch mixes turns, runners and the batch-adjust copies.
+        shuffle = torch.randperm(len(keep), generator=torch.Generator().manual_seed(self._weights_seq_no))
+        keep = keep[shuffle].to(advantages.device)
         adjusted = {name: value[keep] for name, value in columns.items() if torch.is_tensor(value)}
         adjusted[ADVANTAGES] = advantages[keep]
         if self._reference_model is not None:

@@ -252,3 +252,32 @@ def test_bfloat16_policy_syncs_and_trains(ray_session):
         assert_same_weights(runner_weights(algo)[0], weights)
     finally:
         algo.stop()
+
+
+def test_learner_adjusts_and_shuffles_after_the_advantages(ray_session):
+    from ray.rllib.core import DEFAULT_MODULE_ID
+    from ray.rllib.core.learner.training_data import TrainingData
+    from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+
+    algo = tiny_config(minibatch_size=5).build()
+    try:
+        rollout = algo._rollout(algo._groups([2], first_seed=11), group_size=2, seed=0)
+        batch = pad_token_batch(rollout, pad_token_id=0, allowed_replies=rollout["allowed_replies"])
+
+        def adjust(learner):
+            expected = learner.compute_advantages({k: torch.as_tensor(v) for k, v in batch.items()})
+            data = TrainingData(batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(dict(batch))},
+                                                      env_steps=len(batch["rewards"])))
+            columns = learner._make_batch_if_necessary(data).policy_batches[DEFAULT_MODULE_ID]
+            return expected.numpy(), {k: columns[k].cpu().numpy() for k in ("advantages", "traj_ids", "step_ids")}
+
+        (call,) = algo.learner_group.foreach_learner(adjust)
+        expected, adjusted = call.get()
+    finally:
+        algo.stop()
+    n = len(batch["rewards"])
+    rows = {(t, s): i for i, (t, s) in enumerate(zip(batch["traj_ids"], batch["step_ids"]))}
+    kept = [rows[t, s] for t, s in zip(adjusted["traj_ids"], adjusted["step_ids"])]
+    assert len(kept) % 5 == 0 and set(kept) == set(range(n))  # copy mode keeps every sample, pads with copies
+    np.testing.assert_allclose(adjusted["advantages"], expected[kept])  # copies carry the original advantages
+    assert kept[:n] != list(range(n))  # shuffled, not in rollout order
