@@ -35,8 +35,6 @@ from gigpo_rllib.progress import CsvLog, format_progress, iteration_metrics, plo
 DEFAULT_STOP_ITERS = 10
 PROGRESS_FILE = "progress.csv"
 STOP_KEYS = ("training_iteration",)
-# Keys of an experiment dict that are not config attributes.
-_EXPERIMENT_ONLY_KEYS = ("stop",)
 
 
 class ExperimentError(ValueError):

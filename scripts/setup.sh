@@ -2,13 +2,13 @@
 # Install gigpo-rllib into the current Python environment.
 #
 #   bash scripts/setup.sh          # the library and its runtime dependencies
-#   bash scripts/setup.sh test     # ... plus pytest and hypothesis
+#   bash scripts/setup.sh test     # ... plus pytest, hypothesis and matplotlib
 #
-# On a machine without an NVIDIA GPU, torch is pinned to the CPU build first (torch==2.13.0), so that
-# the unpinned `torch` requirement does not pull a multi-GB CUDA build. A GPU machine keeps, or gets,
-# its normal CUDA torch. Override the choice with GIGPO_TORCH_SPEC (e.g. GIGPO_TORCH_SPEC="torch==2.13.0")
-# and point pip at a CPU wheel index with GIGPO_TORCH_INDEX_URL if your PyPI mirror serves CUDA builds.
-# GIGPO_SETUP_DRY_RUN=1 prints the pip commands instead of running them.
+# On a machine without an NVIDIA GPU, the CPU build of torch (torch==2.13.0+cpu) is installed first, so that
+# the project's unpinned `torch` requirement never pulls a multi-GB CUDA build. pip takes it from the configured
+# indexes when they carry it (a local wheel mirror, say), else from PyTorch's CPU wheel index. A GPU machine
+# keeps, or gets, its normal CUDA torch. GIGPO_TORCH_SPEC overrides the requirement, GIGPO_TORCH_INDEX_URL the
+# index; GIGPO_SETUP_DRY_RUN=1 prints the pip commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,15 +25,18 @@ if [ -n "${GIGPO_TORCH_SPEC:-}" ]; then
 elif command -v nvidia-smi >/dev/null 2>&1; then
   torch_spec=""        # GPU machine: let the project's torch range resolve to the normal (CUDA) build
 else
-  torch_spec="torch==2.13.0"
+  torch_spec="torch==2.13.0+cpu"
 fi
+PYTORCH_CPU_INDEX="https://download.pytorch.org/whl/cpu"
 
 if [ -n "$torch_spec" ] && ! ${PYTHON:-python3} -c "import torch" >/dev/null 2>&1; then
   echo "[setup] installing $torch_spec first (no GPU found, or GIGPO_TORCH_SPEC set)"
   if [ -n "${GIGPO_TORCH_INDEX_URL:-}" ]; then
     run $PIP install -q "$torch_spec" --index-url "$GIGPO_TORCH_INDEX_URL"
-  else
-    run $PIP install -q "$torch_spec"
+  elif ! run $PIP install -q "$torch_spec"; then
+    # PyPI itself has no +cpu builds; it answers "no matching distribution" at once.
+    echo "[setup] $torch_spec is not on the configured indexes; trying $PYTORCH_CPU_INDEX"
+    run $PIP install -q "$torch_spec" --index-url "$PYTORCH_CPU_INDEX"
   fi
 fi
 

@@ -31,7 +31,7 @@ def dry_run(tmp_path, *, gpu: bool, python: str = FRESH_PYTHON, extra_env=None, 
 
 def test_cpu_machine_gets_the_cpu_torch_first(tmp_path):
     commands = dry_run(tmp_path, gpu=False)
-    assert commands[0].endswith("-m pip install -q torch==2.13.0")
+    assert commands[0].endswith("-m pip install -q torch==2.13.0+cpu")
     assert commands[1].endswith('-m pip install -q -e .')
 
 
@@ -48,7 +48,8 @@ def test_installed_torch_is_kept(tmp_path):
 
 @pytest.mark.parametrize("extra_env, expected", [
     ({"GIGPO_TORCH_SPEC": "torch==2.9.1"}, "install -q torch==2.9.1"),
-    ({"GIGPO_TORCH_INDEX_URL": "https://example.invalid/cpu"}, "torch==2.13.0 --index-url https://example.invalid/cpu"),
+    ({"GIGPO_TORCH_INDEX_URL": "https://example.invalid/cpu"},
+     "torch==2.13.0+cpu --index-url https://example.invalid/cpu"),
 ])
 def test_overrides(tmp_path, extra_env, expected):
     assert expected in dry_run(tmp_path, gpu=False, extra_env=extra_env)[0]
@@ -56,3 +57,22 @@ def test_overrides(tmp_path, extra_env, expected):
 
 def test_test_extra(tmp_path):
     assert dry_run(tmp_path, gpu=False, args=("test",))[-1].endswith("-m pip install -q -e .[test]")
+
+
+def test_falls_back_to_the_pytorch_cpu_index(tmp_path):
+    # A Python without torch whose configured indexes lack the +cpu build (like PyPI): the first pip call fails.
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\n'
+                    'case "$*" in\n'
+                    '  *"-c import torch"*) exit 1 ;;\n'
+                    '  *"torch==2.13.0+cpu --index-url"*) echo "INSTALLED $*" ;;\n'
+                    '  *"install -q torch==2.13.0+cpu"*) exit 1 ;;\n'
+                    '  *) echo "OTHER $*" ;;\n'
+                    'esac\n')
+    fake.chmod(0o755)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GIGPO_")}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not (pathlib.Path(p) / "nvidia-smi").exists())
+    result = subprocess.run(["bash", str(SETUP)], env={**env, "PYTHON": str(fake)}, capture_output=True, text=True,
+                            check=True)
+    assert "INSTALLED -m pip install -q torch==2.13.0+cpu --index-url https://download.pytorch.org/whl/cpu" in result.stdout
+    assert "OTHER -m pip install -q -e ." in result.stdout
