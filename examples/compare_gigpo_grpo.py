@@ -7,8 +7,8 @@ difference is `adv_estimator`: `gigpo` (episode + anchor-state step advantages) 
 with the step advantage switched off). With the tiny model and a handful of iterations the curves are noisy:
 this shows *how* to run the ablation, not a converged result (raise --iters for that).
 
-Time on a 2-core CPU: about 10 s to build each algorithm plus about 5 s per iteration each, so about 1.5 min
-for the default 5 iterations.
+Time on a 2-core CPU: about 7 s to build each algorithm plus 1-2 s per iteration, so well under a minute for
+the default 5 iterations. ``benchmarks/bench_learning.py`` runs the same ablation on a task where the two differ.
 """
 
 from __future__ import annotations

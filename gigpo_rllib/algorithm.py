@@ -6,6 +6,7 @@ Each block is timed under RLlib's ``timers``; rollout metrics go under ``env_run
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -26,6 +27,8 @@ from ray.rllib.utils.metrics import (
 from gigpo_rllib.batch import merge_rollouts, minibatches_per_shard, pad_token_batch, shard_rows, take_rows
 from gigpo_rllib.config import GiGPOConfig
 from gigpo_rllib.rollout import GroupSpec, mix_seeds
+
+logger = logging.getLogger(__name__)
 
 VALIDATION_RESULTS = "validation"
 THROUGHPUT = "throughput"
@@ -78,7 +81,8 @@ class GiGPO(Algorithm):
             learner_results = self._update(batch)
             update_seconds = time.perf_counter() - started
         self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
-        trained_tokens = float(batch["response_mask"].sum()) * config.ppo_epochs
+        # The learners' own count: after batch adjust, over all epochs and learners.
+        trained_tokens = self.metrics.peek((LEARNER_RESULTS, DEFAULT_MODULE_ID, "response_tokens"), default=0.0)
         self.metrics.log_value((THROUGHPUT, "train_tokens_per_s"), trained_tokens / update_seconds, window=1)
 
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER), **THIS_ITERATION):
@@ -122,10 +126,19 @@ class GiGPO(Algorithm):
             lambda runner: runner.sample(groups=shares[runner.worker_index], group_size=group_size,
                                          seed=mix_seeds(seed, runner.worker_index)),
             local_env_runner=not remote)
-        if not outputs:
-            raise RuntimeError("no env runner returned samples (all failed); their logs say why, e.g. an env id "
-                               "registered only in the driver: pass 'module:EnvId' so runners can import it")
-        return merge_rollouts([out for out in outputs if len(out["rewards"])])
+        failures = [out for out in outputs if "error" in out]
+        collected = [out for out in outputs if "error" not in out and len(out["rewards"])]
+        if not collected:
+            cause = (f"env runner {failures[0]['worker_index']} failed:\n{failures[0]['error']}" if failures else
+                     "no env runner answered (RLlib took them out of service; their logs say why)")
+            raise RuntimeError(f"no step samples this iteration: {cause}")
+        rollout = merge_rollouts(collected)
+        # The shares of failed runners are missing from this batch: count them, never drop them silently.
+        rollout["trajectories_lost"] = len(groups) * group_size - len(rollout["episodes"]["return"])
+        for failure in failures:
+            logger.warning("env runner %d failed; its share of this batch is lost:\n%s", failure["worker_index"],
+                           failure["error"])
+        return rollout
 
     def _log_rollout(self, rollout: dict[str, Any], key: str, seconds: float) -> dict[str, float]:
         episodes = rollout["episodes"]
@@ -138,6 +151,7 @@ class GiGPO(Algorithm):
             "invalid_action_rate": float(1.0 - np.mean(rollout["action_is_valid"])),
             "prompt_truncations": float(np.sum(rollout["prompt_truncated"])),
             "num_episodes": float(len(episodes["return"])),
+            "trajectories_lost": float(rollout["trajectories_lost"]),
             "num_env_steps": float(steps),
             "env_steps_per_s": steps / seconds,
             "sample_tokens_per_s": response_tokens / seconds,

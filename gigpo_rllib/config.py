@@ -248,6 +248,10 @@ class GiGPOConfig(AlgorithmConfig):
                      f"a list with one group count per tag ({len(tags)} tags)", partition)
             _require(sum(partition) == manager["num_env_groups"], "train_env_manager.num_groups_partition",
                      f"counts summing to num_env_groups ({manager['num_env_groups']})", partition)
+        if manager["group_size"] > manager["max_env_num_per_worker"]:
+            raise ValueError(f"train_env_manager.group_size ({manager['group_size']}) must not exceed "
+                             f"max_env_num_per_worker ({manager['max_env_num_per_worker']}): a group's envs are "
+                             "stepped together in one wave")
         trajectories = manager["num_env_groups"] * manager["group_size"]
         if self.rollout_batch_size != trajectories:
             raise ValueError(

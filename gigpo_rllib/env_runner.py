@@ -8,6 +8,7 @@ returns plain numpy step samples that the algorithm turns into learner batches.
 from __future__ import annotations
 
 import importlib
+import traceback
 from typing import Any
 
 import gymnasium as gym
@@ -71,11 +72,16 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
 
     def sample(self, *, groups: list[GroupSpec] | None = None, group_size: int | None = None, seed: int = 0,
                **kwargs) -> dict[str, Any]:
-        """Roll out ``groups`` (``group_size`` trajectories each) and return their step samples."""
+        """Roll out ``groups`` (``group_size`` trajectories each) and return their step samples, or
+        ``{"error": traceback, "worker_index": i}`` when the rollout failed."""
         if groups is None or group_size is None:
             raise ValueError("GiGPOEnvRunner.sample needs groups=[GroupSpec, ...] and group_size=int; the GiGPO "
                              "algorithm assigns them (RLlib's generic sampling does not apply to text envs)")
-        out = self.collector.collect(groups, group_size, seed)
+        try:
+            out = self.collector.collect(groups, group_size, seed)
+        except Exception:  # noqa: BLE001 - reported to the driver, which raises it or counts the lost share
+            # Raising would kill and restart this actor (about a minute) and leave only "see the worker log".
+            return {"error": traceback.format_exc(), "worker_index": self.worker_index}
         self.num_env_steps_sampled_lifetime += len(out["rewards"])
         return out
 

@@ -157,10 +157,14 @@ class StepCollector:
                 raise ValueError(f"action_constraint needs envs with a fixed action set; env {tag!r} declares "
                                  "no action_words (free-form actions)")
             eos = self.tokenizer.eos_token_id
-            self._allowed_replies[tag] = [
-                self.tokenizer(f"<answer>{word}</answer>", add_special_tokens=False)["input_ids"] + [eos]
-                for word in words
-            ]
+            replies = [self.tokenizer(f"<answer>{word}</answer>", add_special_tokens=False)["input_ids"] + [eos]
+                       for word in words]
+            longest = max(len(reply) for reply in replies)
+            if longest > self.settings.sampling.max_new_tokens:
+                raise ValueError(f"max_new_tokens ({self.settings.sampling.max_new_tokens}) is shorter than the "
+                                 f"longest allowed reply of env {tag!r} ({longest} tokens with EOS): every constrained "
+                                 f"reply would be cut off and invalid; set max_new_tokens >= {longest}")
+            self._allowed_replies[tag] = replies
         return self._allowed_replies[tag]
 
     def _run_wave(self, wave: list[GroupSpec], group_size: int, seed: int, samples, episodes, timing) -> None:

@@ -1,4 +1,8 @@
+import pathlib
+
 import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -7,6 +11,9 @@ def ray_session():
     2-core machine: the two-runner and two-learner tests each hold three actors plus the driver."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # Remote actors import test modules too (envs registered as "tests.learning_env:..."), so they need the repo
+    # root on their path, as the pytest process has it.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield
     ray.shutdown()

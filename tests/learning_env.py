@@ -65,3 +65,19 @@ class CorridorEnv(gym.Env):
 
 
 gym.register("Corridor-v0", entry_point="tests.learning_env:CorridorEnv")
+
+
+class OddSeedFailingEnv(PreferredActionEnv):
+    """Raises on reset with an odd seed: makes one env runner fail while the others work."""
+
+    def __init__(self, max_steps: int = 1):
+        super().__init__()
+        self.max_steps = max_steps
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None and seed % 2:
+            raise RuntimeError(f"deliberate failure for seed {seed}")
+        return super().reset(seed=seed, options=options)
+
+
+gym.register("OddSeedFailing-v0", entry_point="tests.learning_env:OddSeedFailingEnv")

@@ -281,3 +281,25 @@ def test_learner_adjusts_and_shuffles_after_the_advantages(ray_session):
     assert len(kept) % 5 == 0 and set(kept) == set(range(n))  # copy mode keeps every sample, pads with copies
     np.testing.assert_allclose(adjusted["advantages"], expected[kept])  # copies carry the original advantages
     assert kept[:n] != list(range(n))  # shuffled, not in rollout order
+
+
+def test_a_failed_runner_is_counted_not_hidden(ray_session):
+    # Round-robin: runner 1 gets the even env seeds, runner 2 the odd ones, which fail.
+    config = tiny_config(train_env_manager={"num_env_groups": 4, "group_size": 2}, rollout_batch_size=8)
+    algo = config.environment("tests.learning_env:OddSeedFailing-v0").env_runners(
+        num_env_runners=2).build()
+    try:
+        result = algo.train()
+        assert result["env_runners"]["num_episodes"] == 4
+        assert result["env_runners"]["trajectories_lost"] == 4
+    finally:
+        algo.stop()
+
+
+def test_the_env_error_reaches_the_driver_when_every_runner_fails(ray_session):
+    algo = tiny_config().environment("tests.learning_env:OddSeedFailing-v0").build()
+    try:
+        with pytest.raises(RuntimeError, match="(?s)env runner 0 failed:.*deliberate failure for seed 1"):
+            algo.train()
+    finally:
+        algo.stop()

@@ -60,6 +60,8 @@ def test_rllib_keys_still_go_through():
     (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
     (dict(sampler_backend="tgi"), r"sampler_backend must be one of \['hf', 'vllm', 'auto'\]"),
     (dict(minibatch_size=0), r"minibatch_size must be an integer >= 1"),
+    (dict(train_env_manager={"group_size": 2, "max_env_num_per_worker": 1}),
+     r"group_size \(2\) must not exceed max_env_num_per_worker \(1\)"),
 ])
 def test_validation_names_the_key_and_the_allowed_values(training, message):
     with pytest.raises(ValueError, match=message):

@@ -180,3 +180,10 @@ def test_env_without_a_turn_limit_is_refused(sampler):
         action_constraint=False))
     with pytest.raises(ValueError, match="has no turn limit"):
         endless.collect(groups(1, tag="EndlessWithoutLimit-v0"), group_size=1, sample_seed=0)
+
+
+def test_constraint_needs_room_for_the_longest_reply(sampler):
+    settings = RolloutSettings(sampling=SamplingParams(max_new_tokens=3), sequence_length=512, history_length=0,
+                               max_envs=4, action_constraint=True)
+    with pytest.raises(ValueError, match=r"max_new_tokens \(3\) is shorter than the longest allowed reply"):
+        StepCollector(sampler, envs.make_llm_env, settings).collect(groups(1), group_size=1, sample_seed=0)
