@@ -58,6 +58,14 @@ class AnchorGroupStats:
     """Fraction of anchor groups that hold one sample (their step advantage is 0)."""
     mean_group_size: float
 
+    @classmethod
+    def from_counts(cls, counts: torch.Tensor) -> "AnchorGroupStats":
+        """From :func:`anchor_group_counts` (possibly summed over shards)."""
+        groups, singletons, samples = (float(c) for c in counts)
+        if groups == 0:
+            return cls(0, 0.0, 0.0)
+        return cls(num_groups=int(groups), singleton_fraction=singletons / groups, mean_group_size=samples / groups)
+
     def as_dict(self, prefix: str = "anchor_") -> dict[str, float]:
         return {
             f"{prefix}num_groups": float(self.num_groups),
@@ -243,18 +251,18 @@ def _check_gamma(gamma: float) -> None:
         raise ValueError(f"gamma (step_reward_gamma) must be in [0, 1], got {gamma!r}")
 
 
-def anchor_group_stats(anchor_group_ids: torch.Tensor) -> AnchorGroupStats:
-    """Summarise dense anchor-group labels (``GiGPOAdvantages.anchor_group_ids``) for metrics."""
+def anchor_group_counts(anchor_group_ids: torch.Tensor) -> torch.Tensor:
+    """``[groups, singleton groups, samples]`` (float64, shape ``(3,)``) of dense anchor-group labels. Counts add
+    up across disjoint shards (learners), unlike the derived fractions."""
     _check_1d("anchor_group_ids", anchor_group_ids, None)
-    if anchor_group_ids.numel() == 0:
-        return AnchorGroupStats(0, 0.0, 0.0)
     sizes = torch.bincount(anchor_group_ids)
     sizes = sizes[sizes > 0]
-    return AnchorGroupStats(
-        num_groups=int(sizes.numel()),
-        singleton_fraction=float((sizes == 1).double().mean()),
-        mean_group_size=float(sizes.double().mean()),
-    )
+    return torch.tensor([sizes.numel(), int((sizes == 1).sum()), int(sizes.sum())], dtype=torch.float64)
+
+
+def anchor_group_stats(anchor_group_ids: torch.Tensor) -> AnchorGroupStats:
+    """Summarise dense anchor-group labels (``GiGPOAdvantages.anchor_group_ids``) for metrics."""
+    return AnchorGroupStats.from_counts(anchor_group_counts(anchor_group_ids))
 
 
 # ---------------------------------------------------------------------------------------------- entry point

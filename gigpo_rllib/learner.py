@@ -16,7 +16,7 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
-from gigpo_rllib.advantages import anchor_group_stats, batch_adjust, compute_gigpo_advantages
+from gigpo_rllib.advantages import AnchorGroupStats, anchor_group_counts, batch_adjust, compute_gigpo_advantages
 from gigpo_rllib.logprobs import forward_token_logprobs
 from gigpo_rllib.rl_module import TOKEN_ENTROPY, TOKEN_LOGPROBS
 
@@ -138,12 +138,15 @@ class GiGPOTorchLearner(TorchLearner):
             columns["anchor_ids"], gamma=config.step_reward_gamma, episode_weight=config.episode_reward_weight,
             step_weight=config.effective_step_reward_weight, method=norm["method"], grouping=norm["grouping"],
             tag_ids=columns["tag_ids"])
-        for name, value in anchor_group_stats(out.anchor_group_ids).as_dict().items():
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        counts = anchor_group_counts(out.anchor_group_ids)
+        if distributed:  # groups never span shards, so summed counts are the whole batch's
+            counts = _all_reduce_sum(counts.to(out.advantages.device)).cpu()
+        for name, value in AnchorGroupStats.from_counts(counts).as_dict().items():
             self.metrics.log_value(name, value, window=1)
         self.metrics.log_value("episode_advantage_abs_mean", float(out.episode_advantages.abs().mean()), window=1)
         self.metrics.log_value("step_advantage_abs_mean", float(out.step_advantages.abs().mean()), window=1)
         lengths = columns["response_mask"].sum(-1)
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         return shape_advantages(out.advantages, lengths, whiten=config.whiten_advantages, clip=config.advantage_clip,
                                 sum_over_learners=_all_reduce_sum if distributed else None)
 

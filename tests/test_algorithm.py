@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gigpo_rllib import GiGPO, GiGPOConfig
-from gigpo_rllib.advantages import compute_gigpo_advantages
+from gigpo_rllib.advantages import anchor_group_stats, compute_gigpo_advantages
 from gigpo_rllib.batch import pad_token_batch, shard_rows, take_rows
 from gigpo_rllib.learner import shape_advantages
 
@@ -104,9 +104,11 @@ def test_two_learners_give_the_single_learner_advantages(ray_session):
         def shard_advantages(learner):
             rank = torch.distributed.get_rank()
             columns = {k: torch.as_tensor(v) for k, v in shards[rank].items()}
-            return rank, learner.compute_advantages(columns).numpy()
+            advantages = learner.compute_advantages(columns).numpy()
+            return rank, (advantages, learner.metrics.peek("anchor_num_groups"))
 
-        by_rank = dict(call.get() for call in algo.learner_group.foreach_learner(shard_advantages))
+        answers = dict(call.get() for call in algo.learner_group.foreach_learner(shard_advantages))
+        by_rank = {rank: advantages for rank, (advantages, _) in answers.items()}
         single = compute_gigpo_advantages(*(torch.as_tensor(batch[k]) for k in
                                             ("rewards", "traj_ids", "step_ids", "group_ids", "anchor_ids")),
                                           method="mean_std")
@@ -114,6 +116,8 @@ def test_two_learners_give_the_single_learner_advantages(ray_session):
                                     whiten=True, clip=config.advantage_clip).numpy()
         for rank, rows in enumerate(shard_rows(batch, 2)):
             np.testing.assert_allclose(by_rank[rank], expected[rows], rtol=1e-5, atol=1e-6)
+        whole_batch_groups = anchor_group_stats(single.anchor_group_ids).num_groups
+        assert [groups for _, groups in answers.values()] == [whole_batch_groups] * 2  # counts are all-reduced
         result = algo.train()  # shards of unequal size must not hang DDP
         assert math.isfinite(result["learners"]["default_policy"]["policy_loss"])
     finally:
