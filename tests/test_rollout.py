@@ -187,3 +187,34 @@ def test_constraint_needs_room_for_the_longest_reply(sampler):
                                max_envs=4, action_constraint=True)
     with pytest.raises(ValueError, match=r"max_new_tokens \(3\) is shorter than the longest allowed reply"):
         StepCollector(sampler, envs.make_llm_env, settings).collect(groups(1), group_size=1, sample_seed=0)
+
+
+class ScriptedSampler:
+    """Replies from a script, turn by turn; remembers the prompts it was given."""
+
+    def __init__(self, tokenizer, replies):
+        self.tokenizer, self.replies, self.prompts = tokenizer, replies, []
+
+    def generate(self, prompt_ids, params, allowed_responses=None, seed=None):
+        from gigpo_rllib.sampling.base import Completion
+
+        reply = self.replies[len(self.prompts)]
+        self.prompts.append([self.tokenizer.decode(p) for p in prompt_ids])
+        ids = self.tokenizer(reply, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        return [Completion(ids, [0.0] * len(ids), "stop") for _ in prompt_ids]
+
+
+def test_history_records_every_turn_valid_or_not(sampler):
+    replies = ["<answer>Up</answer>", "no idea", "<answer>Left</answer>", "<answer>Down</answer>"]
+    scripted = ScriptedSampler(sampler.tokenizer, replies)
+    settings = RolloutSettings(sampling=SamplingParams(max_new_tokens=12), sequence_length=1024, history_length=2,
+                               max_envs=1, action_constraint=False)
+    # Sokoban: no move in these replies can end the episode before the fourth turn.
+    out = StepCollector(scripted, lambda tag: envs.make_llm_env(tag, max_steps=4), settings).collect(
+        groups(1, tag="Sokoban"), group_size=1, sample_seed=0)
+    assert out["action_is_valid"].tolist()[:3] == [True, False, True]
+    third_prompt = scripted.prompts[2][0]
+    assert "<answer>Up</answer>" in third_prompt and "no idea" in third_prompt  # the invalid turn is there too
+    fourth_prompt = scripted.prompts[3][0]
+    assert "no idea" in fourth_prompt and "<answer>Left</answer>" in fourth_prompt
+    assert "<answer>Up</answer>" not in fourth_prompt.split("<|im_start|>system")[1].split("<|im_end|>", 1)[1]
