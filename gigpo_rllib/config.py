@@ -283,7 +283,8 @@ def markdown_reference() -> str:
 
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     for key in GIGPO_KEYS:
-        lines.append(f"| `{key.name}` | `{json.dumps(key.default)}` | {key.help} |")
+        help_text = key.help.replace("|", "\\|")  # a bare | would split the Markdown table cell
+        lines.append(f"| `{key.name}` | `{json.dumps(key.default)}` | {help_text} |")
     return "\n".join(lines)
 
 
