@@ -12,10 +12,10 @@ What it shows:
    `invalid_action_penalty` and leave the state unchanged. `AnchorStateWrapper` adds `info["anchor_id"]`: equal
    states give equal ids, in any trajectory, which is what GiGPO's step-level groups are built from. A
    `canonicalize` function drops volatile text (here a turn counter) so it does not split anchor groups.
-3. `--train`: register the env with Gymnasium and pass its id to `GiGPOConfig().environment(...)`;
-   `envs.make_llm_env` accepts any registered id, not only the bundled tags. The env is registered in this
-   process only, so the example samples in the driver (`num_env_runners=0`); remote env runners would need
-   the registration to happen in their own process too (e.g. in a module they import).
+3. `--train`: this module registers the env with Gymnasium when imported, and the config names it as
+   `"examples.wrap_your_own_env:LineWalk-v0"`: each remote env runner imports the module (which registers the
+   id) before making the env, so sampling runs in a separate actor. The turn counter is shown during training
+   too, and `anchor_canonicalizer` points the runners at the same `strip_turn_counter` function.
 
 Time on a 2-core CPU: the wrapping demo takes about 2 s; --train about 15 s to build plus a few seconds per
 iteration with the tiny offline model.
@@ -84,6 +84,12 @@ class LineWalkEnv(gym.Env):
         return self._observation(), float(terminated), terminated, truncated, info
 
 
+if ENV_ID not in gym.registry:
+    gym.register(id=ENV_ID, entry_point=LineWalkEnv)
+# "module:id": worker processes import the module, which runs the registration above.
+TRAINING_ENV_ID = f"examples.wrap_your_own_env:{ENV_ID}"
+
+
 def strip_turn_counter(text: str) -> str:
     return re.sub(r"^Turn \d+: ", "", text)
 
@@ -124,16 +130,15 @@ def train(iterations: int) -> None:
     from gigpo_rllib import GiGPOConfig
     from gigpo_rllib.cli import progress_line
 
-    if ENV_ID not in gym.registry:
-        gym.register(id=ENV_ID, entry_point=LineWalkEnv)
-    envs.make_llm_env(ENV_ID, max_steps=4)  # the full LLM stack builds from the plain Gymnasium id
+    envs.make_llm_env(TRAINING_ENV_ID, max_steps=4)  # the full LLM stack builds from the Gymnasium id
     config = (
         GiGPOConfig()
-        .environment(ENV_ID, env_config={"length": 5, "max_steps": 4})
+        .environment(TRAINING_ENV_ID, env_config={"length": 5, "max_steps": 4, "show_turn": True})
         .training(train_env_manager={"num_env_groups": 4, "group_size": 4, "max_env_num_per_worker": 16},
                   rollout_batch_size=16, action_constraint=True, max_new_tokens=16, sequence_length=512,
-                  reward_normalization={"method": "mean_std"}, lr=1e-3, minibatch_size=16)
-        .env_runners(num_env_runners=0)  # sample in this process, where LineWalk-v0 is registered
+                  reward_normalization={"method": "mean_std"}, lr=1e-3, minibatch_size=16,
+                  anchor_canonicalizer="examples.wrap_your_own_env:strip_turn_counter")
+        .env_runners(num_env_runners=1)  # a separate sampling actor: it registers the env by importing us
     )
     ray.init(include_dashboard=False)
     try:
