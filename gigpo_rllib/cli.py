@@ -28,9 +28,12 @@ import pickle
 import statistics
 import sys
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from gigpo_rllib.progress import CsvLog, format_progress, iteration_metrics, plot_runs, read_csv
+
+if TYPE_CHECKING:
+    from gigpo_rllib.config import GiGPOConfig
 
 DEFAULT_STOP_ITERS = 10
 PROGRESS_FILE = "progress.csv"
