@@ -92,14 +92,19 @@ def test_train_with_two_remote_runners(ray_session):
         algo.stop()
 
 
-def test_two_learners_give_the_single_learner_advantages(ray_session):
-    config = tiny_config(train_env_manager={"num_env_groups": 4, "group_size": 2}, rollout_batch_size=8,
-                         reward_normalization={"method": "mean_std"}, minibatch_size=4)
+@pytest.mark.parametrize("grouping", ["traj_group_id", "tags"])
+def test_two_learners_give_the_single_learner_advantages(ray_session, grouping):
+    # With grouping="tags" the batch is sharded by tag (two env families), else by episode group.
+    config = tiny_config(train_env_manager={"num_env_groups": 4, "group_size": 2, "tags": ["FrozenLake", "Sokoban"],
+                                            "num_groups_partition": [2, 2]}, rollout_batch_size=8,
+                         reward_normalization={"method": "mean_std", "grouping": grouping}, minibatch_size=4)
+    config.environment(env=None)  # train on the tags above
     algo = config.learners(num_learners=2).build()
+    by = "tag_ids" if grouping == "tags" else "group_ids"
     try:
-        rollout = algo._rollout(algo._groups([4], first_seed=100), group_size=2, seed=0)
+        rollout = algo._rollout(algo._groups([2, 2], first_seed=100), group_size=2, seed=0)
         batch = pad_token_batch(rollout, pad_token_id=0, allowed_replies=rollout["allowed_replies"])
-        shards = [take_rows(batch, rows) for rows in shard_rows(batch, 2)]
+        shards = [take_rows(batch, rows) for rows in shard_rows(batch, 2, by=by)]
 
         def shard_advantages(learner):
             rank = torch.distributed.get_rank()
@@ -111,10 +116,11 @@ def test_two_learners_give_the_single_learner_advantages(ray_session):
         by_rank = {rank: advantages for rank, (advantages, _) in answers.items()}
         single = compute_gigpo_advantages(*(torch.as_tensor(batch[k]) for k in
                                             ("rewards", "traj_ids", "step_ids", "group_ids", "anchor_ids")),
-                                          method="mean_std")
+                                          method="mean_std", grouping=grouping,
+                                          tag_ids=torch.as_tensor(batch["tag_ids"]))
         expected = shape_advantages(single.advantages, torch.as_tensor(batch["response_mask"].sum(-1)),
                                     whiten=True, clip=config.advantage_clip).numpy()
-        for rank, rows in enumerate(shard_rows(batch, 2)):
+        for rank, rows in enumerate(shard_rows(batch, 2, by=by)):
             np.testing.assert_allclose(by_rank[rank], expected[rows], rtol=1e-5, atol=1e-6)
         whole_batch_groups = anchor_group_stats(single.anchor_group_ids).num_groups
         assert [groups for _, groups in answers.values()] == [whole_batch_groups] * 2  # counts are all-reduced
