@@ -8,6 +8,7 @@ import yaml
 
 from gigpo_rllib.cli import (DEFAULT_STOP_ITERS, ExperimentError, build_parser, config_from_dict, load_experiment, main,
                              progress_line)
+from tests.seed_config import SEED_VALUES
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 TINY = {
@@ -47,13 +48,7 @@ def test_shipped_configs_exist():
 
 def test_example_config_has_the_seed_values():
     config, _ = load_experiment(CONFIGS / "example_gigpo.yaml")
-    seed = {"adv_estimator": "gigpo", "batch_adjust_mode": "copy", "step_reward_weight": 1.0,
-            "episode_reward_weight": 1.0, "step_reward_gamma": 0.95, "rollout_batch_size": 1024,
-            "val_batch_size": 1024, "sequence_length": 1024, "advantage_clip": 0.2, "ppo_epochs": 1,
-            "init_kl_coef": 0.0, "whiten_advantages": True, "entropy_loss_coef": 0, "max_grad_norm": 1.0,
-            "reward_normalization": {"grouping": "traj_group_id", "method": "mean"},
-            "train_env_manager": {"max_env_num_per_worker": 16, "num_env_groups": 128, "group_size": 8,
-                                  "tags": ["FrozenLake"], "num_groups_partition": [128]},
+    seed = {**SEED_VALUES,
             "env_manager_cls": "roll.pipeline.agentic.env_manager.step_env_manager.StepEnvManager"}
     for key, value in seed.items():
         assert getattr(config, key) == value, key

@@ -3,6 +3,7 @@ import pathlib
 import pytest
 
 from gigpo_rllib.config import GIGPO_KEYS, GiGPOConfig, markdown_reference
+from tests.seed_config import SEED_VALUES
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -14,14 +15,7 @@ def valid_config(**training):
 
 def test_defaults_are_the_seed_values():
     config = GiGPOConfig()
-    seed = {"adv_estimator": "gigpo", "batch_adjust_mode": "copy", "step_reward_weight": 1.0,
-            "episode_reward_weight": 1.0, "step_reward_gamma": 0.95, "rollout_batch_size": 1024,
-            "val_batch_size": 1024, "sequence_length": 1024, "advantage_clip": 0.2, "ppo_epochs": 1,
-            "init_kl_coef": 0.0, "whiten_advantages": True, "entropy_loss_coef": 0, "max_grad_norm": 1.0,
-            "reward_normalization": {"grouping": "traj_group_id", "method": "mean"},
-            "train_env_manager": {"max_env_num_per_worker": 16, "num_env_groups": 128, "group_size": 8,
-                                  "tags": ["FrozenLake"], "num_groups_partition": [128]}}
-    for key, value in seed.items():
+    for key, value in SEED_VALUES.items():
         assert getattr(config, key) == value, key
     config.validate()
 
