@@ -26,6 +26,7 @@ import torch
 
 NORMALIZATION_METHODS = ("identity", "mean", "mean_std", "asym_clip")
 EPISODE_GROUPINGS = ("traj_group_id", "tags", "batch")
+EPISODE_STATS = ("trajectory", "step")
 BATCH_ADJUST_MODES = ("copy", "delete", "auto")
 
 STD_EPSILON = 1e-6
@@ -281,6 +282,7 @@ def compute_gigpo_advantages(
     method: str = "mean",
     grouping: str = "traj_group_id",
     tag_ids: torch.Tensor | None = None,
+    episode_stats: str = "trajectory",
 ) -> GiGPOAdvantages:
     """GiGPO advantages of a batch of step samples (Eqs. 3, 5–8).
 
@@ -299,6 +301,9 @@ def compute_gigpo_advantages(
             group), ``tags`` (every group of one env tag; needs ``tag_ids``) or ``batch`` (the whole batch).
             Step-level anchor groups are always keyed by ``group_ids``.
         tag_ids: ``(N,)`` integer env-tag id of each sample, required when ``grouping="tags"``.
+        episode_stats: what the episode-level mean and σ are taken over: ``trajectory`` (one return per
+            trajectory, the paper's Eq. 3) or ``step`` (every step sample carries its trajectory's return, so
+            longer trajectories weigh more; what some public implementations do, kept for comparison).
 
     Returns:
         :class:`GiGPOAdvantages` with ``(N,)`` tensors in input order, on the inputs' device.
@@ -314,6 +319,7 @@ def compute_gigpo_advantages(
         _check_ids(name, ids, n, device)
     _check_choice("method", method, NORMALIZATION_METHODS)
     _check_choice("grouping", grouping, EPISODE_GROUPINGS)
+    _check_choice("episode_stats", episode_stats, EPISODE_STATS)
     _check_gamma(gamma)
     if grouping == "tags":
         if tag_ids is None:
@@ -333,8 +339,12 @@ def compute_gigpo_advantages(
     # Episode level (Eq. 3): one return per trajectory, normalised among the trajectories of its group.
     traj_returns = torch.zeros(num_traj, dtype=rewards.dtype, device=device).index_add_(0, layout.traj_labels, rewards)
     episode_group_labels, num_episode_groups = _dense_labels(traj_episode_key)
-    traj_advantages = segment_normalize(traj_returns, episode_group_labels, num_episode_groups, method)
-    episode_advantages = traj_advantages[layout.traj_labels]
+    if episode_stats == "trajectory":
+        episode_advantages = segment_normalize(traj_returns, episode_group_labels, num_episode_groups,
+                                               method)[layout.traj_labels]
+    else:
+        episode_advantages = segment_normalize(traj_returns[layout.traj_labels],
+                                               episode_group_labels[layout.traj_labels], num_episode_groups, method)
 
     # Step level (Eqs. 5-7): discounted returns, normalised within (episode group, anchor state).
     step_returns = _discounted_returns(rewards, layout, gamma)

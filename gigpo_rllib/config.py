@@ -20,7 +20,7 @@ from typing import Any
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
-from gigpo_rllib.advantages import BATCH_ADJUST_MODES, EPISODE_GROUPINGS, NORMALIZATION_METHODS
+from gigpo_rllib.advantages import BATCH_ADJUST_MODES, EPISODE_GROUPINGS, EPISODE_STATS, NORMALIZATION_METHODS
 from gigpo_rllib.models import TINY_MODEL_NAME
 
 
@@ -44,6 +44,9 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("reward_normalization", {"grouping": "traj_group_id", "method": "mean"},
               "`grouping`: the episode-level group (`traj_group_id` | `tags` | `batch`); `method`: the group "
               "normalisation at both levels (`mean` | `mean_std` | `asym_clip` | `identity`)."),
+    ConfigKey("episode_advantage_stats", "trajectory", "What the episode-level mean and σ are taken over: "
+              "`trajectory` (one return per trajectory, the paper's Eq. 3) or `step` (every step sample counts, so "
+              "longer trajectories weigh more, as some public implementations do).", EPISODE_STATS),
     ConfigKey("whiten_advantages", True, "Whiten the combined advantages over the response tokens of the batch."),
     ConfigKey("advantage_clip", 0.2, "Clamp the final advantages to ±this value; `null` disables the clamp."),
     ConfigKey("batch_adjust_mode", "copy", "How the step samples are made a multiple of the minibatch size, after "

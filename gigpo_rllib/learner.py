@@ -137,7 +137,7 @@ class GiGPOTorchLearner(TorchLearner):
             columns["rewards"].float(), columns["traj_ids"], columns["step_ids"], columns["group_ids"],
             columns["anchor_ids"], gamma=config.step_reward_gamma, episode_weight=config.episode_reward_weight,
             step_weight=config.effective_step_reward_weight, method=norm["method"], grouping=norm["grouping"],
-            tag_ids=columns["tag_ids"])
+            tag_ids=columns["tag_ids"], episode_stats=config.episode_advantage_stats)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         counts = anchor_group_counts(out.anchor_group_ids)
         if distributed:  # groups never span shards, so summed counts are the whole batch's

@@ -24,7 +24,7 @@ def _norm(x: float, members: list[float], method: str) -> float:
 
 
 def loop_gigpo(rewards, traj_ids, step_ids, group_ids, anchor_ids, *, gamma=0.95, episode_weight=1.0,
-               step_weight=1.0, method="mean", grouping="traj_group_id", tag_ids=None):
+               step_weight=1.0, method="mean", grouping="traj_group_id", tag_ids=None, episode_stats="trajectory"):
     """Returns (advantages, episode_advantages, step_advantages, step_returns) as Python lists, input order."""
     n = len(rewards)
     steps_of = defaultdict(list)
@@ -37,7 +37,8 @@ def loop_gigpo(rewards, traj_ids, step_ids, group_ids, anchor_ids, *, gamma=0.95
 
     trajs_in_group = defaultdict(list)
     for traj, members in steps_of.items():
-        trajs_in_group[episode_key(members[0])].append(returns_of[traj])
+        copies = len(members) if episode_stats == "step" else 1  # "step": every sample carries its return
+        trajs_in_group[episode_key(members[0])].extend([returns_of[traj]] * copies)
     episode_adv = [_norm(returns_of[traj_ids[i]], trajs_in_group[episode_key(i)], method) for i in range(n)]
 
     step_returns = [0.0] * n

@@ -149,6 +149,9 @@ def test_episode_statistics_count_trajectories_not_steps():
     inputs = batch([(0.0, 0, 0, 0, 1), (0.0, 0, 1, 0, 2), (0.0, 0, 2, 0, 3), (1.0, 1, 0, 0, 1)])
     out = compute_gigpo_advantages(*inputs, step_weight=0.0)
     torch.testing.assert_close(out.advantages, torch.tensor([-0.5, -0.5, -0.5, 0.5], dtype=torch.float64))
+    # The per-step-sample option weighs the long failure 3:1, so the mean is 0.25.
+    per_step = compute_gigpo_advantages(*inputs, step_weight=0.0, episode_stats="step")
+    torch.testing.assert_close(per_step.advantages, torch.tensor([-0.25, -0.25, -0.25, 0.75], dtype=torch.float64))
 
 
 def random_batch(seed, num_groups=3, group_size=4, max_steps=6, num_states=4):
@@ -168,11 +171,13 @@ def random_batch(seed, num_groups=3, group_size=4, max_steps=6, num_states=4):
 
 @pytest.mark.parametrize("method", NORMALIZATION_METHODS)
 @pytest.mark.parametrize("grouping", ["traj_group_id", "tags", "batch"])
-@pytest.mark.parametrize("seed", range(4))
-def test_agrees_with_loop_reference(method, grouping, seed):
+@pytest.mark.parametrize("episode_stats", ["trajectory", "step"])
+@pytest.mark.parametrize("seed", range(3))
+def test_agrees_with_loop_reference(method, grouping, episode_stats, seed):
     rewards, traj, step, group, anchor = random_batch(seed)
     tags = group % 2
-    kwargs = dict(gamma=0.8, episode_weight=0.7, step_weight=1.3, method=method, grouping=grouping, tag_ids=tags)
+    kwargs = dict(gamma=0.8, episode_weight=0.7, step_weight=1.3, method=method, grouping=grouping, tag_ids=tags,
+                  episode_stats=episode_stats)
     out = compute_gigpo_advantages(rewards, traj, step, group, anchor, **kwargs)
     expected = loop_gigpo(rewards.tolist(), traj.tolist(), step.tolist(), group.tolist(), anchor.tolist(),
                           **{**kwargs, "tag_ids": tags.tolist()})
@@ -232,6 +237,7 @@ def test_non_finite_rewards():
     (dict(grouping="episode"), r"grouping must be one of \['traj_group_id', 'tags', 'batch'\]"),
     (dict(grouping="tags"), "grouping=\"tags\" needs tag_ids"),
     (dict(gamma=1.5), r"gamma \(step_reward_gamma\) must be in \[0, 1\]"),
+    (dict(episode_stats="samples"), r"episode_stats must be one of \['trajectory', 'step'\]"),
 ])
 def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -130,8 +130,10 @@ def test_two_learners_give_the_single_learner_advantages(ray_session, grouping):
         algo.stop()
 
 
-def test_grpo_baseline_uses_episode_advantages_only(ray_session):
-    algo = tiny_config(adv_estimator="grpo", whiten_advantages=False, advantage_clip=None).build()
+@pytest.mark.parametrize("episode_stats", ["trajectory", "step"])
+def test_grpo_baseline_uses_episode_advantages_only(ray_session, episode_stats):
+    algo = tiny_config(adv_estimator="grpo", whiten_advantages=False, advantage_clip=None,
+                       episode_advantage_stats=episode_stats).build()
     try:
         rollout = algo._rollout(algo._groups([2], first_seed=7), group_size=2, seed=0)
         batch = pad_token_batch(rollout, pad_token_id=0, allowed_replies=rollout["allowed_replies"])
@@ -139,7 +141,8 @@ def test_grpo_baseline_uses_episode_advantages_only(ray_session):
         (call,) = algo.learner_group.foreach_learner(lambda learner: learner.compute_advantages(columns))
         advantages = call.get()
         reference = compute_gigpo_advantages(*(columns[k].double() if k == "rewards" else columns[k] for k in
-                                               ("rewards", "traj_ids", "step_ids", "group_ids", "anchor_ids")))
+                                               ("rewards", "traj_ids", "step_ids", "group_ids", "anchor_ids")),
+                                             episode_stats=episode_stats)
         np.testing.assert_allclose(advantages.numpy(), reference.episode_advantages.numpy(), atol=1e-6)
         assert math.isfinite(algo.train()["env_runners"]["episode_return_mean"])
     finally:

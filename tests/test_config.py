@@ -41,6 +41,7 @@ def test_rllib_keys_still_go_through():
 
 @pytest.mark.parametrize("training, message", [
     (dict(adv_estimator="ppo"), r"adv_estimator must be one of \['gigpo', 'grpo'\], got 'ppo'"),
+    (dict(episode_advantage_stats="samples"), r"episode_advantage_stats must be one of \['trajectory', 'step'\]"),
     (dict(batch_adjust_mode="pad"), r"batch_adjust_mode must be one of \['copy', 'delete', 'auto'\]"),
     (dict(reward_normalization={"method": "zscore"}), r"reward_normalization.method must be one of"),
     (dict(reward_normalization={"grouping": "env"}), r"reward_normalization.grouping must be one of"),
