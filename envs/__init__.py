@@ -73,6 +73,7 @@ def make_llm_env(
     require_think: bool = False,
     canonicalize: Canonicalizer | None = None,
     anchor_bits: int = 64,
+    include_canonical_text: bool = False,
     **env_kwargs: Any,
 ) -> gym.Env:
     """``AnchorStateWrapper(LLMActionWrapper(base_env))`` for a config tag, a registered Gymnasium id, or
@@ -95,7 +96,8 @@ def make_llm_env(
     max_steps = getattr(base, "max_steps", None) or registered_limit
     llm_env = LLMActionWrapper(base, invalid_action_penalty=invalid_action_penalty, require_think=require_think,
                                max_steps=max_steps)
-    return AnchorStateWrapper(llm_env, canonicalize=canonicalize, bits=anchor_bits)
+    return AnchorStateWrapper(llm_env, canonicalize=canonicalize, bits=anchor_bits,
+                              include_canonical_text=include_canonical_text)
 
 
 __all__ = ["FROZEN_LAKE_ID", "SOKOBAN_ID", "TEXTARENA_ID", "TAGS", "make_env_from_tag", "make_llm_env"]

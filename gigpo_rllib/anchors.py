@@ -13,6 +13,7 @@ before they go into a tensor.
 
 from __future__ import annotations
 
+import difflib
 import re
 import unicodedata
 from typing import Callable, Iterable, Sequence
@@ -93,3 +94,44 @@ def dense_anchor_labels(ids: Sequence[int]) -> np.ndarray:
     """
     labels: dict[int, int] = {}
     return np.fromiter((labels.setdefault(i, len(labels)) for i in ids), dtype=np.int64, count=len(ids))
+
+
+def group_similar_texts(texts: Sequence[str], threshold: float) -> np.ndarray:
+    """Cluster near-duplicate canonical texts: the optional similarity grouping of anchor states.
+
+    Each text joins the first earlier *representative* whose ``difflib`` similarity ratio with it is at least
+    ``threshold``, else it becomes a representative itself (greedy, so the result depends on the order: pass
+    texts in a deterministic order). Exact duplicates always share a cluster. Cost is O(n · r) comparisons for r
+    representatives, so use it on the states of one episode group, not on a whole batch.
+
+    Args:
+        texts: ``n`` canonical texts.
+        threshold: similarity in ``(0, 1]``; 1 groups exact duplicates only.
+
+    Returns:
+        ``(n,)`` int64: the index (into ``texts``) of each text's representative.
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    representatives: list[int] = []
+    by_text: dict[str, int] = {}
+    labels = np.empty(len(texts), dtype=np.int64)
+    for index, text in enumerate(texts):
+        if text in by_text:
+            labels[index] = by_text[text]
+            continue
+        label = index
+        if threshold < 1.0:
+            matcher = difflib.SequenceMatcher(None, "", text, autojunk=False)  # b (cached) = the new text
+            for candidate in representatives:
+                matcher.set_seq1(texts[candidate])
+                # The quick upper bounds skip most pairs before the full ratio.
+                if (matcher.real_quick_ratio() >= threshold and matcher.quick_ratio() >= threshold
+                        and matcher.ratio() >= threshold):
+                    label = candidate
+                    break
+        if label == index:
+            representatives.append(index)
+        by_text[text] = label
+        labels[index] = label
+    return labels

@@ -94,6 +94,10 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("action_constraint", False, "Restrict sampling (and the learner's log-probs, identically) to the "
               "env's allowed answers. Needs `answer_format: answer` and envs with a fixed action set."),
     ConfigKey("invalid_action_penalty", -0.1, "Reward of a turn whose reply is not a valid action."),
+    ConfigKey("anchor_similarity_threshold", None, "Optional similarity grouping: states of one episode group whose "
+              "canonical texts have a difflib ratio >= this (in (0, 1]) share one anchor. `null` keeps exact anchors. "
+              "It can merge truly different states (two grids one cell apart are very similar), so prefer "
+              "`anchor_canonicalizer` when the volatile part is known."),
     ConfigKey("anchor_canonicalizer", None, "`\"module:function\"` (a `str -> str` function) applied to each "
               "observation before hashing, to drop volatile text such as turn counters; `null` uses the "
               "built-in whitespace canonicalisation only."),
@@ -236,6 +240,9 @@ class GiGPOConfig(AlgorithmConfig):
         _require(self.anchor_canonicalizer is None or (isinstance(self.anchor_canonicalizer, str)
                                                         and ":" in self.anchor_canonicalizer),
                  "anchor_canonicalizer", 'null or "module:function"', self.anchor_canonicalizer)
+        threshold = self.anchor_similarity_threshold
+        _require(threshold is None or (isinstance(threshold, (int, float)) and 0 < threshold <= 1),
+                 "anchor_similarity_threshold", "null or a number in (0, 1]", threshold)
         self._validate_env_manager()
         self._validate_learner_sharding()
 

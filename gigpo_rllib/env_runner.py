@@ -50,6 +50,7 @@ def make_env_factory(config):
     def make(tag: str) -> gym.Env:
         return envs.make_llm_env(tag, invalid_action_penalty=config.invalid_action_penalty,
                                  require_think=config.answer_format == "think_answer", canonicalize=canonicalize,
+                                 include_canonical_text=config.anchor_similarity_threshold is not None,
                                  **dict(config.env_config))
 
     return make
@@ -67,7 +68,8 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
             RolloutSettings(sampling=sampling_params(config), sequence_length=config.sequence_length,
                             history_length=config.history_length,
                             max_envs=config.train_env_manager["max_env_num_per_worker"],
-                            action_constraint=config.action_constraint))
+                            action_constraint=config.action_constraint,
+                            anchor_similarity=config.anchor_similarity_threshold))
         self.weights_seq_no = 0
 
     def sample(self, *, groups: list[GroupSpec] | None = None, group_size: int | None = None, seed: int = 0,

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import gymnasium as gym
 import numpy as np
 
+from gigpo_rllib.anchors import group_similar_texts
 from gigpo_rllib.sampling.base import Sampler, SamplingParams
 
 
@@ -37,6 +38,8 @@ class RolloutSettings:
     history_length: int
     max_envs: int
     action_constraint: bool
+    anchor_similarity: float | None = None
+    """When set, near-duplicate states of one episode group share an anchor (see group_similar_texts)."""
 
 
 @dataclass
@@ -46,6 +49,7 @@ class _Trajectory:
     group: GroupSpec
     observation: str
     anchor_id: int
+    canonical: str | None
     history: list[tuple[str, str]] = field(default_factory=list)
     episode_return: float = 0.0
     invalid_turns: int = 0
@@ -59,6 +63,23 @@ def mix_seeds(*seeds: int) -> int:
 
 SAMPLE_COLUMNS = ("rewards", "traj_ids", "step_ids", "group_ids", "tag_ids", "anchor_ids", "action_is_valid",
                   "prompt_truncated", "episode_ends")
+
+
+def merge_similar_anchors(anchor_ids: np.ndarray, group_ids: np.ndarray, canonical_texts: list[str | None],
+                          threshold: float) -> None:
+    """Give near-duplicate states of one episode group one anchor id, in place (DESIGN.md's optional similarity
+    grouping). Within each group the distinct canonical texts are clustered in sorted order, so the result does
+    not depend on the order of trajectories; each text takes the anchor of its cluster's representative."""
+    if any(text is None for text in canonical_texts):
+        raise ValueError("anchor similarity grouping needs the canonical observation of every sample "
+                         "(AnchorStateWrapper(include_canonical_text=True))")
+    for group in np.unique(group_ids):
+        rows = np.flatnonzero(group_ids == group)
+        anchor_of_text = {canonical_texts[row]: anchor_ids[row] for row in rows}
+        distinct = sorted(anchor_of_text)
+        representatives = group_similar_texts(distinct, threshold)
+        merged = {text: anchor_of_text[distinct[rep]] for text, rep in zip(distinct, representatives)}
+        anchor_ids[rows] = [merged[canonical_texts[row]] for row in rows]
 
 
 class PromptBuilder:
@@ -130,6 +151,9 @@ class StepCollector:
             wave = groups[wave_start:wave_start + groups_per_wave]
             self._run_wave(wave, group_size, mix_seeds(sample_seed, wave_start), samples, episodes, timing)
         out: dict[str, Any] = {name: np.asarray(samples[name]) for name in SAMPLE_COLUMNS}
+        if self.settings.anchor_similarity is not None:
+            merge_similar_anchors(out["anchor_ids"], out["group_ids"], samples["canonical_texts"],
+                                  self.settings.anchor_similarity)
         for name in ("prompt_ids", "response_ids", "response_logprobs"):
             out[name] = samples[name]
         if self.settings.action_constraint:
@@ -174,7 +198,7 @@ class StepCollector:
                 env = self._acquire_env(group.tag)
                 observation, info = env.reset(seed=group.seed)
                 active.append(_Trajectory(env, group.group_id * group_size + member, group, observation,
-                                          int(info["anchor_id"])))
+                                          int(info["anchor_id"]), info.get("canonical_observation")))
         turn = 0
         while active:
             prompts, truncated = zip(*(self.prompts.build(t.env.instructions, t.history, t.observation) for t in active))
@@ -195,6 +219,7 @@ class StepCollector:
                     samples["allowed_replies"].append(allowed[k])
                 trajectory.history.append((trajectory.observation, reply))
                 trajectory.observation, trajectory.anchor_id = observation, int(info["anchor_id"])
+                trajectory.canonical = info.get("canonical_observation")
                 trajectory.episode_return += float(reward)
                 trajectory.invalid_turns += not valid
                 if done:
@@ -214,6 +239,7 @@ class StepCollector:
                "episode_ends": done}
         for name, value in row.items():
             samples[name].append(value)
+        samples["canonical_texts"].append(trajectory.canonical)
         samples["prompt_ids"].append(np.asarray(prompt, dtype=np.int64))
         samples["response_ids"].append(np.asarray(completion.token_ids, dtype=np.int64))
         samples["response_logprobs"].append(np.asarray(completion.logprobs, dtype=np.float32))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import xxhash
 
-from gigpo_rllib.anchors import anchor_id, anchor_ids, canonicalize, dense_anchor_labels, hash_canonical
+from gigpo_rllib.anchors import (anchor_id, anchor_ids, canonicalize, dense_anchor_labels, group_similar_texts,
+                                  hash_canonical)
 
 
 def test_canonicalize_folds_formatting_noise():
@@ -88,3 +89,14 @@ def test_batch_matches_single_and_dtype():
 def test_dense_labels_preserve_equality():
     wide = [anchor_id(t, bits=128) for t in ["x", "y", "x", "z", "y"]]
     assert dense_anchor_labels(wide).tolist() == [0, 1, 0, 2, 1]
+
+
+def test_similar_texts_join_the_first_close_representative():
+    texts = ["room A (noise 1)", "room A (noise 2)", "room B, another place", "room A (noise 1)"]
+    assert group_similar_texts(texts, 0.9).tolist() == [0, 0, 2, 0]
+    assert group_similar_texts(texts, 1.0).tolist() == [0, 1, 2, 0]  # exact duplicates only
+
+
+def test_similarity_grouping_bad_threshold():
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
+        group_similar_texts(["a"], 0.0)

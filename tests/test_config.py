@@ -54,6 +54,7 @@ def test_rllib_keys_still_go_through():
     (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
     (dict(sampler_backend="tgi"), r"sampler_backend must be one of \['hf', 'vllm', 'auto'\]"),
     (dict(minibatch_size=0), r"minibatch_size must be an integer >= 1"),
+    (dict(anchor_similarity_threshold=1.5), r"anchor_similarity_threshold must be null or a number in \(0, 1\]"),
     (dict(train_env_manager={"group_size": 2, "max_env_num_per_worker": 1}),
      r"group_size \(2\) must not exceed max_env_num_per_worker \(1\)"),
 ])
@@ -151,3 +152,11 @@ def test_anchor_canonicalizer_reaches_the_envs():
         load_function("tests.test_config:missing")
     with pytest.raises(ValueError, match='anchor_canonicalizer must be null or "module:function"'):
         valid_config(anchor_canonicalizer="no_colon").validate()
+
+
+def test_similarity_threshold_makes_the_envs_report_canonical_text():
+    from gigpo_rllib.env_runner import make_env_factory
+
+    exact = make_env_factory(valid_config())("FrozenLake").reset(seed=0)[1]
+    similar = make_env_factory(valid_config(anchor_similarity_threshold=0.9))("FrozenLake").reset(seed=0)[1]
+    assert "canonical_observation" not in exact and similar["canonical_observation"]

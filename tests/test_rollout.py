@@ -218,3 +218,40 @@ def test_history_records_every_turn_valid_or_not(sampler):
     fourth_prompt = scripted.prompts[3][0]
     assert "no idea" in fourth_prompt and "<answer>Left</answer>" in fourth_prompt
     assert "<answer>Up</answer>" not in fourth_prompt.split("<|im_start|>system")[1].split("<|im_end|>", 1)[1]
+
+
+class NoisyRoomEnv(gym.Env):
+    """A one-room env whose observation carries a random reading that changes nothing: exact anchors split the
+    same state apart, similarity grouping joins it again."""
+
+    action_words = ("Up",)
+    instructions = "Say Up."
+    observation_space = gym.spaces.Text(64)
+    action_space = gym.spaces.Discrete(1)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self._observation(), {}
+
+    def _observation(self):
+        return f"You are in the hall. Thermometer: {self.np_random.integers(10, 99)}"
+
+    def step(self, action):
+        return self._observation(), 0.0, False, False, {}
+
+
+gym.register("NoisyRoom-v0", entry_point=NoisyRoomEnv, max_episode_steps=3)
+
+
+@pytest.mark.parametrize("threshold, anchors_per_group", [(None, 3), (0.8, 1)])
+def test_similarity_grouping_joins_near_duplicate_states(sampler, threshold, anchors_per_group):
+    # Each group's members replay the same three readings (same seed); only similarity grouping sees one hall.
+    settings = RolloutSettings(sampling=SamplingParams(max_new_tokens=12), sequence_length=256, history_length=0,
+                               max_envs=8, action_constraint=True, anchor_similarity=threshold)
+    make = lambda tag: envs.make_llm_env(tag, include_canonical_text=threshold is not None)  # noqa: E731
+    out = StepCollector(sampler, make, settings).collect(groups(2, tag="NoisyRoom-v0"), group_size=4,
+                                                         sample_seed=0)
+    for group in (0, 1):
+        assert len(set(out["anchor_ids"][out["group_ids"] == group].tolist())) == anchors_per_group
+    if threshold is not None:  # never across episode groups
+        assert out["anchor_ids"][out["group_ids"] == 0][0] != out["anchor_ids"][out["group_ids"] == 1][0]
