@@ -19,10 +19,13 @@ def sampler():
     return make_sampler("hf", "gigpo-tiny")
 
 
-def collector(sampler, *, constraint=True, max_envs=16, sequence_length=1024, history_length=2, max_steps=4):
-    settings = RolloutSettings(sampling=SamplingParams(max_new_tokens=12), sequence_length=sequence_length,
-                               history_length=history_length, max_envs=max_envs, action_constraint=constraint)
-    return StepCollector(sampler, lambda tag: envs.make_llm_env(tag, max_steps=max_steps), settings)
+def collector(sampler, *, constraint=True, max_envs=16, sequence_length=1024, history_length=2, max_steps=4,
+              max_new_tokens=12, anchor_similarity=None, make_env=None):
+    """A StepCollector on the bundled envs (``max_steps`` turns each) unless ``make_env`` is given."""
+    settings = RolloutSettings(sampling=SamplingParams(max_new_tokens=max_new_tokens), sequence_length=sequence_length,
+                               history_length=history_length, max_envs=max_envs, action_constraint=constraint,
+                               anchor_similarity=anchor_similarity)
+    return StepCollector(sampler, make_env or (lambda tag: envs.make_llm_env(tag, max_steps=max_steps)), settings)
 
 
 def groups(n, tag="FrozenLake", first_seed=0):
@@ -168,25 +171,24 @@ def test_registered_turn_limit_is_enforced(sampler):
     env = envs.make_llm_env("EndlessWithLimit-v0")
     env.reset(seed=0)
     assert [env.step("<answer>Up</answer>")[3] for _ in range(3)] == [False, False, True]
-    out = StepCollector(sampler, envs.make_llm_env, RolloutSettings(
-        sampling=SamplingParams(max_new_tokens=4), sequence_length=256, history_length=0, max_envs=4,
-        action_constraint=False)).collect(groups(1, tag="EndlessWithLimit-v0"), group_size=2, sample_seed=0)
+    out = collector(sampler, constraint=False, max_new_tokens=4, sequence_length=256, history_length=0, max_envs=4,
+                    make_env=envs.make_llm_env).collect(groups(1, tag="EndlessWithLimit-v0"), group_size=2,
+                                                        sample_seed=0)
     assert out["episodes"]["length"].tolist() == [3, 3]
 
 
 def test_env_without_a_turn_limit_is_refused(sampler):
-    endless = StepCollector(sampler, envs.make_llm_env, RolloutSettings(
-        sampling=SamplingParams(max_new_tokens=4), sequence_length=256, history_length=0, max_envs=4,
-        action_constraint=False))
+    endless = collector(sampler, constraint=False, max_new_tokens=4, sequence_length=256, history_length=0,
+                        max_envs=4, make_env=envs.make_llm_env)
     with pytest.raises(ValueError, match="has no turn limit"):
         endless.collect(groups(1, tag="EndlessWithoutLimit-v0"), group_size=1, sample_seed=0)
 
 
 def test_constraint_needs_room_for_the_longest_reply(sampler):
-    settings = RolloutSettings(sampling=SamplingParams(max_new_tokens=3), sequence_length=512, history_length=0,
-                               max_envs=4, action_constraint=True)
+    short = collector(sampler, max_new_tokens=3, sequence_length=512, history_length=0, max_envs=4,
+                      make_env=envs.make_llm_env)
     with pytest.raises(ValueError, match=r"max_new_tokens \(3\) is shorter than the longest allowed reply"):
-        StepCollector(sampler, envs.make_llm_env, settings).collect(groups(1), group_size=1, sample_seed=0)
+        short.collect(groups(1), group_size=1, sample_seed=0)
 
 
 class ScriptedSampler:
@@ -207,11 +209,9 @@ class ScriptedSampler:
 def test_history_records_every_turn_valid_or_not(sampler):
     replies = ["<answer>Up</answer>", "no idea", "<answer>Left</answer>", "<answer>Down</answer>"]
     scripted = ScriptedSampler(sampler.tokenizer, replies)
-    settings = RolloutSettings(sampling=SamplingParams(max_new_tokens=12), sequence_length=1024, history_length=2,
-                               max_envs=1, action_constraint=False)
     # Sokoban: no move in these replies can end the episode before the fourth turn.
-    out = StepCollector(scripted, lambda tag: envs.make_llm_env(tag, max_steps=4), settings).collect(
-        groups(1, tag="Sokoban"), group_size=1, sample_seed=0)
+    out = collector(scripted, constraint=False, max_envs=1).collect(groups(1, tag="Sokoban"), group_size=1,
+                                                                   sample_seed=0)
     assert out["action_is_valid"].tolist()[:3] == [True, False, True]
     third_prompt = scripted.prompts[2][0]
     assert "<answer>Up</answer>" in third_prompt and "no idea" in third_prompt  # the invalid turn is there too
@@ -246,11 +246,9 @@ gym.register("NoisyRoom-v0", entry_point=NoisyRoomEnv, max_episode_steps=3)
 @pytest.mark.parametrize("threshold, anchors_per_group", [(None, 3), (0.8, 1)])
 def test_similarity_grouping_joins_near_duplicate_states(sampler, threshold, anchors_per_group):
     # Each group's members replay the same three readings (same seed); only similarity grouping sees one hall.
-    settings = RolloutSettings(sampling=SamplingParams(max_new_tokens=12), sequence_length=256, history_length=0,
-                               max_envs=8, action_constraint=True, anchor_similarity=threshold)
-    make = lambda tag: envs.make_llm_env(tag, include_canonical_text=threshold is not None)  # noqa: E731
-    out = StepCollector(sampler, make, settings).collect(groups(2, tag="NoisyRoom-v0"), group_size=4,
-                                                         sample_seed=0)
+    out = collector(sampler, sequence_length=256, history_length=0, max_envs=8, anchor_similarity=threshold,
+                    make_env=lambda tag: envs.make_llm_env(tag, include_canonical_text=threshold is not None)
+                    ).collect(groups(2, tag="NoisyRoom-v0"), group_size=4, sample_seed=0)
     for group in (0, 1):
         assert len(set(out["anchor_ids"][out["group_ids"] == group].tolist())) == anchors_per_group
     if threshold is not None:  # never across episode groups
