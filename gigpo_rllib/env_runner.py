@@ -61,8 +61,9 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
 
     def __init__(self, *, config, **kwargs):
         super().__init__(config=config, **kwargs)
-        device = "cuda" if config.num_gpus_per_env_runner else "cpu"
-        self.sampler = make_sampler(config.sampler_backend, config.model_name_or_path, device=device, dtype=config.model_dtype)
+        self.sampler = make_sampler(config.sampler_backend, config.model_name_or_path, device=config.runner_device,
+                                    dtype=config.model_dtype, max_model_len=config.sequence_length,
+                                    seed=config.seed or 0, engine_kwargs=config.vllm_engine_kwargs)
         self.collector = StepCollector(
             self.sampler, make_env_factory(config),
             RolloutSettings(sampling=sampling_params(config), sequence_length=config.sequence_length,
@@ -104,7 +105,7 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
         # The learner owns the weights (they are checkpointed there); hand them out only when asked by name.
         if components is not None and self._check_component(COMPONENT_RL_MODULE, components, not_components):
             weights = {MODULE_PREFIX + name: value
-                       for name, value in state_dict_to_numpy(self.sampler.model.state_dict()).items()}
+                       for name, value in state_dict_to_numpy(self.sampler.state_dict()).items()}
             state[COMPONENT_RL_MODULE] = {DEFAULT_MODULE_ID: weights}
         return state
 

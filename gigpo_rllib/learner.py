@@ -2,7 +2,8 @@
 
 Once per update, on the learner's whole shard (device tensors): :func:`compute_gigpo_advantages`, optional
 whitening over response tokens and clamping, and only then :func:`batch_adjust` so the shard splits into full
-minibatches. Each minibatch then gets :func:`gigpo_policy_loss`.
+minibatches; then, with ``old_logprobs_source="learner"``, the old log-probs are recomputed with the pre-update
+weights (DESIGN.md "Off-policy correction"). Each minibatch then gets :func:`gigpo_policy_loss`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from gigpo_rllib.logprobs import forward_token_logprobs
 from gigpo_rllib.rl_module import TOKEN_ENTROPY, TOKEN_LOGPROBS
 
 ADVANTAGES = "advantages"
+OLD_LOGPROBS = "old_logprobs"
+IS_WEIGHTS = "is_weights"
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -59,17 +62,24 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return reduced
 
 
+def truncated_is_weights(learner_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weights ``min(exp(log π_learner_old − log π_sampler), cap)`` per token (Yao et al.
+    2025): they correct for sampling from the engine's slightly different policy. ``(B, S)`` -> ``(B, S)``."""
+    return torch.exp(learner_logprobs - sampler_logprobs).clamp(max=cap)
+
+
 def gigpo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                      response_mask: torch.Tensor, *, pg_clip: float, dual_clip_ratio: float | None = None
-                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      response_mask: torch.Tensor, *, pg_clip: float, dual_clip_ratio: float | None = None,
+                      is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level clipped PPO surrogate (optionally dual-clipped), averaged over response tokens.
 
     Args:
-        logprobs, old_logprobs: ``(B, S)`` token log-probs under the current and the sampling policy.
+        logprobs, old_logprobs: ``(B, S)`` token log-probs under the current and the old (pre-update) policy.
         advantages: ``(B,)`` one advantage per step sample, broadcast over its response tokens.
         response_mask: ``(B, S)`` bool.
         pg_clip: ε of the ratio clip ``[1 − ε, 1 + ε]``.
         dual_clip_ratio: c > 1; when given, the loss of a negative-advantage token is at most ``−c · A``.
+        is_weights: optional ``(B, S)`` constant per-token weights of the loss (:func:`truncated_is_weights`).
 
     Returns:
         ``(loss, diagnostics)``: diagnostics are ``policy_kl`` (the ``(r − 1) − log r`` estimator) and
@@ -82,6 +92,8 @@ def gigpo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     token_loss = -torch.minimum(ratio * adv, ratio.clamp(1 - pg_clip, 1 + pg_clip) * adv)
     if dual_clip_ratio is not None:
         token_loss = torch.where(adv < 0, torch.minimum(token_loss, -dual_clip_ratio * adv), token_loss)
+    if is_weights is not None:
+        token_loss = token_loss * is_weights.detach()
     with torch.no_grad():
         diagnostics = {
             "policy_kl": masked_mean((ratio - 1) - log_ratio, mask),
@@ -124,9 +136,29 @@ class GiGPOTorchLearner(TorchLearner):
         keep = keep[shuffle].to(advantages.device)
         adjusted = {name: value[keep] for name, value in columns.items() if torch.is_tensor(value)}
         adjusted[ADVANTAGES] = advantages[keep]
+        if self.config.resolved_old_logprobs_source == "learner":
+            self._use_learner_old_logprobs(adjusted)
         if self._reference_model is not None:
-            adjusted["reference_logprobs"] = self._reference_logprobs(adjusted)
+            adjusted["reference_logprobs"] = self._score_without_grad(self._reference_model, adjusted)
         return MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(adjusted)}, env_steps=len(keep))
+
+    def _use_learner_old_logprobs(self, columns: dict[str, torch.Tensor]) -> None:
+        """Replace the sampler's old log-probs with the learner's own (pre-update weights), log the gap between the
+        two and, with ``truncated_is_cap``, add the truncated importance weights."""
+        sampler_logprobs = columns[OLD_LOGPROBS]
+        started = time.perf_counter()
+        learner_logprobs = self._score_without_grad(self.module[DEFAULT_MODULE_ID].unwrapped().model, columns)
+        self.metrics.log_value("old_logprobs_time_s", time.perf_counter() - started, window=1)
+        mask = columns["response_mask"].bool()
+        gap = (learner_logprobs - sampler_logprobs).abs()[mask]
+        self.metrics.log_value((DEFAULT_MODULE_ID, "logprob_gap_mean"), float(gap.mean()) if gap.numel() else 0.0,
+                               window=1)
+        self.metrics.log_value((DEFAULT_MODULE_ID, "logprob_gap_max"), float(gap.max()) if gap.numel() else 0.0,
+                               window=1)
+        columns[OLD_LOGPROBS] = learner_logprobs
+        if self.config.truncated_is_cap is not None:
+            columns[IS_WEIGHTS] = truncated_is_weights(learner_logprobs, sampler_logprobs,
+                                                       self.config.truncated_is_cap)
 
     def compute_advantages(self, columns: dict[str, torch.Tensor]) -> torch.Tensor:
         """Final per-sample advantages ``(N,)`` of this learner's shard (device tensors), before batch_adjust.
@@ -151,14 +183,15 @@ class GiGPOTorchLearner(TorchLearner):
                                 sum_over_learners=_all_reduce_sum if distributed else None)
 
     @torch.no_grad()
-    def _reference_logprobs(self, columns: dict[str, torch.Tensor]) -> torch.Tensor:
-        # Minibatch-sized chunks: one forward pass over the whole shard could exceed device memory.
+    def _score_without_grad(self, model: torch.nn.Module, columns: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(N, S)`` token log-probs of the shard's responses under ``model``, without gradients. Chunks are the
+        training minibatches (same rows, same order), so a model scores each row exactly as the update will."""
         chunks = []
         for start in range(0, len(columns["input_ids"]), self.config.minibatch_size):
             rows = slice(start, start + self.config.minibatch_size)
             allowed = columns.get("allowed_responses")
             logprobs, _ = forward_token_logprobs(
-                self._reference_model, columns["input_ids"][rows], columns["attention_mask"][rows],
+                model, columns["input_ids"][rows], columns["attention_mask"][rows],
                 columns["response_mask"][rows], temperature=self.config.temperature,
                 allowed_responses=None if allowed is None else allowed[rows])
             chunks.append(logprobs)
@@ -171,8 +204,8 @@ class GiGPOTorchLearner(TorchLearner):
         mask = batch["response_mask"].bool()
         logprobs = fwd_out[TOKEN_LOGPROBS]
         loss, diagnostics = gigpo_policy_loss(
-            logprobs, batch["old_logprobs"], batch[ADVANTAGES], mask, pg_clip=config.pg_clip,
-            dual_clip_ratio=config.dual_clip_ratio if config.dual_clip_loss else None)
+            logprobs, batch[OLD_LOGPROBS], batch[ADVANTAGES], mask, pg_clip=config.pg_clip,
+            dual_clip_ratio=config.dual_clip_ratio if config.dual_clip_loss else None, is_weights=batch.get(IS_WEIGHTS))
         entropy = masked_mean(fwd_out[TOKEN_ENTROPY], mask.float())
         metrics = {"policy_loss": loss.detach(), "entropy": entropy.detach(), **diagnostics,
                    "response_tokens": mask.sum().float()}

@@ -1,10 +1,14 @@
-"""The embedded default model: a tiny Qwen2-style causal LM and tokenizer built offline.
+"""Models built offline: small Qwen2-style causal LMs with a byte-level BPE tokenizer, no hub access needed.
 
-Nothing here touches the network. ``build_tiny_model`` trains a byte-level BPE tokenizer on a built-in
-corpus and initialises a small ``Qwen2ForCausalLM`` from a seed, then writes an ordinary Hugging Face
-directory. The same seed gives byte-identical files. ``resolve_model_path("gigpo-tiny")`` builds it once
-into a cache directory (safe when several Ray workers race) and returns that path; every other value is
-passed through, so users with hub access can name any model id.
+Nothing here touches the network. :func:`build_offline_model` trains a byte-level BPE tokenizer on a built-in
+corpus and initialises a ``Qwen2ForCausalLM`` of a given :class:`OfflineModelSpec` from a seed, then writes an
+ordinary Hugging Face directory. The same seed gives byte-identical files. :data:`OFFLINE_MODELS` names the
+shapes the project uses: ``"gigpo-tiny"`` (the default policy of tests and the CPU demo) and ``"gigpo-small"``
+(a larger one for benchmarks). ``resolve_model_path(name)`` builds a named model once into a cache directory
+(safe when several Ray workers race) and returns that path; every other value is passed through, so users with
+hub access can name any model id.
+
+Every shape keeps the attention head size at 32 or more: vLLM's CPU attention rejects smaller heads.
 """
 
 from __future__ import annotations
@@ -14,12 +18,53 @@ import pathlib
 import random
 import shutil
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 TINY_MODEL_NAME = "gigpo-tiny"
 
-# Bump whenever the corpus, tokenizer recipe or model config changes: it is part of the cache path.
-TINY_MODEL_VERSION = "v1"
+# Bump whenever the corpus, tokenizer recipe or a model shape changes: it is part of the cache path.
+OFFLINE_MODEL_VERSION = "v2"
+
+
+@dataclass(frozen=True)
+class OfflineModelSpec:
+    """The shape of an offline-built ``Qwen2ForCausalLM``.
+
+    Attributes:
+        num_layers: decoder layers.
+        hidden_size: model width; ``hidden_size / num_heads`` is the head size (>= 32 for vLLM's CPU backend).
+        intermediate_size: width of the MLP.
+        num_heads: query heads.
+        num_kv_heads: key/value heads (grouped-query attention); divides ``num_heads``.
+        vocab_size: embedding rows; ``None`` uses the tokenizer's size. A larger value pads the embedding with
+            rows no token uses, as real checkpoints do (Qwen2.5 has 151,936 rows for ~151,665 tokens), so a
+            model with a realistic output layer can be built offline.
+        tie_word_embeddings: share the input embedding with the output layer.
+    """
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int | None = None
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"hidden_size must divide into num_heads heads, and num_heads into num_kv_heads groups: "
+                             f"{self}")
+
+
+OFFLINE_MODELS: dict[str, OfflineModelSpec] = {
+    # ~0.15M parameters: two heads of size 32, so vLLM's CPU backend can run it.
+    TINY_MODEL_NAME: OfflineModelSpec(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                                      num_kv_heads=1),
+    # ~3.5M parameters: for benchmarks that need more compute per token than the tiny model.
+    "gigpo-small": OfflineModelSpec(num_layers=4, hidden_size=256, intermediate_size=512, num_heads=8,
+                                    num_kv_heads=2),
+}
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -121,36 +166,43 @@ def _build_tokenizer(seed: int) -> Any:
     return fast
 
 
-def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
-    """Write the tiny model + tokenizer as a Hugging Face directory at ``path`` and return it.
+def build_offline_model(path: str | os.PathLike, spec: OfflineModelSpec | str = TINY_MODEL_NAME,
+                        seed: int = 0) -> pathlib.Path:
+    """Write a model of ``spec`` (an :class:`OfflineModelSpec` or a name in :data:`OFFLINE_MODELS`) and the
+    tokenizer as a Hugging Face directory at ``path``; returns it.
 
     The directory holds ``config.json``, ``model.safetensors``, ``generation_config.json``,
     ``tokenizer.json``, ``tokenizer_config.json`` (and the chat template) and loads with
-    ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``. Same ``seed`` gives
-    byte-identical files. Model: ``Qwen2ForCausalLM``, 2 layers, hidden 64, 4 heads (2 KV heads), tied
-    embeddings, vocab = tokenizer size (~1.5k).
+    ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``. The same ``spec`` and ``seed``
+    give byte-identical files.
     """
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
+    if isinstance(spec, str):
+        if spec not in OFFLINE_MODELS:
+            raise ValueError(f"unknown offline model {spec!r}; known: {sorted(OFFLINE_MODELS)}")
+        spec = OFFLINE_MODELS[spec]
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     out = pathlib.Path(path)
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = _build_tokenizer(seed)
+    if spec.vocab_size is not None and spec.vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size {spec.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
     eos_id = tokenizer.convert_tokens_to_ids(IM_END)
     pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        vocab_size=spec.vocab_size or len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
         max_position_embeddings=4096,
         rope_theta=10000.0,
-        tie_word_embeddings=True,
+        tie_word_embeddings=spec.tie_word_embeddings,
         bos_token_id=pad_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
@@ -165,17 +217,17 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
     return out
 
 
-def _default_cache_dir(seed: int = 0) -> pathlib.Path:
+def _default_cache_dir(name: str, seed: int = 0) -> pathlib.Path:
     root = os.environ.get("GIGPO_CACHE_DIR")
     base = pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "gigpo_rllib"
-    return base / f"{TINY_MODEL_NAME}-seed{seed}-{TINY_MODEL_VERSION}"
+    return base / f"{name}-seed{seed}-{OFFLINE_MODEL_VERSION}"
 
 
 def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
     """Map a model name to something ``from_pretrained`` can load.
 
-    - ``"gigpo-tiny"`` -> the cached tiny-model directory (``cache_dir`` if given, else
-      ``$GIGPO_CACHE_DIR/gigpo-tiny-seed0-<version>`` or ``~/.cache/gigpo_rllib/...``), built on first use.
+    - a name in :data:`OFFLINE_MODELS` (``"gigpo-tiny"``, ...) -> its cached directory (``cache_dir`` if given,
+      else ``$GIGPO_CACHE_DIR/<name>-seed0-<version>`` or ``~/.cache/gigpo_rllib/...``), built on first use.
       Safe under concurrency: each caller builds into a private temp dir and renames it into place; a loser
       of the race discards its copy and uses the winner's.
     - an existing local directory -> itself.
@@ -184,17 +236,17 @@ def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise ValueError(f"model must be a non-empty model name or path, got {name_or_path!r}")
     name = str(name_or_path)
-    if name != TINY_MODEL_NAME:
+    if name not in OFFLINE_MODELS:
         expanded = os.path.expanduser(name)
         return expanded if os.path.isdir(expanded) else name
-    final = pathlib.Path(cache_dir) if cache_dir else _default_cache_dir()
+    final = pathlib.Path(cache_dir) if cache_dir else _default_cache_dir(name)
     if (final / _MARKER).exists():
         return str(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        build_tiny_model(tmp, seed=0)
-        (tmp / _MARKER).write_text(TINY_MODEL_VERSION + "\n")
+        build_offline_model(tmp, name, seed=0)
+        (tmp / _MARKER).write_text(OFFLINE_MODEL_VERSION + "\n")
         try:
             os.rename(tmp, final)
         except OSError:
@@ -233,16 +285,7 @@ def _looks_like_path(value: str) -> bool:
     )
 
 
-def load_model_and_tokenizer(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"):
-    """Load ``(model, tokenizer)`` for a model name/path (``"gigpo-tiny"`` builds the embedded one).
-
-    The model is in eval mode on ``device`` with ``dtype``; the tokenizer always has a pad token (the EOS
-    token when the checkpoint defines none). Padding side is left to the caller.
-    Raises ``ValueError`` naming the value, with a hint, when the model cannot be found.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_dtype = _dtype(dtype)
+def _checked_path(name_or_path: str) -> str:
     path = resolve_model_path(name_or_path)
     if not os.path.isdir(path) and _looks_like_path(path):
         raise ValueError(
@@ -250,19 +293,60 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype: str = "float32", devic
             f"model='{TINY_MODEL_NAME}' (the embedded tiny model), a local Hugging Face directory, or a hub id "
             "such as 'Qwen/Qwen2.5-0.5B-Instruct' (needs network access)."
         )
+    return path
+
+
+def _not_found(name_or_path: str, path: str, error: Exception) -> Exception:
+    if os.path.isdir(path):
+        return error
+    return ValueError(
+        f"model={name_or_path!r} is neither a local directory nor a model that could be downloaded "
+        f"({type(error).__name__}: {error}). Without network access use model='{TINY_MODEL_NAME}' "
+        "(the embedded tiny model) or a local Hugging Face directory."
+    )
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a model name/path, with a pad token (the EOS token when the checkpoint defines none)."""
+    from transformers import AutoTokenizer
+
+    path = _checked_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except (OSError, ValueError) as err:
-        if os.path.isdir(path):
-            raise
-        raise ValueError(
-            f"model={name_or_path!r} is neither a local directory nor a model that could be downloaded "
-            f"({type(err).__name__}: {err}). Without network access use model='{TINY_MODEL_NAME}' "
-            "(the embedded tiny model) or a local Hugging Face directory."
-        ) from err
+        raise _not_found(name_or_path, path, err) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _without_dropout(config):
+    """``config`` with every dropout probability (``*dropout*``, ``*pdrop*`` float attributes) set to 0."""
+    for name, value in list(vars(config).items()):
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+            setattr(config, name, 0.0)
+    return config
+
+
+def load_model_and_tokenizer(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"):
+    """Load ``(model, tokenizer)`` for a model name/path (a name in :data:`OFFLINE_MODELS` builds that model).
+
+    The model is in eval mode on ``device`` with ``dtype`` and every dropout probability of its config set to 0:
+    the sampler scores tokens without dropout, so the learner must too (in training mode, which gradient
+    checkpointing needs), or the PPO ratio would not start at 1. The tokenizer is :func:`load_tokenizer`'s.
+    Padding side is left to the caller. Raises ``ValueError`` naming the value, with a hint, when the model cannot
+    be found.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch_dtype = _dtype(dtype)
+    tokenizer = load_tokenizer(name_or_path)
+    path = _checked_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, config=_without_dropout(config), dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        raise _not_found(name_or_path, path, err) from err
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(device)

@@ -138,8 +138,9 @@ class StepCollector:
         Returns a dict of per-sample columns (numpy arrays of length N for :data:`SAMPLE_COLUMNS`; lists of
         int arrays ``prompt_ids``, ``response_ids`` and float arrays ``response_logprobs``; with the action constraint,
         ``allowed_replies``: each sample's allowed replies as token-id lists), per-trajectory
-        ``episodes`` (dict of arrays: ``return``, ``length``, ``success``, ``invalid_turns``, ``tag``) and
-        ``timing`` (seconds in generation and in env steps).
+        ``episodes`` (dict of arrays: ``return``, ``length``, ``success``, ``invalid_turns``, ``tag``),
+        ``timing`` (seconds in generation and in env steps) and ``token_counts`` (``prompt`` tokens sent to the
+        sampler and how many of them it took from its prefix ``cached``).
         """
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -147,9 +148,11 @@ class StepCollector:
         samples: dict[str, list] = defaultdict(list)
         episodes: dict[str, list] = defaultdict(list)
         timing = {"generate_s": 0.0, "env_step_s": 0.0}
+        token_counts = {"prompt": 0, "cached": 0}
         for wave_start in range(0, len(groups), groups_per_wave):
             wave = groups[wave_start:wave_start + groups_per_wave]
-            self._run_wave(wave, group_size, mix_seeds(sample_seed, wave_start), samples, episodes, timing)
+            self._run_wave(wave, group_size, mix_seeds(sample_seed, wave_start), samples, episodes, timing,
+                           token_counts)
         out: dict[str, Any] = {name: np.asarray(samples[name]) for name in SAMPLE_COLUMNS}
         if self.settings.anchor_similarity is not None:
             merge_similar_anchors(out["anchor_ids"], out["group_ids"], samples["canonical_texts"],
@@ -160,6 +163,7 @@ class StepCollector:
             out["allowed_replies"] = samples["allowed_replies"]
         out["episodes"] = {name: np.asarray(values) for name, values in episodes.items()}
         out["timing"] = timing
+        out["token_counts"] = token_counts
         return out
 
     # ----------------------------------------------------------------------------------------- details
@@ -191,7 +195,8 @@ class StepCollector:
             self._allowed_replies[tag] = replies
         return self._allowed_replies[tag]
 
-    def _run_wave(self, wave: list[GroupSpec], group_size: int, seed: int, samples, episodes, timing) -> None:
+    def _run_wave(self, wave: list[GroupSpec], group_size: int, seed: int, samples, episodes, timing,
+                  token_counts) -> None:
         active: list[_Trajectory] = []
         for group in wave:
             for member in range(group_size):
@@ -207,6 +212,8 @@ class StepCollector:
             completions = self.sampler.generate(list(prompts), self.settings.sampling, allowed,
                                                 seed=mix_seeds(seed, turn))
             timing["generate_s"] += time.perf_counter() - started
+            token_counts["prompt"] += sum(len(prompt) for prompt in prompts)
+            token_counts["cached"] += sum(completion.extra.get("cached_tokens", 0) for completion in completions)
             started = time.perf_counter()
             still_active = []
             for k, (trajectory, prompt, was_truncated, completion) in enumerate(zip(active, prompts, truncated, completions)):

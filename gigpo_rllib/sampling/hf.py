@@ -10,7 +10,8 @@ import torch
 
 from gigpo_rllib.logprobs import PAD_REPLY_ID, forward_token_logprobs, next_token_candidates
 from gigpo_rllib.models import load_model_and_tokenizer
-from gigpo_rllib.sampling.base import Completion, Sampler, SamplingParams, check_prompts
+from gigpo_rllib.sampling.base import (Completion, Sampler, SamplingParams, check_prompts,
+                                       check_replies_end_with_eos)
 
 
 def pad_allowed_responses(allowed: list[list[list[int]]], device: str | torch.device = "cpu") -> torch.Tensor:
@@ -109,13 +110,7 @@ class HFSampler(Sampler):
         allowed = None
         processors = LogitsProcessorList()
         if allowed_responses is not None and any(len(r) for r in allowed_responses):
-            for i, replies in enumerate(allowed_responses):
-                for r in replies:
-                    if r[-1] not in self.eos_token_ids:
-                        raise ValueError(
-                            f"allowed_responses[{i}] has a reply not ending with an EOS token "
-                            f"{self.eos_token_ids}: {list(r)[-5:]}"
-                        )
+            check_replies_end_with_eos(allowed_responses, self.eos_token_ids)
             allowed = pad_allowed_responses(allowed_responses, self.device)
             processors.append(_AllowedRepliesProcessor(allowed, p_len))
 
@@ -199,6 +194,9 @@ class HFSampler(Sampler):
             if tuple(src.shape) != tuple(target.shape):
                 raise ValueError(f"state_dict[{name!r}] has shape {tuple(src.shape)}, expected {tuple(target.shape)}")
             target.data.copy_(src.to(device=target.device, dtype=target.dtype))
+
+    def state_dict(self) -> Mapping[str, torch.Tensor]:
+        return self.model.state_dict()
 
     def close(self) -> None:
         """Drop the model. Idempotent."""

