@@ -131,10 +131,12 @@ def test_constrained_replies_are_always_allowed_and_scored_like_the_learner(samp
 
 def test_seeds_reproduce_and_identical_prompts_draw_different_replies(sampler, learner_model):
     _, tokenizer = learner_model
-    prompt = multi_turn_prompt(tokenizer, turns=0)
+    # More prompt tokens than one engine step takes (4,096): seeded requests must survive a multi-step prefill.
+    prompts = [multi_turn_prompt(tokenizer, turns=6)] * 40
+    assert sum(map(len, prompts)) > 4096
     params = SamplingParams(temperature=1.0, max_new_tokens=8)
-    first = [c.token_ids for c in sampler.generate([prompt] * 6, params, seed=5)]
-    again = [c.token_ids for c in sampler.generate([prompt] * 6, params, seed=5)]
+    first = [c.token_ids for c in sampler.generate(prompts, params, seed=5)]
+    again = [c.token_ids for c in sampler.generate(prompts, params, seed=5)]
     assert first == again
     assert len({tuple(ids) for ids in first}) > 1
 

