@@ -76,6 +76,27 @@ def allowed_replies(tokenizer) -> list[list[int]]:
             for word in ACTIONS]
 
 
+def engine_scores(sampler, prompt: list[int], reply: list[int]) -> torch.Tensor:
+    """The engine's log-probs of a *fixed* reply (vLLM's prompt log-probs, taken before any temperature: compare
+    them with the learner's at temperature 1)."""
+    from vllm import SamplingParams as EngineSamplingParams
+    from vllm.inputs import TokensPrompt
+
+    output = sampler.llm.generate([TokensPrompt(prompt_token_ids=prompt + reply)],
+                                  EngineSamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False),
+                                  use_tqdm=False)[0]
+    steps = output.prompt_logprobs[len(prompt):]
+    return torch.tensor([step[token].logprob for token, step in zip(reply, steps)])
+
+
+def learner_scores(model, prompt: list[int], reply: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt + reply])
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    response[0, len(prompt):] = True
+    with torch.no_grad():
+        return forward_token_logprobs(model, ids, torch.ones_like(ids), response)[0][0, len(prompt):]
+
+
 def train_a_little(model, prompt: list[int], target: list[int]) -> None:
     """Stands in for a learner update: a few Adam steps that make ``target`` more likely after ``prompt``."""
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -95,6 +116,9 @@ def test_engine_logprobs_follow_the_learner_through_an_update_and_a_sync(sampler
     model, tokenizer = learner_model
     params = SamplingParams(temperature=TEMPERATURE, max_new_tokens=12)
     prompt = multi_turn_prompt(tokenizer)
+    fixed_reply = allowed_replies(tokenizer)[0]
+    engine_before = engine_scores(sampler, prompt, fixed_reply)
+    assert (engine_before - learner_scores(model, prompt, fixed_reply)).abs().max() <= 1e-3
     before = sampler.generate([prompt], params, seed=1)[0]
     assert gap(model, prompt, before) <= 1e-3
     # The prompt is now in the prefix cache: a second request reuses its KV.
@@ -104,11 +128,13 @@ def test_engine_logprobs_follow_the_learner_through_an_update_and_a_sync(sampler
     assert gap(model, prompt, before) > 0.05, "the update changed nothing"
     sync(sampler, model)
 
+    # The prompt was cached before the sync: the first request after it must not reuse that (stale) KV.
     after = sampler.generate([prompt], params, seed=1)[0]
     assert after.extra["cached_tokens"] == 0, "the sync must clear the prefix cache"
     assert gap(model, prompt, after) <= 1e-3
-    if after.token_ids == before.token_ids:  # same seed, same draw: the engine's numbers moved with the weights
-        assert (torch.tensor(after.logprobs) - torch.tensor(before.logprobs)).abs().max() > 0.05
+    engine_after = engine_scores(sampler, prompt, fixed_reply)
+    assert (engine_after - learner_scores(model, prompt, fixed_reply)).abs().max() <= 1e-3
+    assert (engine_after - engine_before).abs().max() > 0.05
 
 
 def test_constrained_replies_are_always_allowed_and_scored_like_the_learner(sampler, learner_model):
