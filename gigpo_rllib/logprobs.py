@@ -77,6 +77,94 @@ def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tens
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def _response_positions(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)`` of the response tokens, each ``(N,)``; checks that no response starts at position 0."""
+    mask = response_mask.to(torch.bool)
+    if mask[:, 0].any():
+        raise ValueError("response_mask must be False at position 0 (a response needs a prompt before it)")
+    return mask.nonzero(as_tuple=True)
+
+
+def _response_candidates(allowed_responses: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                         rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The allowed tokens at each response position (the prefix-trie rule of the module docstring).
+
+    Returns ``(candidates (N, K) int64, -1 padded; constrained (N,) bool)``; an unconstrained row gives all -1.
+    """
+    bsz, seq = input_ids.shape
+    _check_allowed(allowed_responses, bsz)
+    allowed = allowed_responses.to(device=input_ids.device, dtype=torch.long)
+    length = allowed.shape[2]
+    mask = response_mask.to(torch.bool)
+    constrained_row = (allowed != PAD_REPLY_ID).any(dim=(1, 2))  # (B,)
+    has_response = mask.any(-1)
+    start = torch.where(has_response, mask.to(torch.long).argmax(-1), torch.zeros_like(has_response, dtype=torch.long))
+    # The response's first L tokens, -2 (matches nothing) beyond the row or the response.
+    pos = start.unsqueeze(-1) + torch.arange(length, device=input_ids.device)  # (B, L)
+    in_seq = pos < seq
+    pos_c = pos.clamp(max=seq - 1)
+    response = torch.where(in_seq & mask.gather(1, pos_c), input_ids.to(torch.long).gather(1, pos_c), -2)
+    # prefix_ok[b, k, t] = reply k and the response agree on their first t tokens.
+    agree = torch.cumprod((allowed == response.unsqueeze(1)).to(torch.long), dim=-1).to(torch.bool)
+    prefix_ok = torch.cat([torch.ones_like(agree[:, :, :1]), agree[:, :, :-1]], dim=-1)
+    per_step = _dedupe(allowed.masked_fill(~prefix_ok, PAD_REPLY_ID).transpose(1, 2))  # (B, L, K)
+    step = cols - start[rows]  # (N,) response step
+    candidates = per_step[rows, step.clamp(max=length - 1)]
+    candidates = candidates.masked_fill(~(step < length).unsqueeze(-1), PAD_REPLY_ID)
+    return candidates, constrained_row[rows]
+
+
+def _token_logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                                candidates: torch.Tensor | None, constrained: torch.Tensor | None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob and entropy of ``tokens`` under ``softmax(logits / temperature)``, restricted to ``candidates`` on
+    constrained positions. ``logits`` (n, V) any float dtype, ``tokens`` (n,) -> two (n,) float32 tensors.
+
+    Raises ValueError when a constrained position's token is not among its candidates.
+    """
+    z = logits.float() / float(temperature)
+    z_token = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    lse = torch.logsumexp(z, dim=-1)
+    logprobs = z_token - lse
+    entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+    if candidates is None:
+        return logprobs, entropy
+    valid = candidates != PAD_REPLY_ID
+    z_candidates = z.gather(-1, candidates.clamp(min=0)).masked_fill(~valid, float("-inf"))  # (n, K)
+    token_allowed = ((candidates == tokens.unsqueeze(-1)) & valid).any(-1)
+    bad = constrained & ~token_allowed
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"allowed_responses: the response token {int(tokens[i])} (response token {i} of the batch) "
+                         "is not a continuation of any allowed reply of its row")
+    # Unconstrained positions get a finite dummy, so no NaN can reach the gradient through torch.where.
+    z_candidates = torch.where(constrained.unsqueeze(-1), z_candidates, torch.zeros_like(z_candidates))
+    lse_candidates = torch.logsumexp(z_candidates, dim=-1)
+    p_candidates = torch.softmax(z_candidates, dim=-1)
+    entropy_candidates = lse_candidates - (p_candidates * z_candidates.masked_fill(~valid, 0.0)).sum(-1)
+    logprobs = torch.where(constrained, z_token - lse_candidates, logprobs)
+    entropy = torch.where(constrained, entropy_candidates, entropy)
+    return logprobs, entropy
+
+
+def _check_shapes(input_ids: torch.Tensor, response_mask: torch.Tensor, temperature: float) -> None:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (B, S), got {tuple(input_ids.shape)}")
+    if tuple(response_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"response_mask must have shape {tuple(input_ids.shape)}, got {tuple(response_mask.shape)}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+
+
+def _scatter_to_rows(values: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor,
+                     shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    out = []
+    for value in values:
+        full = torch.zeros(shape, dtype=torch.float32, device=value.device)
+        out.append(full.index_put((rows, cols), value))
+    return out[0], out[1]
+
+
 def sequence_token_logprobs(
     logits: torch.Tensor,
     input_ids: torch.Tensor,
@@ -105,78 +193,37 @@ def sequence_token_logprobs(
         ValueError: bad shapes/temperature, a response at position 0, or a response token outside the
             allowed replies of a constrained row.
     """
-    if logits.dim() != 3:
-        raise ValueError(f"logits must have shape (B, S, V), got {tuple(logits.shape)}")
-    bsz, seq, _ = logits.shape
-    if tuple(input_ids.shape) != (bsz, seq):
-        raise ValueError(f"input_ids must have shape {(bsz, seq)} like logits, got {tuple(input_ids.shape)}")
-    if tuple(response_mask.shape) != (bsz, seq):
-        raise ValueError(f"response_mask must have shape {(bsz, seq)}, got {tuple(response_mask.shape)}")
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-    mask = response_mask.to(torch.bool)
-    if mask[:, 0].any():
-        raise ValueError("response_mask must be False at position 0 (a response needs a prompt before it)")
-
-    out_lp = torch.zeros(bsz, seq, dtype=torch.float32, device=logits.device)
-    out_ent = torch.zeros(bsz, seq, dtype=torch.float32, device=logits.device)
-    rows, cols = mask.nonzero(as_tuple=True)  # (N,), (N,)
-    if rows.numel() == 0:
-        return out_lp, out_ent
-
-    z = logits[rows, cols - 1].float() / float(temperature)  # (N, V)
-    tok = input_ids[rows, cols].to(torch.long)  # (N,)
-    z_tok = z.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
-    lse = torch.logsumexp(z, dim=-1)
-    lp = z_tok - lse
-    ent = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
-
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(input_ids.shape):
+        raise ValueError(f"logits must have shape (B, S, V) with (B, S) = input_ids' {tuple(input_ids.shape)}, got "
+                         f"{tuple(logits.shape)}")
+    _check_shapes(input_ids, response_mask, temperature)
+    rows, cols = _response_positions(response_mask)
+    candidates = constrained = None
     if allowed_responses is not None:
-        _check_allowed(allowed_responses, bsz)
-        allowed = allowed_responses.to(device=logits.device, dtype=torch.long)
-        length = allowed.shape[2]
-        constrained_row = (allowed != PAD_REPLY_ID).any(dim=(1, 2))  # (B,)
-        has_resp = mask.any(-1)
-        start = torch.where(has_resp, mask.to(torch.long).argmax(-1), torch.zeros_like(has_resp, dtype=torch.long))
-        # The response's first L tokens, -2 (matches nothing) beyond the row or the response.
-        j = torch.arange(length, device=logits.device)
-        pos = start.unsqueeze(-1) + j  # (B, L)
-        in_seq = pos < seq
-        pos_c = pos.clamp(max=seq - 1)
-        resp = torch.where(in_seq & mask.gather(1, pos_c), input_ids.to(torch.long).gather(1, pos_c), -2)
-        eq = allowed == resp.unsqueeze(1)  # (B, K, L)
-        # prefix_ok[b, k, t] = replies k and the response agree on their first t tokens.
-        ok = torch.cumprod(eq.to(torch.long), dim=-1).to(torch.bool)
-        prefix_ok = torch.cat([torch.ones_like(ok[:, :, :1]), ok[:, :, :-1]], dim=-1)
-        cand = _dedupe(allowed.masked_fill(~prefix_ok, PAD_REPLY_ID).transpose(1, 2))  # (B, L, K)
+        candidates, constrained = _response_candidates(allowed_responses, input_ids, response_mask, rows, cols)
+    token_values = _token_logprobs_from_logits(logits[rows, cols - 1], input_ids[rows, cols].to(torch.long),
+                                               temperature, candidates, constrained)
+    return _scatter_to_rows(token_values, rows, cols, tuple(input_ids.shape))
 
-        t = cols - start[rows]  # (N,) response step
-        t_ok = t < length
-        c = cand[rows, t.clamp(max=length - 1)]  # (N, K)
-        c = c.masked_fill(~t_ok.unsqueeze(-1), PAD_REPLY_ID)
-        valid = c != PAD_REPLY_ID
-        zc = z.gather(-1, c.clamp(min=0)).masked_fill(~valid, float("-inf"))  # (N, K)
-        is_con = constrained_row[rows]
-        tok_allowed = ((c == tok.unsqueeze(-1)) & valid).any(-1)
-        bad = is_con & ~tok_allowed
-        if bad.any():
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                "allowed_responses: the response token "
-                f"{int(tok[i])} at row {int(rows[i])}, position {int(cols[i])} (response step {int(t[i])}) "
-                "is not a continuation of any allowed reply of that row"
-            )
-        # Fill unconstrained rows with a finite dummy so no NaN can reach the gradient through torch.where.
-        zc = torch.where(is_con.unsqueeze(-1), zc, torch.zeros_like(zc))
-        lse_c = torch.logsumexp(zc, dim=-1)
-        p_c = torch.softmax(zc, dim=-1)
-        ent_c = lse_c - (p_c * zc.masked_fill(~valid, 0.0)).sum(-1)
-        lp = torch.where(is_con, z_tok - lse_c, lp)
-        ent = torch.where(is_con, ent_c, ent)
 
-    out_lp = out_lp.index_put((rows, cols), lp)
-    out_ent = out_ent.index_put((rows, cols), ent)
-    return out_lp, out_ent
+# Logits are materialised for at most this many (token, vocabulary) entries at once: 2^27 float32 values are
+# 0.5 GiB, about 880 response tokens of a 152k vocabulary.
+LOGIT_CHUNK_ELEMENTS = 1 << 27
+# Configs whose logits are more than ``output_layer(hidden)``; such models are scored through their full forward.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def scores_response_positions_only(model: torch.nn.Module) -> bool:
+    """Whether :func:`forward_token_logprobs` can apply ``model``'s output layer at response positions only: the
+    model has a decoder and an output layer, and its config transforms the logits no further."""
+    has_parts = callable(getattr(model, "get_decoder", None)) and model.get_output_embeddings() is not None
+    config = getattr(model, "config", None)
+    return has_parts and not any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
+
+
+def _chunk_values(output_layer, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                  candidates: torch.Tensor | None, constrained: torch.Tensor | None):
+    return _token_logprobs_from_logits(output_layer(hidden), tokens, temperature, candidates, constrained)
 
 
 def forward_token_logprobs(
@@ -187,19 +234,52 @@ def forward_token_logprobs(
     *,
     temperature: float = 1.0,
     allowed_responses: torch.Tensor | None = None,
+    response_only: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run a Hugging Face causal LM on (B, S) ids and return :func:`sequence_token_logprobs` of it.
+    """Run a Hugging Face causal LM on (B, S) ids and return the :func:`sequence_token_logprobs` of its responses.
 
-    Position ids come from ``attention_mask`` (so left- and right-padded rows give the same values). This
-    is the exact computation both the sampler and the learner use. Returns ``(logprobs, entropy)`` (B, S).
+    Position ids come from ``attention_mask`` (so left- and right-padded rows give the same values). This is the
+    exact computation both the sampler and the learner use.
+
+    Only the logits that are used are computed (DESIGN.md "Scoring only what is trained"): the decoder runs to
+    hidden states, the hidden state before each response token is gathered, and the output layer is applied there,
+    in chunks of :data:`LOGIT_CHUNK_ELEMENTS`; with gradients on, each chunk is recomputed in the backward pass
+    instead of being kept. Memory is then O(response tokens x vocabulary) per chunk instead of
+    O(rows x sequence x vocabulary). ``response_only=False`` (or a model that
+    :func:`scores_response_positions_only` rejects) runs the full forward instead: the same numbers, at the old
+    cost. Returns ``(logprobs, entropy)``, (B, S) float32.
     """
-    position_ids = position_ids_from_attention_mask(attention_mask)
-    logits = model(
-        input_ids=input_ids.to(torch.long),
-        attention_mask=attention_mask.to(torch.long),
-        position_ids=position_ids,
-        use_cache=False,
-    ).logits
-    return sequence_token_logprobs(
-        logits, input_ids, response_mask, temperature=temperature, allowed_responses=allowed_responses
-    )
+    _check_shapes(input_ids, response_mask, temperature)
+    rows, cols = _response_positions(response_mask)
+    candidates = constrained = None
+    if allowed_responses is not None:
+        candidates, constrained = _response_candidates(allowed_responses, input_ids, response_mask, rows, cols)
+    tokens = input_ids[rows, cols].to(torch.long)
+    inputs = dict(input_ids=input_ids.to(torch.long), attention_mask=attention_mask.to(torch.long),
+                  position_ids=position_ids_from_attention_mask(attention_mask), use_cache=False)
+    if not (response_only and scores_response_positions_only(model)):
+        logits = model(**inputs).logits[rows, cols - 1]
+        values = _token_logprobs_from_logits(logits, tokens, temperature, candidates, constrained)
+        return _scatter_to_rows(values, rows, cols, tuple(input_ids.shape))
+
+    hidden = model.get_decoder()(**inputs).last_hidden_state[rows, cols - 1]  # (N, H)
+    output_layer = model.get_output_embeddings()
+    chunk = max(1, LOGIT_CHUNK_ELEMENTS // output_layer.weight.shape[0])
+    recompute = torch.is_grad_enabled() and hidden.shape[0] > chunk
+    logprobs, entropy = [], []
+    for start in range(0, hidden.shape[0], chunk):
+        part = slice(start, start + chunk)
+        args = (output_layer, hidden[part], tokens[part], temperature,
+                None if candidates is None else candidates[part], None if constrained is None else constrained[part])
+        if recompute:
+            from torch.utils.checkpoint import checkpoint
+
+            values = checkpoint(_chunk_values, *args, use_reentrant=False)
+        else:
+            values = _chunk_values(*args)
+        logprobs.append(values[0])
+        entropy.append(values[1])
+    if not logprobs:  # no response token at all
+        empty = torch.zeros(0, device=input_ids.device)
+        return _scatter_to_rows((empty, empty), rows, cols, tuple(input_ids.shape))
+    return _scatter_to_rows((torch.cat(logprobs), torch.cat(entropy)), rows, cols, tuple(input_ids.shape))

@@ -151,6 +151,7 @@ def test_position_ids_any_padding_side():
 
 from gigpo_rllib.sampling import SamplingParams, make_sampler, resolve_backend  # noqa: E402
 from gigpo_rllib.sampling.base import Completion  # noqa: E402
+from gigpo_rllib.sampling.hf import pad_allowed_responses  # noqa: E402
 
 ACTIONS = ("Left", "Down", "Right", "Up")
 
@@ -319,3 +320,72 @@ def test_constraint_keeps_token_zero_when_an_empty_slot_follows_it():
     assert torch.isfinite(scores[0, 0]) and torch.isinf(scores[0, 1:]).all()
     second = processor(torch.tensor([[7, 0]]), torch.zeros(1, 5))
     assert torch.isfinite(second[0, [2, 3]]).all() and torch.isinf(second[0, [0, 1, 4]]).all()
+
+
+# ------------------------------------------------------- forward_token_logprobs: output layer at responses only
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from gigpo_rllib.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer("gigpo-tiny")
+
+
+def _scored_batch(tokenizer, seed=0):
+    """Right-padded rows [prompt, reply, pad] of different lengths, half of them constrained."""
+    g = torch.Generator().manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    replies = [tokenizer(f"<answer>{w}</answer>", add_special_tokens=False)["input_ids"] + [eos]
+               for w in ("Left", "Down", "Right", "Up")]
+    rows, masks, allowed = [], [], []
+    for i in range(6):
+        prompt = torch.randint(3, 1000, (int(torch.randint(5, 30, (1,), generator=g)),), generator=g).tolist()
+        reply = replies[i % 4]
+        rows.append(prompt + reply)
+        masks.append([False] * len(prompt) + [True] * len(reply))
+        allowed.append(replies if i % 2 else [])
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    response = torch.tensor([m + [False] * (width - len(m)) for m in masks])
+    return ids, attention, response, pad_allowed_responses(allowed)
+
+
+def test_response_only_scoring_equals_the_full_forward_with_gradients(tiny_model, monkeypatch):
+    import gigpo_rllib.logprobs as logprobs_module
+    from gigpo_rllib.logprobs import forward_token_logprobs, scores_response_positions_only
+
+    model, tokenizer = tiny_model
+    assert scores_response_positions_only(model)
+    ids, attention, response, allowed = _scored_batch(tokenizer)
+
+    def scored(response_only):
+        model.zero_grad()
+        logprobs, entropy = forward_token_logprobs(model, ids, attention, response, temperature=0.7,
+                                                   allowed_responses=allowed, response_only=response_only)
+        (logprobs.sum() + 0.1 * entropy.sum()).backward()
+        return logprobs.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]
+
+    full = scored(False)
+    sliced = scored(True)
+    # Several chunks, each recomputed in the backward pass: still the same numbers.
+    monkeypatch.setattr(logprobs_module, "LOGIT_CHUNK_ELEMENTS", 5 * model.get_output_embeddings().weight.shape[0])
+    chunked = scored(True)
+    for other in (sliced, chunked):
+        torch.testing.assert_close(other[0], full[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(other[1], full[1], rtol=0, atol=1e-5)
+        for mine, reference in zip(other[2], full[2]):
+            torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
+    assert (full[0][response] < 0).any() and (full[0][~response] == 0).all()
+
+
+def test_models_that_transform_logits_use_the_full_forward(tiny_model):
+    from gigpo_rllib.logprobs import scores_response_positions_only
+
+    model, _ = tiny_model
+    model.config.final_logit_softcapping = 30.0
+    try:
+        assert not scores_response_positions_only(model)
+    finally:
+        model.config.final_logit_softcapping = None
