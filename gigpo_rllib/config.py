@@ -194,6 +194,19 @@ class GiGPOConfig(AlgorithmConfig):
             return [self.train_env_manager["num_env_groups"]]
         return list(self.train_env_manager["num_groups_partition"])
 
+    def torch_threads(self, *, remote_learner: bool = False, remote_runner: bool = False) -> int:
+        """Torch threads of a learner or env-runner process: the CPUs Ray reserves for it (``num_cpus_per_learner``,
+        ``num_cpus_per_env_runner``; the driver, which holds the local learner and runner, ``num_cpus_for_main_
+        process``). More threads than reserved CPUs make every process slower on a shared machine."""
+        if remote_learner:
+            cpus = self.num_cpus_per_learner
+            cpus = 1 if cpus == "auto" else cpus
+        elif remote_runner:
+            cpus = self.num_cpus_per_env_runner
+        else:
+            cpus = self.num_cpus_for_main_process
+        return max(1, int(cpus))
+
     @property
     def runner_device(self) -> str:
         return "cuda" if self.num_gpus_per_env_runner else "cpu"

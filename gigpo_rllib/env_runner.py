@@ -13,6 +13,7 @@ from typing import Any
 
 import gymnasium as gym
 import ray
+import torch
 from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.env.env_runner import EnvRunner
 from ray.rllib.utils.checkpoints import Checkpointable
@@ -61,6 +62,7 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
 
     def __init__(self, *, config, **kwargs):
         super().__init__(config=config, **kwargs)
+        torch.set_num_threads(config.torch_threads(remote_runner=self.worker_index > 0))
         self.sampler = make_sampler(config.sampler_backend, config.model_name_or_path, device=config.runner_device,
                                     dtype=config.model_dtype, max_model_len=config.sequence_length,
                                     seed=config.seed or 0, engine_kwargs=config.vllm_engine_kwargs)

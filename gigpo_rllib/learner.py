@@ -113,6 +113,7 @@ class GiGPOTorchLearner(TorchLearner):
 
     def build(self) -> None:
         super().build()
+        torch.set_num_threads(self.config.torch_threads(remote_learner=self.config.num_learners > 0))
         self._reference_model = None
         if self.config.init_kl_coef > 0:
             # A frozen copy of the initial policy; kept only when the KL term is on.
