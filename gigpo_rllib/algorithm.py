@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from ray.rllib.algorithms.algorithm import Algorithm
@@ -39,6 +39,27 @@ WEIGHT_SYNC_TIMEOUT_S = 600.0
 THIS_ITERATION = {"reduce": "mean", "window": 1}
 
 
+def episode_group_seeds(first_draw: int, count: int, base: int, pool_size: int | None) -> list[int]:
+    """Env seeds of ``count`` episode groups, the ``first_draw``-th group drawn so far coming first.
+
+    Without a pool every group gets a fresh seed, ``base + draw``. With a pool of N seeds (``base .. base + N-1``)
+    the draws walk the pool in a new random order on every pass (draws ``k·N .. (k+1)·N − 1`` are one permutation,
+    seeded by ``base`` and ``k``), so every pool seed is used equally often and a batch of at most N groups holds
+    no seed twice.
+    """
+    draws = range(first_draw, first_draw + count)
+    if pool_size is None:
+        return [base + draw for draw in draws]
+    orders: dict[int, np.ndarray] = {}
+    seeds = []
+    for draw in draws:
+        epoch = draw // pool_size
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng(mix_seeds(base, epoch)).permutation(pool_size)
+        seeds.append(base + int(orders[epoch][draw % pool_size]))
+    return seeds
+
+
 class GiGPO(Algorithm):
     """GiGPO (arXiv 2505.10978) for LLM agents on text environments; configure it with :class:`GiGPOConfig`."""
 
@@ -52,22 +73,25 @@ class GiGPO(Algorithm):
 
         tokenizer = load_tokenizer(config.model_name_or_path)
         self._pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        base = config.seed if config.seed is not None else 0
-        self._next_train_seed = base
-        self._next_val_seed = base + VALIDATION_SEED_OFFSET
+        # Episode groups drawn so far, for training and for validation: they index the env seeds (see
+        # episode_group_seeds) and seed the sampling, so a resumed run continues where it stopped.
+        self._train_draws = 0
+        self._val_draws = 0
 
     # ------------------------------------------------------------------------------------ the iteration
 
     def training_step(self) -> None:
         config = self.config
         group_size = config.train_env_manager["group_size"]
-        first_seed = self._next_train_seed
-        groups = self._groups(config.groups_per_tag, first_seed)
-        self._next_train_seed += len(groups)
+        count = sum(config.groups_per_tag)
+        seeds = episode_group_seeds(self._train_draws, count, self._base_seed, config.train_env_manager["seed_pool"])
+        groups = self._groups(config.groups_per_tag, seeds)
+        sampling_seed = self._base_seed + self._train_draws
+        self._train_draws += count
 
         with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER), **THIS_ITERATION):
             started = time.perf_counter()
-            rollout = self._rollout(groups, group_size, seed=first_seed)
+            rollout = self._rollout(groups, group_size, seed=sampling_seed)
             sample_seconds = time.perf_counter() - started
         self._log_rollout(rollout, ENV_RUNNER_RESULTS, sample_seconds)
         self.metrics.log_value((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), len(rollout["rewards"]),
@@ -90,26 +114,42 @@ class GiGPO(Algorithm):
         if config.val_interval and (self.iteration + 1) % config.val_interval == 0:
             self.validate()
 
-    def validate(self) -> dict[str, float]:
-        """Roll out ``val_batch_size`` single episodes on fresh validation seeds; logs and returns the metrics."""
+    def validate(self) -> dict[str, Any]:
+        """Roll out ``val_batch_size`` single episodes on held-out seeds (never used in training); with a
+        ``seed_pool``, also ``val_batch_size`` episodes on the pool's seeds. Logs and returns the metrics:
+        ``{metric: value}`` without a pool, ``{"pool": {...}, "held_out": {...}}`` with one."""
         config = self.config
         weights = np.asarray(config.groups_per_tag, dtype=np.float64)
         per_tag = np.floor(weights / weights.sum() * config.val_batch_size).astype(int)
         per_tag[0] += config.val_batch_size - per_tag.sum()
-        first_seed = self._next_val_seed
-        groups = self._groups(per_tag.tolist(), first_seed)
-        self._next_val_seed += len(groups)
+        pool = config.train_env_manager["seed_pool"]
+        held_out = [self._base_seed + VALIDATION_SEED_OFFSET + self._val_draws + i for i in range(config.val_batch_size)]
+        if pool is None:
+            return self._validation_rollout(per_tag, held_out, (VALIDATION_RESULTS,))
+        pool_seeds = [self._base_seed + i % pool for i in range(config.val_batch_size)]
+        return {"pool": self._validation_rollout(per_tag, pool_seeds, (VALIDATION_RESULTS, "pool")),
+                "held_out": self._validation_rollout(per_tag, held_out, (VALIDATION_RESULTS, "held_out"))}
+
+    def _validation_rollout(self, per_tag: np.ndarray, seeds: list[int], key: tuple[str, ...]) -> dict[str, float]:
+        groups = self._groups(per_tag.tolist(), seeds)
+        sampling_seed = self._base_seed + VALIDATION_SEED_OFFSET + self._val_draws
+        self._val_draws += len(groups)
         started = time.perf_counter()
-        rollout = self._rollout(groups, group_size=1, seed=first_seed)
-        return self._log_rollout(rollout, VALIDATION_RESULTS, time.perf_counter() - started)
+        rollout = self._rollout(groups, group_size=1, seed=sampling_seed)
+        return self._log_rollout(rollout, key, time.perf_counter() - started)
 
     # ----------------------------------------------------------------------------------------- sampling
 
-    def _groups(self, groups_per_tag: list[int], first_seed: int) -> list[GroupSpec]:
+    @property
+    def _base_seed(self) -> int:
+        return self.config.seed if self.config.seed is not None else 0
+
+    def _groups(self, groups_per_tag: list[int], seeds: Sequence[int]) -> list[GroupSpec]:
+        """Episode groups of each tag, in tag order, taking their env seeds from ``seeds`` in order."""
         groups = []
         for tag_id, (tag, count) in enumerate(zip(self.config.env_tags, groups_per_tag)):
             for _ in range(count):
-                groups.append(GroupSpec(group_id=len(groups), tag=tag, tag_id=tag_id, seed=first_seed + len(groups)))
+                groups.append(GroupSpec(group_id=len(groups), tag=tag, tag_id=tag_id, seed=int(seeds[len(groups)])))
         return groups
 
     def _rollout(self, groups: list[GroupSpec], group_size: int, seed: int) -> dict[str, Any]:
@@ -138,7 +178,7 @@ class GiGPO(Algorithm):
                            failure["error"])
         return rollout
 
-    def _log_rollout(self, rollout: dict[str, Any], key: str, seconds: float) -> dict[str, float]:
+    def _log_rollout(self, rollout: dict[str, Any], key: str | tuple[str, ...], seconds: float) -> dict[str, float]:
         episodes = rollout["episodes"]
         steps = len(rollout["rewards"])
         response_tokens = sum(len(r) for r in rollout["response_ids"])
@@ -157,8 +197,9 @@ class GiGPO(Algorithm):
             "prefix_cache_hit_rate": rollout["token_counts"]["cached"] / max(rollout["token_counts"]["prompt"], 1),
             "env_step_time_s": rollout["timing"]["env_step_s"],
         }
+        prefix = key if isinstance(key, tuple) else (key,)
         for name, value in metrics.items():
-            self.metrics.log_value((key, name), value, window=1)
+            self.metrics.log_value((*prefix, name), value, window=1)
         return metrics
 
     # ------------------------------------------------------------------------------------------- update
@@ -186,11 +227,11 @@ class GiGPO(Algorithm):
 
     def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
         state = super().get_state(components, not_components=not_components, **kwargs)
-        state["seed_counters"] = {"train": self._next_train_seed, "validation": self._next_val_seed}
+        state["seed_counters"] = {"train": self._train_draws, "validation": self._val_draws}
         return state
 
     def set_state(self, state: dict[str, Any]) -> None:
         super().set_state(state)
         counters = state.get("seed_counters")
         if counters:
-            self._next_train_seed, self._next_val_seed = counters["train"], counters["validation"]
+            self._train_draws, self._val_draws = counters["train"], counters["validation"]

@@ -70,10 +70,13 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("sequence_length", 1024, "Token budget of prompt + reply per turn; the oldest history turns are "
               "dropped first to fit (counted in `prompt_truncations`)."),
     ConfigKey("train_env_manager", {"max_env_num_per_worker": 16, "num_env_groups": 128, "group_size": 8,
-                                    "tags": ["FrozenLake"], "num_groups_partition": [128]},
+                                    "tags": ["FrozenLake"], "num_groups_partition": [128], "seed_pool": None},
               "`num_env_groups` groups of `group_size` envs reset with one seed each; `tags` name the env "
               "families (a tag or a Gymnasium id) and `num_groups_partition` how many groups each gets; an env "
-              "runner steps at most `max_env_num_per_worker` envs at once."),
+              "runner steps at most `max_env_num_per_worker` envs at once. `seed_pool`: `null` gives every group a "
+              "fresh seed (a new map or puzzle every time); N draws the group seeds from a fixed pool of N seeds "
+              "(`seed` .. `seed` + N − 1, each used equally often), and validation then reports the pool and "
+              "held-out seeds separately (`validation/pool/`, `validation/held_out/`)."),
     ConfigKey("env_manager_cls", "StepEnvManager", "The trajectory collector. GiGPO needs the per-step one "
               "(`StepEnvManager`, also accepted as ROLL's dotted path); a per-trajectory collector is rejected."),
     # ----- the LLM policy
@@ -318,6 +321,9 @@ class GiGPOConfig(AlgorithmConfig):
         for name in ("max_env_num_per_worker", "num_env_groups", "group_size"):
             _require(isinstance(manager[name], int) and manager[name] >= 1, f"train_env_manager.{name}",
                      "an integer >= 1", manager[name])
+        pool = manager["seed_pool"]
+        _require(pool is None or (isinstance(pool, int) and not isinstance(pool, bool) and pool >= 1),
+                 "train_env_manager.seed_pool", "null (fresh seeds) or an integer >= 1 (the pool's size)", pool)
         if not (isinstance(self.env, str) and self.env):
             tags, partition = manager["tags"], manager["num_groups_partition"]
             _require(isinstance(tags, list) and len(tags) >= 1, "train_env_manager.tags", "a non-empty list", tags)

@@ -9,3 +9,12 @@ SEED_VALUES = {
     "train_env_manager": {"max_env_num_per_worker": 16, "num_env_groups": 128, "group_size": 8,
                           "tags": ["FrozenLake"], "num_groups_partition": [128]},
 }
+
+
+def has_seed_value(config, key: str) -> bool:
+    """Whether ``config.key`` holds the seed value; a nested key may carry further sub-keys of ours (with the seed's
+    sub-keys unchanged)."""
+    value, seed = getattr(config, key), SEED_VALUES[key]
+    if isinstance(seed, dict):
+        return isinstance(value, dict) and {name: value.get(name) for name in seed} == seed
+    return value == seed

@@ -102,7 +102,7 @@ def test_two_learners_give_the_single_learner_advantages(ray_session, grouping):
     algo = config.learners(num_learners=2).build()
     by = "tag_ids" if grouping == "tags" else "group_ids"
     try:
-        rollout = algo._rollout(algo._groups([2, 2], first_seed=100), group_size=2, seed=0)
+        rollout = algo._rollout(algo._groups([2, 2], seeds=range(100, 104)), group_size=2, seed=0)
         batch = pad_token_batch(rollout, pad_token_id=0, allowed_replies=rollout["allowed_replies"])
         shards = [take_rows(batch, rows) for rows in shard_rows(batch, 2, by=by)]
 
@@ -135,7 +135,7 @@ def test_grpo_baseline_uses_episode_advantages_only(ray_session, episode_stats):
     algo = tiny_config(adv_estimator="grpo", whiten_advantages=False, advantage_clip=None,
                        episode_advantage_stats=episode_stats).build()
     try:
-        rollout = algo._rollout(algo._groups([2], first_seed=7), group_size=2, seed=0)
+        rollout = algo._rollout(algo._groups([2], seeds=[7, 8]), group_size=2, seed=0)
         batch = pad_token_batch(rollout, pad_token_id=0, allowed_replies=rollout["allowed_replies"])
         columns = {k: torch.as_tensor(v) for k, v in batch.items()}
         (call,) = algo.learner_group.foreach_learner(lambda learner: learner.compute_advantages(columns))
@@ -206,14 +206,34 @@ def test_tune_runs_gigpo_by_name(ray_session, tmp_path):
     assert result.metrics["training_iteration"] == 1
 
 
-def test_validation_uses_its_own_seeds(ray_session):
-    algo = tiny_config(val_batch_size=3, val_interval=1).build()
+@pytest.mark.parametrize("pool", [None, 3])
+def test_validation_seeds_are_held_out_and_a_pool_is_validated_separately(ray_session, pool):
+    algo = tiny_config(val_batch_size=3, val_interval=1,
+                      train_env_manager={"num_env_groups": 2, "group_size": 2, "seed_pool": pool}).build()
+    rollouts = []  # (group_size, env seeds) of every rollout
+    sample = algo._rollout
+
+    def recording(groups, group_size, seed):
+        rollouts.append((group_size, [group.seed for group in groups]))
+        return sample(groups, group_size, seed)
+
+    algo._rollout = recording
     try:
-        result = algo.train()
-        assert result["validation"]["num_episodes"] == 3
-        assert algo.get_state()["seed_counters"]["validation"] > algo.get_state()["seed_counters"]["train"] + 1_000_000
+        results = [algo.train() for _ in range(2)]
     finally:
         algo.stop()
+    train_seeds = {seed for size, seeds in rollouts if size == 2 for seed in seeds}
+    validation = [seeds for size, seeds in rollouts if size == 1]
+    if pool is None:
+        assert results[-1]["validation"]["num_episodes"] == 3
+        assert len(validation) == 2 and not train_seeds & {seed for seeds in validation for seed in seeds}
+    else:
+        assert train_seeds <= {0, 1, 2}
+        pool_runs, held_out_runs = validation[0::2], validation[1::2]
+        assert all(set(seeds) <= {0, 1, 2} for seeds in pool_runs)
+        assert not {0, 1, 2} & {seed for seeds in held_out_runs for seed in seeds}
+        for part in ("pool", "held_out"):
+            assert results[-1]["validation"][part]["num_episodes"] == 3
 
 
 def test_reference_model_only_when_kl_is_on(ray_session):
@@ -274,7 +294,7 @@ def test_learner_adjusts_and_shuffles_after_the_advantages(ray_session):
 
     algo = tiny_config(minibatch_size=5).build()
     try:
-        rollout = algo._rollout(algo._groups([2], first_seed=11), group_size=2, seed=0)
+        rollout = algo._rollout(algo._groups([2], seeds=[11, 12]), group_size=2, seed=0)
         batch = pad_token_batch(rollout, pad_token_id=0, allowed_replies=rollout["allowed_replies"])
 
         def adjust(learner):
