@@ -74,13 +74,15 @@ def make_llm_env(
     canonicalize: Canonicalizer | None = None,
     anchor_bits: int = 64,
     include_canonical_text: bool = False,
+    instructions: str | None = None,
     **env_kwargs: Any,
 ) -> gym.Env:
     """``AnchorStateWrapper(LLMActionWrapper(base_env))`` for a config tag, a registered Gymnasium id, or
     ``"module:EnvId"`` (the module is imported first, which registers the id).
 
     ``step`` takes the model's raw reply; ``info`` carries ``anchor_id`` and ``action_is_valid``; the prompt text
-    is ``env.get_wrapper_attr("instructions")`` (it ends with the answer format).
+    is ``env.get_wrapper_attr("instructions")`` (``instructions`` when given, else the env's own, else a generic
+    text; it ends with the answer format).
     """
     registered_limit = None
     if tag_or_id in TAGS:
@@ -95,7 +97,7 @@ def make_llm_env(
     # A user env registered with max_episode_steps keeps that budget (the LLM wrapper enforces it).
     max_steps = getattr(base, "max_steps", None) or registered_limit
     llm_env = LLMActionWrapper(base, invalid_action_penalty=invalid_action_penalty, require_think=require_think,
-                               max_steps=max_steps)
+                               max_steps=max_steps, instructions=instructions)
     return AnchorStateWrapper(llm_env, canonicalize=canonicalize, bits=anchor_bits,
                               include_canonical_text=include_canonical_text)
 

@@ -23,6 +23,10 @@ Rows go top to bottom, columns left to right. Moving off the edge of the map lea
 Reaching the goal gives reward 1; everything else gives 0.
 Actions: {", ".join(ACTION_WORDS)}."""
 
+COMPACT_INSTRUCTIONS = (f"FrozenLake: move {PLAYER} to {GOAL}, avoid {HOLE}. Actions: {', '.join(ACTION_WORDS)}.")
+"""About a fifth of the tokens of :data:`INSTRUCTIONS`: for small models and short token budgets."""
+INSTRUCTION_STYLES = ("full", "compact")
+
 
 def generate_lake(size: int, frozen_probability: float, rng: np.random.Generator) -> list[str]:
     """A ``size``x``size`` FrozenLake map (Gymnasium ``desc`` rows of ``S F H G``) with a start-to-goal path.
@@ -92,7 +96,8 @@ class TextFrozenLakeEnv(gym.Env):
         _ O _ _
         _ _ _ G
 
-    ``instructions`` holds the rules, the legend and the action words, separate from the observation.
+    ``instructions`` holds the rules, the legend and the action words, separate from the observation
+    (``instructions_style="compact"``: one line, for small models and short token budgets).
 
     ## Starting State
     The player stands on the random start cell of the seed's lake.
@@ -105,12 +110,13 @@ class TextFrozenLakeEnv(gym.Env):
     ``info["success"]`` (goal reached) is set at the end of every episode.
 
     ## Arguments
-    ``gymnasium.make("TextFrozenLake-v0", size=4, p=0.8, is_slippery=False, max_steps=10)``
+    ``gymnasium.make("TextFrozenLake-v0", size=4, p=0.8, is_slippery=False, max_steps=10, instructions_style="full")``
 
     * ``size``: side of the square lake, >= 2.
     * ``p``: probability that a cell is frozen, in (0, 1].
     * ``is_slippery``: Gymnasium's slippery ice (the intended move succeeds with probability 1/3).
     * ``max_steps``: steps before truncation, >= 1.
+    * ``instructions_style``: ``"full"`` (rules, legend, rewards) or ``"compact"`` (one line).
     * ``render_mode``: ``None`` or ``"ansi"`` (returns the observation text).
     """
 
@@ -123,8 +129,11 @@ class TextFrozenLakeEnv(gym.Env):
         p: float = 0.8,
         is_slippery: bool = False,
         max_steps: int = 10,
+        instructions_style: str = "full",
         render_mode: str | None = None,
     ):
+        if instructions_style not in INSTRUCTION_STYLES:
+            raise ValueError(f"instructions_style must be one of {INSTRUCTION_STYLES}, got {instructions_style!r}")
         if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 2:
             raise ValueError(f"size must be an int >= 2, got {size!r}")
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 < p <= 1.0:
@@ -140,6 +149,7 @@ class TextFrozenLakeEnv(gym.Env):
         self.p = float(p)
         self.is_slippery = is_slippery
         self.max_steps = int(max_steps)
+        self.instructions_style = instructions_style
         self.render_mode = render_mode
         self.action_space = spaces.Discrete(len(ACTION_WORDS))
         self.observation_space = spaces.Text(
@@ -151,7 +161,7 @@ class TextFrozenLakeEnv(gym.Env):
 
     @property
     def instructions(self) -> str:
-        return INSTRUCTIONS
+        return COMPACT_INSTRUCTIONS if self.instructions_style == "compact" else INSTRUCTIONS
 
     def _observation(self) -> str:
         return render_lake(self.desc, divmod(int(self._lake.s), self.size))

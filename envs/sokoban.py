@@ -36,6 +36,11 @@ Rewards: {STEP_REWARD} per step, +{BOX_ON_TARGET_REWARD:g} for pushing a box ont
 {BOX_OFF_TARGET_REWARD:g} for pushing one off, +{SOLVED_REWARD:g} when all boxes are on targets.
 Actions: {", ".join(ACTION_WORDS)}."""
 
+COMPACT_INSTRUCTIONS = (f"Sokoban: you are {PLAYER}; push every {BOX} onto a {TARGET}; {WALL} is a wall. "
+                        f"Actions: {', '.join(ACTION_WORDS)}.")
+"""A fraction of the tokens of :data:`INSTRUCTIONS`: for small models and short token budgets."""
+INSTRUCTION_STYLES = ("full", "compact")
+
 
 @dataclass(frozen=True)
 class Room:
@@ -190,7 +195,8 @@ class TextSokobanEnv(gym.Env):
         # # # # # #
         # # # # # #
 
-    ``instructions`` holds the rules, the legend and the action words.
+    ``instructions`` holds the rules, the legend and the action words (``instructions_style="compact"``: one
+    line, for small models and short token budgets).
 
     ## Starting State
     The generated room: no box layout is solved at the start.
@@ -204,12 +210,13 @@ class TextSokobanEnv(gym.Env):
     solved) is set at the end of every episode.
 
     ## Arguments
-    ``gymnasium.make("TextSokoban-v0", dim_room=(6, 6), num_boxes=1, max_steps=10)``
+    ``gymnasium.make("TextSokoban-v0", dim_room=(6, 6), num_boxes=1, max_steps=10, instructions_style="full")``
 
     * ``dim_room``: ``(height, width)`` including the outer walls, each >= 4.
     * ``num_boxes``: number of boxes (and targets), >= 1.
     * ``max_steps``: steps before truncation, >= 1.
     * ``num_backward_steps``: length of the backward walk of the generator (longer: boxes end farther away).
+    * ``instructions_style``: ``"full"`` (rules, legend, rewards) or ``"compact"`` (one line).
     * ``render_mode``: ``None`` or ``"ansi"`` (returns the observation text).
     """
 
@@ -222,8 +229,11 @@ class TextSokobanEnv(gym.Env):
         num_boxes: int = 1,
         max_steps: int = 10,
         num_backward_steps: int = 60,
+        instructions_style: str = "full",
         render_mode: str | None = None,
     ):
+        if instructions_style not in INSTRUCTION_STYLES:
+            raise ValueError(f"instructions_style must be one of {INSTRUCTION_STYLES}, got {instructions_style!r}")
         if (
             not isinstance(dim_room, (tuple, list))
             or len(dim_room) != 2
@@ -249,6 +259,7 @@ class TextSokobanEnv(gym.Env):
         self.num_boxes = int(num_boxes)
         self.max_steps = int(max_steps)
         self.num_backward_steps = int(num_backward_steps)
+        self.instructions_style = instructions_style
         self.render_mode = render_mode
         self.action_space = spaces.Discrete(len(ACTION_WORDS))
         self.observation_space = spaces.Text(
@@ -261,7 +272,7 @@ class TextSokobanEnv(gym.Env):
 
     @property
     def instructions(self) -> str:
-        return INSTRUCTIONS
+        return COMPACT_INSTRUCTIONS if self.instructions_style == "compact" else INSTRUCTIONS
 
     def _observation(self) -> str:
         return self.room.render(self._boxes, self._player)

@@ -106,6 +106,11 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("top_p", 1.0, "Nucleus-sampling mass in (0, 1]."),
     ConfigKey("top_k", -1, "Sample from the k most likely tokens; -1 disables."),
     ConfigKey("max_new_tokens", 32, "Most tokens generated per turn."),
+    ConfigKey("system_prompt", None, "The task text at the top of every prompt, replacing the env's own "
+              "`instructions`: a string, or `\"module:function\"` naming a function that takes the env tag and "
+              "returns the text. `null` uses the env's `instructions`, or a generic text for envs without them. The "
+              "answer-format line is appended either way. (FrozenLake and Sokoban also offer shorter built-in "
+              "instructions: `env_config: {instructions_style: compact}`.)"),
     ConfigKey("history_length", 2, "Earlier (observation, reply) turns shown in each prompt."),
     ConfigKey("answer_format", "answer", "`answer`: replies are `<answer>ACTION</answer>`; `think_answer`: "
               "`<think>…</think><answer>ACTION</answer>`.", ("answer", "think_answer")),
@@ -289,6 +294,8 @@ class GiGPOConfig(AlgorithmConfig):
         if self.action_constraint and self.answer_format != "answer":
             raise ValueError("action_constraint needs answer_format='answer' (free-form thinking cannot be "
                              f"constrained to a fixed answer set), got answer_format={self.answer_format!r}")
+        _require(self.system_prompt is None or (isinstance(self.system_prompt, str) and self.system_prompt.strip()),
+                 "system_prompt", 'null, a non-empty string, or "module:function"', self.system_prompt)
         _require(self.anchor_canonicalizer is None or (isinstance(self.anchor_canonicalizer, str)
                                                         and ":" in self.anchor_canonicalizer),
                  "anchor_canonicalizer", 'null or "module:function"', self.anchor_canonicalizer)

@@ -9,10 +9,10 @@
 
 The usual stack is ``AnchorStateWrapper(LLMActionWrapper(base_env))``; ``envs.make_llm_env`` builds it.
 
-A *base text env* is any ``gymnasium.Env`` whose observation is text. For :class:`LLMActionWrapper` it also
-declares ``action_words`` (a tuple of words whose index is the env's action, or ``None`` when the answer text
-itself is the action), ``instructions`` (the prompt text: rules, legend, answer format) and optionally
-``max_steps`` (the turn budget that invalid replies count against).
+A *base text env* is any ``gymnasium.Env`` whose observation is text. It may also declare ``action_words`` (a
+tuple of words whose index is the env's action; without it, or ``None``, the answer text itself is the action),
+``instructions`` (the prompt's task text: rules, legend; without it a generic text is used) and ``max_steps``
+(the turn budget that invalid replies count against). None of them is required.
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ _ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", _ASCII_NOCASE | re.DOTALL)
 _THINK_THEN_ANSWER = re.compile(
     r"\s*<think>.*?</think>\s*<answer>(.*?)</answer>\s*", _ASCII_NOCASE | re.DOTALL
 )
+
+
+GENERIC_INSTRUCTIONS = ("You act in a text environment. Each message shows what you observe now; reply with your "
+                        "next action.")
+"""The task text of an env that declares no ``instructions``."""
 
 
 def answer_format(require_think: bool = False, example: str = "Up") -> str:
@@ -128,22 +133,29 @@ class LLMActionWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
     ``<think>...</think><answer>Up</answer>``.
 
     Args:
-        env: a base text env with ``action_words``, ``instructions`` and (optionally) ``max_steps``.
+        env: a base text env (see the module docstring: ``action_words``, ``instructions`` and ``max_steps`` are
+            optional).
         invalid_action_penalty: reward of an invalid reply (usually <= 0).
         require_think: demand a ``<think>...</think>`` block before the answer.
         max_steps: the turn budget; default the env's ``max_steps`` attribute (None: no budget of its own).
+        instructions: the task text of the prompt, replacing the env's own ``instructions`` (the answer format is
+            still appended: the parser needs it followed).
     """
 
     def __init__(self, env: gym.Env, invalid_action_penalty: float = -0.1, require_think: bool = False,
-                 max_steps: int | None = None):
+                 max_steps: int | None = None, instructions: str | None = None):
         gym.utils.RecordConstructorArgs.__init__(
-            self, invalid_action_penalty=invalid_action_penalty, require_think=require_think, max_steps=max_steps
+            self, invalid_action_penalty=invalid_action_penalty, require_think=require_think, max_steps=max_steps,
+            instructions=instructions,
         )
         gym.Wrapper.__init__(self, env)
         if not isinstance(invalid_action_penalty, (int, float)) or isinstance(invalid_action_penalty, bool):
             raise ValueError(f"invalid_action_penalty must be a number, got {invalid_action_penalty!r}")
         if not isinstance(require_think, bool):
             raise ValueError(f"require_think must be True or False, got {require_think!r}")
+        if instructions is not None and (not isinstance(instructions, str) or not instructions.strip()):
+            raise ValueError(f"instructions must be a non-empty str or None, got {instructions!r}")
+        self._instructions_override = instructions
         self.invalid_action_penalty = float(invalid_action_penalty)
         self.require_think = require_think
         self.action_words: tuple[str, ...] | None = _optional_attr(env, "action_words")
@@ -154,9 +166,10 @@ class LLMActionWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     @property
     def instructions(self) -> str:
-        """The wrapped env's instructions followed by the answer format this wrapper parses."""
-        example = self.action_words[0] if self.action_words else "..."
-        base = self.env.get_wrapper_attr("instructions")
+        """The task text (the override, else the wrapped env's ``instructions``, else :data:`GENERIC_INSTRUCTIONS`)
+        followed by the answer format this wrapper parses."""
+        example = self.action_words[0] if self.action_words else "your action"
+        base = self._instructions_override or _optional_attr(self.env, "instructions") or GENERIC_INSTRUCTIONS
         return f"{base}\n{answer_format(self.require_think, example)}"
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):

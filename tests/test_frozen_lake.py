@@ -132,3 +132,15 @@ def test_observation_is_the_bare_grid():
 def test_bad_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=name):
         TextFrozenLakeEnv(**kwargs)
+
+
+@pytest.mark.parametrize("tag", ["FrozenLake", "Sokoban"])
+def test_compact_instructions_are_short_and_name_the_actions(tag):
+    import envs
+
+    full = envs.make_env_from_tag(tag).instructions
+    compact = envs.make_env_from_tag(tag, instructions_style="compact").instructions
+    assert len(compact) * 3 < len(full)
+    assert all(word in compact for word in envs.make_env_from_tag(tag).action_words)
+    with pytest.raises(ValueError, match="instructions_style"):
+        envs.make_env_from_tag(tag, instructions_style="terse")

@@ -253,3 +253,17 @@ def test_similarity_grouping_joins_near_duplicate_states(sampler, threshold, anc
         assert len(set(out["anchor_ids"][out["group_ids"] == group].tolist())) == anchors_per_group
     if threshold is not None:  # never across episode groups
         assert out["anchor_ids"][out["group_ids"] == 0][0] != out["anchor_ids"][out["group_ids"] == 1][0]
+
+
+def shout(tag: str) -> str:
+    return f"Play {tag} loudly."
+
+
+def test_system_prompt_is_text_or_a_function_of_the_tag():
+    from gigpo_rllib.env_runner import system_prompt_for
+
+    assert system_prompt_for(None)("FrozenLake") is None
+    assert system_prompt_for("Rules: be brief.")("FrozenLake") == "Rules: be brief."  # a colon alone is text
+    assert system_prompt_for("tests.test_rollout:shout")("Sokoban") == "Play Sokoban loudly."
+    with pytest.raises(ValueError, match="cannot import"):
+        system_prompt_for("tests.test_rollout:no_such_function")

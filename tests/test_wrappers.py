@@ -251,3 +251,34 @@ def test_wrappers_compose_and_pass_check_env():
     assert valid["action_is_valid"] and not invalid["action_is_valid"]
     assert valid["anchor_id"] != info["anchor_id"] and invalid["anchor_id"] == valid["anchor_id"]
     assert stacked.instructions.startswith("Walk") and stacked.action_words == ("Back", "Forward")
+
+
+class _BareTextEnv(gym.Env):
+    """A text env with none of the project's attributes (no instructions, no action_words, no max_steps)."""
+
+    observation_space = spaces.Text(max_length=32)
+    action_space = spaces.Text(max_length=32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return "a quiet room", {}
+
+    def step(self, action):
+        return f"you said {action}", float(action == "hello"), action == "hello", False, {}
+
+
+def test_an_env_without_instructions_gets_a_generic_prompt_and_free_form_answers():
+    from gigpo_rllib.wrappers import GENERIC_INSTRUCTIONS
+
+    env = LLMActionWrapper(_BareTextEnv())
+    assert env.instructions.startswith(GENERIC_INSTRUCTIONS) and "<answer>" in env.instructions
+    env.reset(seed=0)
+    observation, reward, terminated, _, info = env.step("<answer> hello </answer>")
+    assert (observation, reward, terminated, info["action_is_valid"]) == ("you said hello", 1.0, True, True)
+
+
+def test_instructions_override_keeps_the_answer_format():
+    env = LLMActionWrapper(_BareTextEnv(), instructions="Greet the room.")
+    assert env.instructions.startswith("Greet the room.\n") and "<answer>" in env.instructions
+    with pytest.raises(ValueError, match="instructions"):
+        LLMActionWrapper(_BareTextEnv(), instructions="  ")
