@@ -232,6 +232,16 @@ def test_non_finite_rewards():
         compute_gigpo_advantages(bad, *rest)
 
 
+def test_finite_rewards_whose_sum_overflows_are_accepted():
+    # The finiteness check first looks at the sum; an overflowing sum of finite rewards must not be an error.
+    for dtype, big in ((torch.float64, 1e308), (torch.float32, 3e38)):
+        rewards = torch.tensor([big, big], dtype=dtype)
+        ids = torch.arange(2)
+        assert not torch.isfinite(rewards.sum())
+        out = compute_gigpo_advantages(rewards, ids, torch.zeros(2, dtype=torch.long), ids, ids, method="identity")
+        torch.testing.assert_close(out.episode_returns, rewards)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(method="zscore"), r"method must be one of \['identity', 'mean', 'mean_std', 'asym_clip'\], got 'zscore'"),
     (dict(grouping="episode"), r"grouping must be one of \['traj_group_id', 'tags', 'batch'\]"),
