@@ -218,24 +218,22 @@ def segment_normalize(values: torch.Tensor, segments: torch.Tensor, num_segments
     _check_choice("method", method, NORMALIZATION_METHODS)
     if method == "identity":
         return values.clone()
-    # Statistics per segment first, then gathers per sample: x -> (x - mean) * scale, where scale is 0 for a
-    # segment without a baseline (one sample) or without spread.
+    # Statistics per segment first, then gathers per sample: x -> (x - mean) * scale. A segment of one sample
+    # needs no mask: its mean is the sample itself, so x - mean is exactly 0 (and its σ is 0, no spread). An empty
+    # segment's 0/0 mean is never gathered.
     x = values.to(_STATS_DTYPE)
     zeros = torch.zeros(num_segments, dtype=_STATS_DTYPE, device=x.device)
     counts = zeros.index_add(0, segments, torch.ones((), dtype=_STATS_DTYPE, device=x.device).expand_as(x))
-    means = zeros.index_add(0, segments, x).div_(counts.clamp_min(1))
-    centred = x - means.index_select(0, segments)
-    has_baseline = counts > 1
-    if method == "mean":
-        scale = has_baseline
-    else:
-        variance = zeros.index_add(0, segments, centred * centred).div_(counts.sub_(1).clamp_min_(1))
+    means = zeros.index_add(0, segments, x).div_(counts)
+    scores = x - means.index_select(0, segments)
+    if method != "mean":
+        variance = zeros.index_add(0, segments, scores * scores).div_(counts.sub_(1).clamp_min_(1))
         # Raising exact zeros (every singleton's variance) to the smallest normal float first: torch's CPU sqrt is
         # ~10x slower on zeros, and a σ of 1e-154 falls under the spread threshold just as 0 does.
         std = variance.clamp_min_(torch.finfo(_STATS_DTYPE).tiny).sqrt_()
         has_spread = std > means.abs().add_(1.0).mul_(_ZERO_STD_RELATIVE)
-        scale = std.add_(STD_EPSILON).reciprocal_().mul_(has_baseline.logical_and_(has_spread))
-    scores = centred.mul_(scale.index_select(0, segments))
+        scale = std.add_(STD_EPSILON).reciprocal_().mul_(has_spread)
+        scores.mul_(scale.index_select(0, segments))
     if method == "asym_clip":
         scores = scores.clamp(*ASYM_CLIP_RANGE)
     return scores.to(values.dtype)

@@ -73,6 +73,16 @@ def test_asym_clip_clamps_both_tails():
     assert out[1].item() == pytest.approx((0.0 - mu) / (sigma + 1e-6))
 
 
+@pytest.mark.parametrize("method", ["mean", "mean_std", "asym_clip"])
+def test_segment_normalize_ignores_empty_segments_and_zeroes_singletons(method):
+    values = torch.tensor([1.0, 3.0, -2.5, 7.0], dtype=torch.float64)
+    compact = segment_normalize(values, torch.tensor([0, 0, 1, 2]), 3, method)
+    with_gaps = segment_normalize(values, torch.tensor([1, 1, 3, 5]), 7, method)  # segments 0, 2, 4, 6 empty
+    assert torch.equal(with_gaps, compact)
+    assert compact[2:].tolist() == [0.0, 0.0]  # singletons: no baseline
+    assert compact[0].item() == -compact[1].item() != 0.0
+
+
 def test_identity_passes_returns_through():
     out = compute_gigpo_advantages(*TWO_TRAJECTORIES, gamma=0.9, method="identity")
     torch.testing.assert_close(out.episode_advantages, torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
