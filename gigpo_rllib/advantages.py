@@ -20,6 +20,7 @@ centring methods a group of one sample gets 0 (it has no baseline) and a group w
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -171,16 +172,18 @@ def _sort(keys: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _run_labels(sorted_keys: torch.Tensor) -> torch.Tensor:
     """``(N,)`` int64 label of each run of equal values in ``sorted_keys`` ``(N,)``: 0, 0, 1, 2, 2, ..."""
-    new_run = torch.zeros_like(sorted_keys, dtype=torch.long)
+    new_run = torch.empty_like(sorted_keys, dtype=torch.long)
+    new_run[:1].zero_()
     torch.ne(sorted_keys[1:], sorted_keys[:-1], out=new_run[1:])
     return new_run.cumsum_(0)
 
 
-def _dense_labels(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _dense_labels(ids: torch.Tensor, span: int | None = None) -> tuple[torch.Tensor, int]:
     """Relabel integer ids to ``0..k-1`` in increasing id order (``torch.unique``'s inverse).
 
     Args:
         ids: ``(N,)`` integer tensor, any range.
+        span: when given, the ids are known to lie in ``[0, span)``, which saves scanning them for their range.
 
     Returns:
         ``(labels (N,) int64, k)``.
@@ -188,18 +191,17 @@ def _dense_labels(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     n = ids.shape[0]
     if n == 0:
         return torch.zeros(0, dtype=torch.long, device=ids.device), 0
-    low, span = _id_range(ids)
-    ids = ids.long()
+    low, span = (0, span) if span is not None else _id_range(ids)
+    # Offsets from the lowest id: small enough for a lookup table, or to pack with positions in _sort. A span
+    # beyond int64 (hashes of both signs) cannot be offset without overflow; such ids are sorted as they are.
+    keys = ids.long() - low if low != 0 and span < 2**63 else ids.long()
     if span <= _LOOKUP_RANGE_PER_ID * n:
         # Rank of every possible value = number of present values up to it, minus one: a table lookup, no sort.
-        offsets = ids - low
-        rank = torch.zeros(span, dtype=torch.long, device=ids.device).index_fill_(0, offsets, 1).cumsum_(0)
+        rank = torch.zeros(span, dtype=torch.long, device=ids.device).index_fill_(0, keys, 1).cumsum_(0)
         num_labels = int(rank[-1])
-        return rank.sub_(1).index_select(0, offsets), num_labels
-    # Offsets from the lowest id are small enough to pack with positions in _sort; a span beyond int64 (hashes of
-    # both signs) cannot be offset without overflow and is sorted as is.
-    sorted_ids, order = _sort(ids - low if span < 2**63 else ids, span)
-    sorted_labels = _run_labels(sorted_ids)
+        return rank.sub_(1).index_select(0, keys), num_labels
+    sorted_keys, order = _sort(keys, span)
+    sorted_labels = _run_labels(sorted_keys)
     return torch.empty_like(sorted_labels).scatter_(0, order, sorted_labels), int(sorted_labels[-1]) + 1
 
 
@@ -260,16 +262,16 @@ def _trajectory_layout(traj_ids: torch.Tensor, step_ids: torch.Tensor) -> _Traje
     if num_traj * step_span <= _LOOKUP_RANGE_PER_ID * n:
         # Counting instead of sorting: a (trajectory, step) occupancy grid; a position is the number of occupied
         # cells before it in its row. Fewer occupied cells than samples means a repeated step.
-        cells = torch.add(step_ids.long() - step_low, traj_labels, alpha=step_span)
+        step_offsets = step_ids.long() - step_low if step_low != 0 else step_ids.long()
+        cells = torch.add(step_offsets, traj_labels, alpha=step_span)
         ranks = torch.zeros(num_traj, step_span, dtype=torch.long, device=cells.device)
         ranks.view(-1).index_fill_(0, cells, 1)
         ranks = ranks.cumsum_(1)
         lengths = ranks[:, -1]
         if int(lengths.sum()) != n:
             _raise_repeated_step(torch.sort(cells).values, traj_ids, step_ids, cells)
-        max_length = int(lengths.max())
-        positions = ranks.sub_(1).view(-1).index_select(0, cells)
-        return _TrajectoryLayout(traj_labels, positions, num_traj, max_length)
+        positions = ranks.view(-1).index_select(0, cells).sub_(1)
+        return _TrajectoryLayout(traj_labels, positions, num_traj, int(lengths.max()))
     # Wide step range: one sort of (trajectory, step rank) keys, which are distinct unless a step repeats.
     step_labels, num_steps = _dense_labels(step_ids)
     keys = torch.add(step_labels, traj_labels, alpha=num_steps)
@@ -307,11 +309,17 @@ def _discounted_returns(rewards: torch.Tensor, layout: _TrajectoryLayout, gamma:
     cells = torch.add(layout.positions, layout.traj_labels, alpha=length)
     padded = torch.zeros(layout.num_trajectories * length, dtype=dtype, device=rewards.device)
     padded.index_copy_(0, cells, rewards.to(dtype))
-    offsets = torch.arange(length, device=rewards.device)
-    lag = (offsets[:, None] - offsets[None, :]).clamp_min_(0)
-    discount = torch.full((), gamma, dtype=dtype, device=rewards.device).pow(lag).tril_()
-    returns = padded.view(layout.num_trajectories, length) @ discount
+    returns = padded.view(layout.num_trajectories, length) @ _discount_matrix(length, float(gamma), rewards.device)
     return returns.view(-1).index_select(0, cells).to(rewards.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _discount_matrix(length: int, gamma: float, device: torch.device) -> torch.Tensor:
+    """``(L, L)`` float64 ``W[j, k] = γ^(j−k)`` for ``j ≥ k``, else 0 (Eq. 5 unrolled). Cached: batches repeat the
+    same (L, γ), and building it is ~8 small ops, a noticeable share of a fast call. Callers must not modify it."""
+    offsets = torch.arange(length, device=device)
+    lag = (offsets[:, None] - offsets[None, :]).clamp_min_(0)
+    return torch.full((), gamma, dtype=_STATS_DTYPE, device=device).pow(lag).tril_()
 
 
 def discounted_step_returns(
@@ -442,7 +450,8 @@ def compute_gigpo_advantages(
     step_returns = _discounted_returns(rewards, layout, gamma)
     anchor_labels, num_anchors = _dense_labels(anchor_ids)
     sample_groups = traj_group_labels.index_select(0, layout.traj_labels)
-    anchor_group_ids, num_anchor_groups = _dense_labels(torch.add(anchor_labels, sample_groups, alpha=num_anchors))
+    anchor_group_ids, num_anchor_groups = _dense_labels(torch.add(anchor_labels, sample_groups, alpha=num_anchors),
+                                                        span=num_groups * num_anchors)
     step_advantages = segment_normalize(step_returns, anchor_group_ids, num_anchor_groups, method)
 
     return GiGPOAdvantages(

@@ -144,6 +144,14 @@ def test_step_returns_follow_step_order_not_input_order_and_allow_gaps():
                                torch.tensor([3.0, 1.0 + 0.5 * 2.0 + 0.25 * 3.0, 2.0 + 0.5 * 3.0]))
 
 
+def test_step_ids_need_not_start_at_zero():
+    rewards = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    traj = torch.tensor([0, 0, 1, 1])
+    expected = discounted_step_returns(rewards, traj, torch.tensor([0, 1, 0, 1]), gamma=0.5)
+    for step in ([5, 6, 9, 10], [-3, -2, 0, 1]):
+        torch.testing.assert_close(discounted_step_returns(rewards, traj, torch.tensor(step), gamma=0.5), expected)
+
+
 def test_grouping_tags_and_batch():
     # Four one-step trajectories in four episode groups; tags pair groups (0, 1) and (2, 3).
     rewards = torch.tensor([1.0, 0.0, 4.0, 2.0])
