@@ -2,7 +2,9 @@
 
 Every function takes flat 1-D tensors with one entry per *step sample* (one turn of one trajectory), in any
 order, and returns tensors in that same order on the inputs' device. There is no Python loop over samples,
-trajectories or groups. Notation (DESIGN.md "The math"):
+trajectories or groups. Counter-like ids are relabelled through lookup tables and only wide ones (anchor hashes)
+are sorted; on CPU tensors the sorts and range scans run in numpy on zero-copy views, on other devices in torch.
+Notation (DESIGN.md "The math"):
 
 * ``τ(i)`` trajectory, ``g(i)`` episode group, ``t(i)`` step index, ``r_i`` reward, ``a(i)`` anchor state id.
 * Episode return ``R_τ = Σ_t r_t``; episode advantage ``A^E_i = norm(R_τ(i); {R_τ' : τ' ∈ g(i)})`` (Eq. 3),
