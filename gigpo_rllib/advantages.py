@@ -2,7 +2,9 @@
 
 Every function takes flat 1-D tensors with one entry per *step sample* (one turn of one trajectory), in any
 order, and returns tensors in that same order on the inputs' device. There is no Python loop over samples,
-trajectories or groups. Notation (DESIGN.md "The math"):
+trajectories or groups. Counter-like ids are relabelled through lookup tables and only wide ones (anchor hashes)
+are sorted; on CPU tensors the sorts and range scans run in numpy on zero-copy views, on other devices in torch.
+Notation (DESIGN.md "The math"):
 
 * ``τ(i)`` trajectory, ``g(i)`` episode group, ``t(i)`` step index, ``r_i`` reward, ``a(i)`` anchor state id.
 * Episode return ``R_τ = Σ_t r_t``; episode advantage ``A^E_i = norm(R_τ(i); {R_τ' : τ' ∈ g(i)})`` (Eq. 3),
@@ -20,8 +22,11 @@ centring methods a group of one sample gets 0 (it has no baseline) and a group w
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 NORMALIZATION_METHODS = ("identity", "mean", "mean_std", "asym_clip")
@@ -35,6 +40,13 @@ ASYM_CLIP_RANGE = (-1.0, 3.0)
 # ``(x − μ)/(σ + ε)`` would blow up into ±1 scores.
 _STATS_DTYPE = torch.float64
 _ZERO_STD_RELATIVE = 1e-9
+# Ids whose range is at most this many times their count (trajectory, step, group and tag ids are counters) are
+# relabelled through a lookup table, O(N + range), instead of a sort; wider ranges (anchor hashes) are sorted.
+_LOOKUP_RANGE_PER_ID = 4
+# CPU tensors are sorted and scanned for min/max by numpy (zero-copy views): at 50k int64 keys its vectorised sort
+# is ~4x faster than torch's and its min/max ~2x. Other devices use torch. Tests switch this off to run the torch
+# path on CPU.
+_NUMPY_ON_CPU = True
 
 
 @dataclass(frozen=True)
@@ -107,7 +119,9 @@ def _check_rewards(rewards: torch.Tensor) -> None:
     _check_1d("rewards", rewards, None)
     if not rewards.dtype.is_floating_point:
         raise ValueError(f"rewards must be a floating-point tensor, got dtype {rewards.dtype}")
-    if not bool(torch.isfinite(rewards).all()):
+    # A finite sum proves every entry finite at the cost of one reduction; the elementwise check runs only when
+    # it is not (a non-finite entry, or finite entries whose sum overflows).
+    if not math.isfinite(rewards.sum().item()) and not bool(torch.isfinite(rewards).all()):
         bad = int((~torch.isfinite(rewards)).nonzero()[0])
         raise ValueError(f"rewards must be finite; entry {bad} is {rewards[bad].item()}")
 
@@ -115,14 +129,86 @@ def _check_rewards(rewards: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------------------ building blocks
 
 
-def _dense_labels(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Relabel arbitrary integer ids to ``0..k-1``. Returns ``(labels (N,), k)``."""
-    unique, labels = torch.unique(ids, return_inverse=True)
-    return labels, unique.shape[0]
+def _id_range(ids: torch.Tensor) -> tuple[int, int]:
+    """``(lowest id, span)`` of a non-empty ``(N,)`` integer tensor, ``span = highest − lowest + 1`` as a Python
+    int (it may exceed int64 for hashes)."""
+    if _NUMPY_ON_CPU and ids.device.type == "cpu":
+        array = ids.numpy()
+        low, high = int(array.min()), int(array.max())
+    else:
+        low, high = (int(bound) for bound in torch.aminmax(ids))
+    return low, high - low + 1
+
+
+def _sort_values(keys: torch.Tensor) -> torch.Tensor:
+    """``keys`` ``(N,)`` int64 in ascending order."""
+    if _NUMPY_ON_CPU and keys.device.type == "cpu":
+        return torch.from_numpy(np.sort(keys.numpy()))
+    return torch.sort(keys).values
+
+
+def _sort(keys: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort int64 keys, ties in any order.
+
+    Args:
+        keys: ``(N,)`` int64, in ``[0, span)``; any values when ``span`` ≥ 2**63.
+        span: bound of the keys (a Python int, so it may exceed int64).
+
+    Returns:
+        ``(sorted keys (N,), permutation (N,))`` with ``sorted keys = keys[permutation]``.
+    """
+    n = keys.shape[0]
+    index_bits = max(n - 1, 1).bit_length()
+    if span <= 2 ** (63 - index_bits):
+        # Each key shifted up with its position in the low bits: sorting those values sorts the keys and carries
+        # the permutation along, and a plain sort of values is ~2.5x faster than an argsort.
+        positions = torch.arange(n, device=keys.device)
+        packed = _sort_values(torch.add(positions, keys, alpha=1 << index_bits))
+        return packed >> index_bits, packed & ((1 << index_bits) - 1)
+    if _NUMPY_ON_CPU and keys.device.type == "cpu":
+        order = torch.from_numpy(np.argsort(keys.numpy()))
+    else:
+        order = torch.sort(keys).indices
+    return keys.index_select(0, order), order
+
+
+def _run_labels(sorted_keys: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` int64 label of each run of equal values in ``sorted_keys`` ``(N,)``: 0, 0, 1, 2, 2, ..."""
+    new_run = torch.empty_like(sorted_keys, dtype=torch.long)
+    new_run[:1].zero_()
+    torch.ne(sorted_keys[1:], sorted_keys[:-1], out=new_run[1:])
+    return new_run.cumsum_(0)
+
+
+def _dense_labels(ids: torch.Tensor, span: int | None = None) -> tuple[torch.Tensor, int]:
+    """Relabel integer ids to ``0..k-1`` in increasing id order (``torch.unique``'s inverse).
+
+    Args:
+        ids: ``(N,)`` integer tensor, any range.
+        span: when given, the ids are known to lie in ``[0, span)``, which saves scanning them for their range.
+
+    Returns:
+        ``(labels (N,) int64, k)``.
+    """
+    n = ids.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=ids.device), 0
+    low, span = (0, span) if span is not None else _id_range(ids)
+    # Offsets from the lowest id: small enough for a lookup table, or to pack with positions in _sort. A span
+    # beyond int64 (hashes of both signs) cannot be offset without overflow; such ids are sorted as they are.
+    keys = ids.long() - low if low != 0 and span < 2**63 else ids.long()
+    if span <= _LOOKUP_RANGE_PER_ID * n:
+        # Rank of every possible value = number of present values up to it, minus one: a table lookup, no sort.
+        rank = torch.zeros(span, dtype=torch.long, device=ids.device).index_fill_(0, keys, 1).cumsum_(0)
+        num_labels = int(rank[-1])
+        return rank.sub_(1).index_select(0, keys), num_labels
+    sorted_keys, order = _sort(keys, span)
+    sorted_labels = _run_labels(sorted_keys)
+    return torch.empty_like(sorted_labels).scatter_(0, order, sorted_labels), int(sorted_labels[-1]) + 1
 
 
 def segment_normalize(values: torch.Tensor, segments: torch.Tensor, num_segments: int, method: str) -> torch.Tensor:
-    """Normalise ``values`` within their segment: the ``norm`` of DESIGN.md for every group at once.
+    """Normalise ``values`` within their segment: the ``norm`` of Eqs. 3 and 7 (DESIGN.md) for every group at once.
 
     Args:
         values: ``(N,)`` float.
@@ -136,22 +222,22 @@ def segment_normalize(values: torch.Tensor, segments: torch.Tensor, num_segments
     _check_choice("method", method, NORMALIZATION_METHODS)
     if method == "identity":
         return values.clone()
-    # Statistics per segment first, then one gather of (mean, scale) per sample: x -> (x - mean) * scale, where
-    # scale is 0 for a segment without a baseline (one sample) or without spread.
+    # Statistics per segment first, then gathers per sample: x -> (x - mean) * scale. A segment of one sample
+    # needs no mask: its mean is the sample itself, so x - mean is exactly 0 (and its σ is 0, no spread). An empty
+    # segment's 0/0 mean is never gathered.
     x = values.to(_STATS_DTYPE)
     zeros = torch.zeros(num_segments, dtype=_STATS_DTYPE, device=x.device)
-    counts = torch.bincount(segments, minlength=num_segments).to(_STATS_DTYPE)
-    means = zeros.index_add(0, segments, x) / counts.clamp_min(1)
-    has_baseline = counts > 1
-    if method == "mean":
-        scale = has_baseline.to(_STATS_DTYPE)
-    else:
-        centred = x - means[segments]
-        std = (zeros.index_add(0, segments, centred * centred) / (counts - 1).clamp_min(1)).sqrt()
-        has_spread = std > _ZERO_STD_RELATIVE * (1.0 + means.abs())
-        scale = torch.where(has_baseline & has_spread, 1.0 / (std + STD_EPSILON), 0.0)
-    mean_and_scale = torch.stack([means, scale], dim=1)[segments]
-    scores = (x - mean_and_scale[:, 0]) * mean_and_scale[:, 1]
+    counts = zeros.index_add(0, segments, torch.ones((), dtype=_STATS_DTYPE, device=x.device).expand_as(x))
+    means = zeros.index_add(0, segments, x).div_(counts)
+    scores = x - means.index_select(0, segments)
+    if method != "mean":
+        variance = zeros.index_add(0, segments, scores * scores).div_(counts.sub_(1).clamp_min_(1))
+        # Raising exact zeros (every singleton's variance) to the smallest normal float first: torch's CPU sqrt is
+        # ~10x slower on zeros, and a σ of 1e-154 falls under the spread threshold just as 0 does.
+        std = variance.clamp_min_(torch.finfo(_STATS_DTYPE).tiny).sqrt_()
+        has_spread = std > means.abs().add_(1.0).mul_(_ZERO_STD_RELATIVE)
+        scale = std.add_(STD_EPSILON).reciprocal_().mul_(has_spread)
+        scores.mul_(scale.index_select(0, segments))
     if method == "asym_clip":
         scores = scores.clamp(*ASYM_CLIP_RANGE)
     return scores.to(values.dtype)
@@ -167,61 +253,75 @@ class _TrajectoryLayout:
     max_length: int
 
 
-def _order_by_trajectory_then_step(traj_ids: torch.Tensor, step_ids: torch.Tensor) -> torch.Tensor:
-    """Permutation sorting samples by (trajectory id, step id)."""
-    traj_low, traj_high = int(traj_ids.min()), int(traj_ids.max())
-    step_low, step_high = int(step_ids.min()), int(step_ids.max())
-    span = step_high - step_low + 1
-    if (traj_high - traj_low + 1) * span < 2**62:  # one sort of a combined key when it cannot overflow int64
-        return torch.sort((traj_ids - traj_low) * span + (step_ids - step_low)).indices
-    by_step = torch.sort(step_ids, stable=True).indices
-    return by_step[torch.sort(traj_ids[by_step], stable=True).indices]
-
-
 def _trajectory_layout(traj_ids: torch.Tensor, step_ids: torch.Tensor) -> _TrajectoryLayout:
+    """Trajectory label and position of every sample (the order Eq. 5 recurses in) from ``(N,)`` ids."""
     n = traj_ids.shape[0]
     if n == 0:
         empty = torch.zeros(0, dtype=torch.long, device=traj_ids.device)
         return _TrajectoryLayout(empty, empty, 0, 0)
-    # One sort gives the trajectory labels (runs of equal ids), each sample's position in its trajectory, and
-    # repeated step ids (equal neighbours), with no separate unique() pass.
-    order = _order_by_trajectory_then_step(traj_ids, step_ids)
-    sorted_traj, sorted_step = traj_ids[order], step_ids[order]
-    starts_run = torch.ones(n, dtype=torch.bool, device=traj_ids.device)
-    starts_run[1:] = sorted_traj[1:] != sorted_traj[:-1]
-    repeated = ~starts_run[1:] & (sorted_step[1:] == sorted_step[:-1])
-    if bool(repeated.any()):
-        k = int(repeated.nonzero()[0])
-        raise ValueError(
-            f"step_ids must be unique within a trajectory; trajectory {sorted_traj[k].item()} has step "
-            f"{sorted_step[k].item()} more than once"
-        )
-    sorted_labels = torch.cumsum(starts_run, 0) - 1
-    run_starts = starts_run.nonzero().squeeze(1)
-    traj_labels = torch.empty_like(order)
-    traj_labels[order] = sorted_labels
-    positions = torch.empty_like(order)
-    positions[order] = torch.arange(n, device=order.device) - run_starts[sorted_labels]
-    lengths = torch.diff(run_starts, append=torch.tensor([n], device=order.device))
-    return _TrajectoryLayout(traj_labels, positions, run_starts.shape[0], int(lengths.max()))
+    traj_labels, num_traj = _dense_labels(traj_ids)
+    step_low, step_span = _id_range(step_ids)
+    if num_traj * step_span <= _LOOKUP_RANGE_PER_ID * n:
+        # Counting instead of sorting: a (trajectory, step) occupancy grid; a position is the number of occupied
+        # cells before it in its row. Fewer occupied cells than samples means a repeated step.
+        step_offsets = step_ids.long() - step_low if step_low != 0 else step_ids.long()
+        cells = torch.add(step_offsets, traj_labels, alpha=step_span)
+        ranks = torch.zeros(num_traj, step_span, dtype=torch.long, device=cells.device)
+        ranks.view(-1).index_fill_(0, cells, 1)
+        ranks = ranks.cumsum_(1)
+        lengths = ranks[:, -1]
+        if int(lengths.sum()) != n:
+            _raise_repeated_step(torch.sort(cells).values, traj_ids, step_ids, cells)
+        positions = ranks.view(-1).index_select(0, cells).sub_(1)
+        return _TrajectoryLayout(traj_labels, positions, num_traj, int(lengths.max()))
+    # Wide step range: one sort of (trajectory, step rank) keys, which are distinct unless a step repeats.
+    step_labels, num_steps = _dense_labels(step_ids)
+    keys = torch.add(step_labels, traj_labels, alpha=num_steps)
+    sorted_keys, order = _sort(keys, num_traj * num_steps)
+    _raise_repeated_step(sorted_keys, traj_ids, step_ids, keys)
+    lengths = torch.bincount(traj_labels, minlength=num_traj)
+    starts = torch.cumsum(lengths, 0) - lengths
+    sorted_positions = torch.arange(n, device=order.device) - starts.index_select(0, traj_labels.index_select(0, order))
+    positions = torch.empty_like(order).scatter_(0, order, sorted_positions)
+    return _TrajectoryLayout(traj_labels, positions, num_traj, int(lengths.max()))
+
+
+def _raise_repeated_step(sorted_keys: torch.Tensor, traj_ids: torch.Tensor, step_ids: torch.Tensor,
+                         keys: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the first repeated ``(trajectory, step)``, if any. ``keys`` ``(N,)`` encode the
+    pair of each sample, increasing with (trajectory id, step id); ``sorted_keys`` ``(N,)`` is them sorted."""
+    repeated = sorted_keys[1:] == sorted_keys[:-1]
+    if not bool(repeated.any()):
+        return
+    sample = int((keys == sorted_keys[int(repeated.nonzero()[0])]).nonzero()[0])
+    raise ValueError(
+        f"step_ids must be unique within a trajectory; trajectory {traj_ids[sample].item()} has step "
+        f"{step_ids[sample].item()} more than once"
+    )
 
 
 def _discounted_returns(rewards: torch.Tensor, layout: _TrajectoryLayout, gamma: float) -> torch.Tensor:
+    """Eq. 5 for every sample: ``(N,)`` of ``rewards``' dtype."""
     if layout.num_trajectories == 0:
         return rewards.clone()
     dtype = _STATS_DTYPE
     length = layout.max_length
     # Trajectories as rows of a zero-padded (T, L) matrix; G = R @ W with W[j, k] = γ^(j−k) for j ≥ k sums the
     # discounted future rewards of every position in one matmul. Padding adds zeros, so it changes nothing.
-    padded = torch.zeros(layout.num_trajectories, length, dtype=dtype, device=rewards.device)
-    padded[layout.traj_labels, layout.positions] = rewards.to(dtype)
-    offsets = torch.arange(length, device=rewards.device)
-    lag = offsets[:, None] - offsets[None, :]
-    discount = torch.where(
-        lag >= 0, torch.tensor(gamma, dtype=dtype, device=rewards.device).pow(lag.clamp_min(0)), torch.zeros((), dtype=dtype, device=rewards.device)
-    )
-    returns = padded @ discount
-    return returns[layout.traj_labels, layout.positions].to(rewards.dtype)
+    cells = torch.add(layout.positions, layout.traj_labels, alpha=length)
+    padded = torch.zeros(layout.num_trajectories * length, dtype=dtype, device=rewards.device)
+    padded.index_copy_(0, cells, rewards.to(dtype))
+    returns = padded.view(layout.num_trajectories, length) @ _discount_matrix(length, float(gamma), rewards.device)
+    return returns.view(-1).index_select(0, cells).to(rewards.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _discount_matrix(length: int, gamma: float, device: torch.device) -> torch.Tensor:
+    """``(L, L)`` float64 ``W[j, k] = γ^(j−k)`` for ``j ≥ k``, else 0 (Eq. 5 unrolled). Cached: batches repeat the
+    same (L, γ), and building it is ~8 small ops, a noticeable share of a fast call. Callers must not modify it."""
+    offsets = torch.arange(length, device=device)
+    lag = (offsets[:, None] - offsets[None, :]).clamp_min_(0)
+    return torch.full((), gamma, dtype=_STATS_DTYPE, device=device).pow(lag).tril_()
 
 
 def discounted_step_returns(
@@ -329,29 +429,31 @@ def compute_gigpo_advantages(
     layout = _trajectory_layout(traj_ids, step_ids)
     num_traj = layout.num_trajectories
     traj_group = _per_trajectory(group_ids, layout, "group_ids")
+    # Dense labels come from the T per-trajectory values (cheap) instead of all N samples.
+    traj_group_labels, num_groups = _dense_labels(traj_group)
     if grouping == "traj_group_id":
-        traj_episode_key = traj_group
+        traj_episode_labels, num_episode_groups = traj_group_labels, num_groups
     elif grouping == "tags":
-        traj_episode_key = _per_trajectory(tag_ids, layout, "tag_ids")
+        traj_episode_labels, num_episode_groups = _dense_labels(_per_trajectory(tag_ids, layout, "tag_ids"))
     else:
-        traj_episode_key = torch.zeros_like(traj_group)
+        traj_episode_labels, num_episode_groups = torch.zeros_like(traj_group_labels), min(num_traj, 1)
 
     # Episode level (Eq. 3): one return per trajectory, normalised among the trajectories of its group.
     traj_returns = torch.zeros(num_traj, dtype=rewards.dtype, device=device).index_add_(0, layout.traj_labels, rewards)
-    episode_group_labels, num_episode_groups = _dense_labels(traj_episode_key)
     if episode_stats == "trajectory":
-        episode_advantages = segment_normalize(traj_returns, episode_group_labels, num_episode_groups,
-                                               method)[layout.traj_labels]
+        episode_advantages = segment_normalize(traj_returns, traj_episode_labels, num_episode_groups,
+                                               method).index_select(0, layout.traj_labels)
     else:
-        episode_advantages = segment_normalize(traj_returns[layout.traj_labels],
-                                               episode_group_labels[layout.traj_labels], num_episode_groups, method)
+        episode_advantages = segment_normalize(traj_returns.index_select(0, layout.traj_labels),
+                                               traj_episode_labels.index_select(0, layout.traj_labels),
+                                               num_episode_groups, method)
 
-    # Step level (Eqs. 5-7): discounted returns, normalised within (episode group, anchor state).
+    # Step level (Eqs. 5-7): discounted returns, normalised within (episode group, anchor state) (Eq. 6).
     step_returns = _discounted_returns(rewards, layout, gamma)
-    # Dense episode-group labels come from the T per-trajectory values (cheap) instead of sorting all N samples.
-    traj_group_labels, _ = _dense_labels(traj_group)
     anchor_labels, num_anchors = _dense_labels(anchor_ids)
-    anchor_group_ids, num_anchor_groups = _dense_labels(traj_group_labels[layout.traj_labels] * num_anchors + anchor_labels)
+    sample_groups = traj_group_labels.index_select(0, layout.traj_labels)
+    anchor_group_ids, num_anchor_groups = _dense_labels(torch.add(anchor_labels, sample_groups, alpha=num_anchors),
+                                                        span=num_groups * num_anchors)
     step_advantages = segment_normalize(step_returns, anchor_group_ids, num_anchor_groups, method)
 
     return GiGPOAdvantages(
@@ -359,7 +461,7 @@ def compute_gigpo_advantages(
         episode_advantages=episode_advantages,
         step_advantages=step_advantages,
         step_returns=step_returns,
-        episode_returns=traj_returns[layout.traj_labels],
+        episode_returns=traj_returns.index_select(0, layout.traj_labels),
         anchor_group_ids=anchor_group_ids,
     )
 
@@ -367,8 +469,8 @@ def compute_gigpo_advantages(
 def _per_trajectory(values: torch.Tensor, layout: _TrajectoryLayout, name: str) -> torch.Tensor:
     """The value each trajectory carries, checking that it is constant within the trajectory. ``(T,)``."""
     per_traj = torch.empty(layout.num_trajectories, dtype=values.dtype, device=values.device)
-    per_traj[layout.traj_labels] = values
-    mismatch = per_traj[layout.traj_labels] != values
+    per_traj.scatter_(0, layout.traj_labels, values)
+    mismatch = per_traj.index_select(0, layout.traj_labels) != values
     if bool(mismatch.any()):
         k = int(mismatch.nonzero()[0])
         raise ValueError(f"{name} must be constant within a trajectory; sample {k} disagrees with its trajectory's other samples")

@@ -6,6 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks.bench_advantages import synthetic_batch, trajectory_lengths
+from gigpo_rllib import advantages
 from gigpo_rllib.advantages import (
     NORMALIZATION_METHODS,
     anchor_group_stats,
@@ -15,6 +17,8 @@ from gigpo_rllib.advantages import (
     segment_normalize,
 )
 from tests.loop_reference import loop_gigpo
+
+FIELDS = ("advantages", "episode_advantages", "step_advantages", "step_returns", "episode_returns", "anchor_group_ids")
 
 
 def batch(rows):
@@ -67,6 +71,16 @@ def test_asym_clip_clamps_both_tails():
     assert (10.0 - mu) / (sigma + 1e-6) > 3  # the raw score is beyond the clip
     assert out[0].item() == 3.0 and out[17].item() == -1.0
     assert out[1].item() == pytest.approx((0.0 - mu) / (sigma + 1e-6))
+
+
+@pytest.mark.parametrize("method", ["mean", "mean_std", "asym_clip"])
+def test_segment_normalize_ignores_empty_segments_and_zeroes_singletons(method):
+    values = torch.tensor([1.0, 3.0, -2.5, 7.0], dtype=torch.float64)
+    compact = segment_normalize(values, torch.tensor([0, 0, 1, 2]), 3, method)
+    with_gaps = segment_normalize(values, torch.tensor([1, 1, 3, 5]), 7, method)  # segments 0, 2, 4, 6 empty
+    assert torch.equal(with_gaps, compact)
+    assert compact[2:].tolist() == [0.0, 0.0]  # singletons: no baseline
+    assert compact[0].item() == -compact[1].item() != 0.0
 
 
 def test_identity_passes_returns_through():
@@ -128,6 +142,14 @@ def test_step_returns_follow_step_order_not_input_order_and_allow_gaps():
     step = torch.tensor([20, 0, 7])  # order: 1.0 then 2.0 then 3.0
     torch.testing.assert_close(discounted_step_returns(rewards, traj, step, gamma=0.5),
                                torch.tensor([3.0, 1.0 + 0.5 * 2.0 + 0.25 * 3.0, 2.0 + 0.5 * 3.0]))
+
+
+def test_step_ids_need_not_start_at_zero():
+    rewards = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    traj = torch.tensor([0, 0, 1, 1])
+    expected = discounted_step_returns(rewards, traj, torch.tensor([0, 1, 0, 1]), gamma=0.5)
+    for step in ([5, 6, 9, 10], [-3, -2, 0, 1]):
+        torch.testing.assert_close(discounted_step_returns(rewards, traj, torch.tensor(step), gamma=0.5), expected)
 
 
 def test_grouping_tags_and_batch():
@@ -197,6 +219,91 @@ def test_shuffling_the_input_only_permutes_the_output(seed, permutation_seed, me
         torch.testing.assert_close(getattr(shuffled, field), getattr(base, field)[perm], rtol=1e-12, atol=1e-12)
 
 
+# ------------------------------------------------------------------- relabelling and sorting code paths
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def sort_backend(request, monkeypatch):
+    """CPU tensors are sorted by numpy; "torch" runs the path other devices take, on CPU."""
+    monkeypatch.setattr(advantages, "_NUMPY_ON_CPU", request.param == "numpy")
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def long_shuffled_batch():
+    """The benchmark's long setting: 1,024 trajectories of 1..50 steps in groups of 8, shuffled, with anchors
+    that recur within groups; and the loop reference's (advantages, episode, step, returns) for it."""
+    inputs = synthetic_batch(trajectory_lengths(1024))
+    expected = loop_gigpo(*(x.tolist() for x in inputs), gamma=0.9, method="mean_std")
+    return inputs, expected
+
+
+def test_long_shuffled_batch_agrees_with_loop_reference(long_shuffled_batch, sort_backend):
+    inputs, expected = long_shuffled_batch
+    assert inputs[0].shape[0] > 25_000
+    out = compute_gigpo_advantages(*inputs, gamma=0.9, method="mean_std")
+    for got, want in zip((out.advantages, out.episode_advantages, out.step_advantages, out.step_returns), expected):
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+
+
+def wide_ids(inputs):
+    """The same batch with ids far apart, in the same order: trajectories 2**40 apart, steps 10**12 apart, groups
+    below -2**50 and anchors spread over the whole int64 range like hashes. Every relabelling then has to sort."""
+    rewards, traj, step, group, anchor = inputs
+    random = torch.randint(-2**63, 2**63 - 1, (int(anchor.max()) + 1,), generator=torch.Generator().manual_seed(7))
+    hashes = torch.sort(random).values  # increasing, so anchor group labels keep their order
+    return rewards, traj * 2**40 + 5, step * 10**12, group - 2**50, hashes[anchor]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sorting_paths_give_identical_results(seed, monkeypatch):
+    inputs = random_batch(seed, num_groups=6, group_size=4, max_steps=30, num_states=6)
+    wide = wide_ids(inputs)
+    assert len(set(wide[4].tolist())) == len(set(inputs[4].tolist()))  # the hashes kept every anchor distinct
+    kwargs = {"method": "mean_std", "grouping": "tags", "tag_ids": inputs[3] % 3}
+    reference = compute_gigpo_advantages(*inputs, **kwargs)  # lookup tables, numpy sorts
+    default_lookup = advantages._LOOKUP_RANGE_PER_ID
+    for numpy_on_cpu in (True, False):
+        monkeypatch.setattr(advantages, "_NUMPY_ON_CPU", numpy_on_cpu)
+        for batch_inputs, lookup in ((inputs, 0), (wide, default_lookup)):
+            monkeypatch.setattr(advantages, "_LOOKUP_RANGE_PER_ID", lookup)  # 0: never a lookup table
+            out = compute_gigpo_advantages(*batch_inputs, **kwargs)
+            for field in FIELDS:
+                assert torch.equal(getattr(out, field), getattr(reference, field)), (numpy_on_cpu, lookup, field)
+
+
+def test_wide_ids_agree_with_loop_reference(sort_backend):
+    rewards, traj, step, group, anchor = wide_ids(random_batch(4, num_groups=4, group_size=4, max_steps=12))
+    out = compute_gigpo_advantages(rewards, traj, step, group, anchor, gamma=0.8, method="mean")
+    expected = loop_gigpo(rewards.tolist(), traj.tolist(), step.tolist(), group.tolist(), anchor.tolist(),
+                          gamma=0.8, method="mean")
+    for got, want in zip((out.advantages, out.episode_advantages, out.step_advantages, out.step_returns), expected):
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("ids, dtype", [
+    ([3, 1, 3, 2, 1], torch.int64),  # small range: lookup table
+    ([3, 1, 3, 2, 1], torch.int32),
+    ([-7, 2**31 - 1, -7, -2**31, 0], torch.int32),  # wide range: sorted, keys packed with their positions
+    ([-7, 10**15, -7, 2**62, 0], torch.int64),
+    ([-2**63, 2**63 - 1, 0, -2**63, 5], torch.int64),  # range beyond int64: argsort
+])
+def test_dense_labels_match_unique(ids, dtype, sort_backend):
+    tensor = torch.tensor(ids, dtype=dtype)
+    labels, count = advantages._dense_labels(tensor)
+    unique, inverse = torch.unique(tensor, return_inverse=True)
+    assert count == unique.numel() and torch.equal(labels, inverse)
+
+
+def test_repeated_step_is_named_on_the_sorting_path(monkeypatch):
+    rewards, traj, _, group, anchor = TWO_TRAJECTORIES
+    monkeypatch.setattr(advantages, "_LOOKUP_RANGE_PER_ID", 0)
+    with pytest.raises(ValueError, match="step_ids must be unique within a trajectory; trajectory 1 has step 0"):
+        compute_gigpo_advantages(rewards, traj, torch.tensor([0, 1, 0, 0]), group, anchor)
+    with pytest.raises(ValueError, match="trajectory 1 has step 1000000000000 more than once"):
+        compute_gigpo_advantages(rewards, traj, torch.tensor([0, 1, 10**12, 10**12]), group, anchor)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.gpu
 def test_cuda_matches_cpu():
@@ -230,6 +337,16 @@ def test_non_finite_rewards():
     bad[2] = math.nan
     with pytest.raises(ValueError, match="rewards must be finite; entry 2"):
         compute_gigpo_advantages(bad, *rest)
+
+
+def test_finite_rewards_whose_sum_overflows_are_accepted():
+    # The finiteness check first looks at the sum; an overflowing sum of finite rewards must not be an error.
+    for dtype, big in ((torch.float64, 1e308), (torch.float32, 3e38)):
+        rewards = torch.tensor([big, big], dtype=dtype)
+        ids = torch.arange(2)
+        assert not torch.isfinite(rewards.sum())
+        out = compute_gigpo_advantages(rewards, ids, torch.zeros(2, dtype=torch.long), ids, ids, method="identity")
+        torch.testing.assert_close(out.episode_returns, rewards)
 
 
 @pytest.mark.parametrize("kwargs, message", [
