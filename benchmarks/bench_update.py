@@ -46,7 +46,7 @@ def run_one(shape: str, response_only: bool, repeats: int, threads: int) -> dict
 
     import torch
 
-    from gigpo_rllib.learner import gigpo_policy_loss
+    from gigpo_rllib.losses import gigpo_policy_loss
     from gigpo_rllib.logprobs import forward_token_logprobs
     from gigpo_rllib.models import OFFLINE_MODELS, TINY_MODEL_NAME, build_offline_model, load_model_and_tokenizer
 

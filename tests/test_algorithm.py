@@ -13,7 +13,7 @@ import torch
 from gigpo_rllib import GiGPO, GiGPOConfig
 from gigpo_rllib.advantages import anchor_group_stats, compute_gigpo_advantages
 from gigpo_rllib.batch import pad_token_batch, shard_rows, take_rows
-from gigpo_rllib.learner import shape_advantages
+from gigpo_rllib.losses import shape_advantages
 
 pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 import torch
 
-from gigpo_rllib.learner import gigpo_policy_loss, k3_kl, shape_advantages
+from gigpo_rllib.losses import gigpo_policy_loss, k3_kl, shape_advantages
 
 
 def test_ratio_one_gives_minus_mean_advantage_and_no_clipping():
@@ -73,3 +73,24 @@ def test_whitening_with_a_learner_sum_uses_global_statistics():
     totals = partial_sums(lengths_first, first.double()) + partial_sums(lengths_second, second.double())
     parts["first"] = shape_advantages(first, lengths_first, whiten=True, clip=None, sum_over_learners=lambda _: totals)
     torch.testing.assert_close(parts["first"], whole[:2], rtol=1e-6, atol=1e-6)
+
+
+def test_a_huge_log_ratio_gives_a_finite_loss_and_gradient():
+    old = torch.tensor([[0.0, -200.0]])  # the old policy thought the token impossible
+    new = torch.tensor([[0.0, -0.1]], requires_grad=True)
+    mask = torch.tensor([[False, True]])
+    for advantage in (1.0, -1.0):
+        loss, diagnostics = gigpo_policy_loss(new, old, torch.tensor([advantage]), mask, pg_clip=0.2,
+                                              dual_clip_ratio=3.0)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(new.grad).all()
+        assert torch.isfinite(diagnostics["policy_kl"])
+
+
+def test_truncated_importance_weights_are_capped_and_finite():
+    from gigpo_rllib.losses import truncated_is_weights
+
+    learner = torch.tensor([[0.0, -1.0, -0.5]])
+    sampler = torch.tensor([[-300.0, -1.0, -0.1]])
+    weights = truncated_is_weights(learner, sampler, cap=2.0)
+    torch.testing.assert_close(weights, torch.tensor([[2.0, 1.0, float(torch.exp(torch.tensor(-0.4)))]]))

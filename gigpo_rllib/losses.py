@@ -1,0 +1,91 @@
+"""GiGPO's loss pieces in plain torch: tensors in, tensors out (no Ray, no model, no env), so they can be checked
+against the equations line by line and tested with hand-made tensors.
+
+Shapes: ``B`` step samples (rows), ``S`` sequence positions; advantages are one per row and broadcast over the
+row's response tokens, every mean is over response tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+# The log-ratio log π_θ − log π_old is clamped to ±this before exp: beyond it the ratio is far outside any PPO
+# clip range anyway, and exp of a large float32 log-ratio overflows to inf (inf × 0 advantage = NaN).
+LOG_RATIO_LIMIT = 20.0
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+def shape_advantages(advantages: torch.Tensor, response_lengths: torch.Tensor, *, whiten: bool,
+                     clip: float | None, sum_over_learners: Callable[[torch.Tensor], torch.Tensor] | None = None
+                     ) -> torch.Tensor:
+    """Whiten per-sample advantages over the batch's response *tokens* (a sample weighs by its length), then
+    clamp to ``±clip``. Shapes ``(N,)`` -> ``(N,)``.
+
+    ``sum_over_learners`` adds a small tensor over all learners (an all-reduce), so sharded learners whiten with
+    the statistics of the whole batch, exactly as a single learner would.
+    """
+    if whiten:
+        weights = response_lengths.to(torch.float64)
+        values = advantages.to(torch.float64)
+        sums = torch.stack([weights.sum(), (weights * values).sum(), (weights * values * values).sum()])
+        if sum_over_learners is not None:
+            sums = sum_over_learners(sums)
+        total = sums[0].clamp_min(1)
+        mean = sums[1] / total
+        var = (sums[2] / total - mean * mean).clamp_min(0)
+        advantages = ((values - mean) * torch.rsqrt(var + 1e-8)).to(advantages.dtype)
+    if clip is not None:
+        advantages = advantages.clamp(-clip, clip)
+    return advantages
+
+
+def truncated_is_weights(learner_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weights ``min(exp(log π_learner_old − log π_sampler), cap)`` per token (Yao et al.
+    2025): they correct for sampling from the engine's slightly different policy. ``(B, S)`` -> ``(B, S)``."""
+    return torch.exp((learner_logprobs - sampler_logprobs).clamp(max=math.log(cap)))
+
+
+def gigpo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      response_mask: torch.Tensor, *, pg_clip: float, dual_clip_ratio: float | None = None,
+                      is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Token-level clipped PPO surrogate (optionally dual-clipped), averaged over response tokens.
+
+    Args:
+        logprobs, old_logprobs: ``(B, S)`` token log-probs under the current and the old (pre-update) policy.
+        advantages: ``(B,)`` one advantage per step sample, broadcast over its response tokens.
+        response_mask: ``(B, S)`` bool.
+        pg_clip: ε of the ratio clip ``[1 − ε, 1 + ε]``.
+        dual_clip_ratio: c > 1; when given, the loss of a negative-advantage token is at most ``−c · A``.
+        is_weights: optional ``(B, S)`` constant per-token weights of the loss (:func:`truncated_is_weights`).
+
+    Returns:
+        ``(loss, diagnostics)``: diagnostics are ``policy_kl`` (the ``(r − 1) − log r`` estimator) and
+        ``clip_fraction``, both scalars.
+    """
+    mask = response_mask.to(logprobs.dtype)
+    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    ratio = torch.exp(log_ratio)
+    adv = advantages[:, None].to(logprobs.dtype)
+    token_loss = -torch.minimum(ratio * adv, ratio.clamp(1 - pg_clip, 1 + pg_clip) * adv)
+    if dual_clip_ratio is not None:
+        token_loss = torch.where(adv < 0, torch.minimum(token_loss, -dual_clip_ratio * adv), token_loss)
+    if is_weights is not None:
+        token_loss = token_loss * is_weights.detach()
+    with torch.no_grad():
+        diagnostics = {
+            "policy_kl": masked_mean((ratio - 1) - log_ratio, mask),
+            "clip_fraction": masked_mean(((ratio - 1).abs() > pg_clip).to(mask.dtype), mask),
+        }
+    return masked_mean(token_loss, mask), diagnostics
+
+
+def k3_kl(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(π ‖ π_ref) per token: ``exp(ref − lp) − (ref − lp) − 1`` (≥ 0)."""
+    log_ratio = reference_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
