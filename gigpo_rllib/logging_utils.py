@@ -75,15 +75,14 @@ def install_log_filters(lines: Sequence[HarmlessLine] = HARMLESS_LOG_LINES) -> N
 
 def disable_progress_bars() -> None:
     """Hide Hugging Face's weight-loading progress bars here and in the processes started from here."""
-    os.environ.update(_PROGRESS_BAR_ENV)
-    try:
-        import huggingface_hub.utils
+    os.environ.update(_PROGRESS_BAR_ENV)  # read when the libraries are imported, here and in every Ray worker
+    # Already imported: switch them off directly (importing them here would only slow down a failing command).
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
         import transformers.utils.logging
 
-        huggingface_hub.utils.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
-    except ImportError:  # neither imported yet: the environment variable covers them
-        pass
 
 
 def quiet_this_process() -> None:
