@@ -3,11 +3,15 @@
 import logging
 import os
 import re
+import subprocess
 import sys
 
+import pytest
 
 from gigpo_rllib import logging_utils
 from gigpo_rllib.logging_utils import HARMLESS_NATIVE_LINES, filtered_native_stderr, install_log_filters
+from tests.conftest import ROOT
+from tests.test_cli import TINY, write_yaml
 
 # What a quiet run must not print (each seen in a plain `rllib train` before the filters).
 HARMLESS = (
@@ -79,9 +83,38 @@ def test_native_patterns_match_the_real_line():
     assert any(re.search(pattern, CORE_WORKER_LINE) for pattern in HARMLESS_NATIVE_LINES)
 
 
+def test_verbose_keeps_every_line(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("gigpo_rllib.cli.quiet_this_process", lambda: calls.append("quiet"))
+    from gigpo_rllib.cli import main
+
+    bad = write_yaml(tmp_path, {**TINY, "lr": "fast"})
+    assert main(["train", "file", str(bad), "--verbose"]) == 2
+    assert calls == []
+    assert main(["train", "file", str(bad)]) == 2
+    assert calls == ["quiet"]
+
+
 def test_worker_hook_never_raises(monkeypatch):
     def broken():
         raise RuntimeError("boom")
 
     monkeypatch.setattr(logging_utils, "quiet_this_process", broken)
     logging_utils.quiet_worker_setup()  # a failing hook would kill every Ray worker
+
+
+@pytest.mark.slow
+def test_a_normal_run_prints_none_of_the_harmless_lines(tmp_path):
+    # One remote env runner, so the actor-creation note and a worker's output are exercised too.
+    experiment = write_yaml(tmp_path, {**TINY, "num_env_runners": 1})
+    process = subprocess.run(
+        [sys.executable, "-m", "gigpo_rllib.cli", "train", "file", str(experiment), "--checkpoint-dir",
+         str(tmp_path / "run")],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, capture_output=True,
+        text=True, timeout=300)
+    output = process.stdout + process.stderr
+    assert process.returncode == 0, output[-3000:]
+    assert "iter    1 | return" in output and "checkpoint saved" in output
+    found = [pattern for pattern in HARMLESS if re.search(pattern, output)]
+    assert not found, f"harmless lines still printed: {found}\n{output}"
+    assert process.stderr.strip() == "", process.stderr  # nothing at all on stderr when nothing is wrong
