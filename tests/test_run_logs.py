@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from gigpo_rllib.progress import TENSORBOARD_TAGS, CsvLog, RunLogs, iteration_metrics, read_csv, read_tensorboard_scalars
+from gigpo_rllib.progress import (TENSORBOARD_TAGS, CsvLog, RunLogs, iteration_metrics, read_csv,
+                                  read_tensorboard_scalars)
 
 
 def result(iteration, episode_return=0.5, learner_wide=None):
