@@ -41,7 +41,7 @@ from gigpo_rllib.checkpoints import config_from_checkpoint as _read_checkpoint_c
 from gigpo_rllib.experiment import (DEFAULT_STOP_ITERS, Experiment, ExperimentError, build_config,
                                     build_stop, check_envs, experiment_from_mapping, normalize_algo,
                                     read_experiment_file)
-from gigpo_rllib.logging_utils import filtered_native_stderr, quiet_this_process, start_ray
+from gigpo_rllib.logging_utils import filtered_native_stderr, quiet_output, start_ray
 from gigpo_rllib.progress import format_progress, iteration_metrics, plot_runs, read_csv
 from gigpo_rllib.stopping import TRAINING_ITERATION, StopCriteria
 from gigpo_rllib.training import TrainingFailed, train
@@ -398,22 +398,21 @@ def _ray_session(*, quiet: bool):
 
 def _train_command(args: argparse.Namespace) -> None:
     quiet = not _flag(args, "verbose", False)
-    if quiet:
-        quiet_this_process()
-    job = _train_job(args)
-    plan_run(job.run_dir, resume=job.resume)  # a run already there without --resume: fail before Ray starts
-    with _ray_session(quiet=quiet):
-        train(job.config, job.stop, checkpoint_dir=job.run_dir, checkpoint_every=job.checkpoint_freq,
-              checkpoint_at_end=job.checkpoint_at_end, resume=job.resume, quiet=quiet)
+    with quiet_output(quiet):  # from the start: RLlib logs its new-API-stack note when the config is validated
+        job = _train_job(args)
+        plan_run(job.run_dir, resume=job.resume)  # a run already there without --resume: fail before Ray starts
+        with _ray_session(quiet=quiet):
+            train(job.config, job.stop, checkpoint_dir=job.run_dir, checkpoint_every=job.checkpoint_freq,
+                  checkpoint_at_end=job.checkpoint_at_end, resume=job.resume, quiet=quiet)
 
 
 def _evaluate_command(args: argparse.Namespace) -> None:
-    if not args.verbose:
-        quiet_this_process()
-    config_from_checkpoint(resolve_checkpoint(args.checkpoint))  # a bad checkpoint fails before Ray starts
-    with _ray_session(quiet=not args.verbose):
-        metrics = evaluate(args.checkpoint, episodes=args.episodes, num_env_runners=args.num_env_runners,
-                           quiet=not args.verbose)
+    quiet = not args.verbose
+    with quiet_output(quiet):
+        config_from_checkpoint(resolve_checkpoint(args.checkpoint))  # a bad checkpoint fails before Ray starts
+        with _ray_session(quiet=quiet):
+            metrics = evaluate(args.checkpoint, episodes=args.episodes, num_env_runners=args.num_env_runners,
+                               quiet=quiet)
     print(json.dumps(metrics, indent=2, sort_keys=True))
 
 

@@ -19,7 +19,7 @@ import re
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 
 @dataclass(frozen=True)
@@ -64,32 +64,77 @@ class _DropHarmless(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
-def install_log_filters(lines: Sequence[HarmlessLine] = HARMLESS_LOG_LINES) -> None:
+AddedFilters = list[tuple[logging.Logger, logging.Filter]]
+
+
+def install_log_filters(lines: Sequence[HarmlessLine] = HARMLESS_LOG_LINES) -> AddedFilters:
     """Attach a filter for each harmless line to the logger that emits it (idempotent). A filter on the emitting
-    logger sees only that logger's records, so nothing else Ray logs is touched."""
+    logger sees only that logger's records, so nothing else Ray logs is touched. Returns the filters added now
+    (for :func:`remove_log_filters`)."""
+    added = []
     for line in lines:
         logger = logging.getLogger(line.logger)
         if not any(isinstance(f, _DropHarmless) and f.pattern.pattern == line.pattern for f in logger.filters):
-            logger.addFilter(_DropHarmless(line.pattern))
+            log_filter = _DropHarmless(line.pattern)
+            logger.addFilter(log_filter)
+            added.append((logger, log_filter))
+    return added
 
 
-def disable_progress_bars() -> None:
-    """Hide Hugging Face's weight-loading progress bars here and in the processes started from here."""
+def remove_log_filters(added: AddedFilters) -> None:
+    for logger, log_filter in added:
+        logger.removeFilter(log_filter)
+
+
+def disable_progress_bars() -> Callable[[], None]:
+    """Hide Hugging Face's weight-loading progress bars here and in the processes started from here. Returns a
+    function that restores the previous setting in this process."""
+    previous_env = {name: os.environ.get(name) for name in _PROGRESS_BAR_ENV}
     os.environ.update(_PROGRESS_BAR_ENV)  # read when the libraries are imported, here and in every Ray worker
     # Already imported: switch them off directly (importing them here would only slow down a failing command).
+    restore_transformers = None
     if "huggingface_hub" in sys.modules:
         sys.modules["huggingface_hub"].utils.disable_progress_bars()
     if "transformers" in sys.modules:
-        import transformers.utils.logging
+        import transformers.utils.logging as transformers_logging
 
-        transformers.utils.logging.disable_progress_bar()
+        if transformers_logging.is_progress_bar_enabled():
+            transformers_logging.disable_progress_bar()
+            restore_transformers = transformers_logging.enable_progress_bar
+
+    def restore() -> None:
+        for name, value in previous_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if restore_transformers is not None:
+            restore_transformers()
+
+    return restore
 
 
 def quiet_this_process() -> None:
-    """Drop the known-harmless log lines and the progress bars in this process from now on. Call it before
-    building a config: RLlib's new-API-stack note is logged by the first ``validate()``."""
+    """Drop the known-harmless log lines and the progress bars in this process from now on (for scripts such as
+    the examples). Call it before building a config: RLlib's new-API-stack note is logged by ``validate()``."""
     install_log_filters()
     disable_progress_bars()
+
+
+@contextlib.contextmanager
+def quiet_output(active: bool = True) -> Iterator[None]:
+    """:func:`quiet_this_process` for the length of the block only (the CLI's commands: a program that calls
+    ``main()`` gets its logging back as it was). ``active=False`` (``--verbose``) changes nothing."""
+    if not active:
+        yield
+        return
+    added = install_log_filters()
+    restore_progress_bars = disable_progress_bars()
+    try:
+        yield
+    finally:
+        remove_log_filters(added)
+        restore_progress_bars()
 
 
 def quiet_worker_setup() -> None:
@@ -112,12 +157,12 @@ def start_ray(*, quiet: bool = True, **init_kwargs) -> None:
 
     init_kwargs.setdefault("include_dashboard", False)
     if quiet:
-        quiet_this_process()  # before ray.init: the token-authentication note is logged during it
         init_kwargs.setdefault("logging_level", logging.WARNING)
         runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
         runtime_env.setdefault("worker_process_setup_hook", _portable(quiet_worker_setup))
         init_kwargs["runtime_env"] = runtime_env
-    ray.init(**init_kwargs)
+    with quiet_output(quiet):  # the token-authentication note is logged during ray.init
+        ray.init(**init_kwargs)
 
 
 def _portable(function):

@@ -109,6 +109,8 @@ class _Session:
         self.checkpointed_iteration = plan.iteration if plan.checkpoint else None
         self.stopped_by: list[str] = []
         self.algo = None
+        # False only while algo.train() runs: an exception there may leave a half-applied update.
+        self.state_sound = True
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -175,7 +177,7 @@ class _Session:
             self.say(f"already at iteration {self.algo.iteration}: nothing to train")
             return
         while not self.stopped_by:
-            self.state_sound = False  # an exception inside train() may leave a half-applied update
+            self.state_sound = False
             result = self.algo.train()
             self.state_sound = True
             self.criteria.check_keys(result)
@@ -198,8 +200,6 @@ class _Session:
         self.say(f"checkpoint saved: {self.checkpoint}")
 
     # ------------------------------------------------------------------------------------------ failures
-
-    state_sound = True
 
     def _failure(self, error: BaseException, phase: str | None = None) -> TrainingFailed:
         """Save a final checkpoint if the state is sound, write error.txt, and describe the failure."""

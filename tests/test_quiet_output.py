@@ -9,7 +9,10 @@ import sys
 import pytest
 
 from gigpo_rllib import logging_utils
-from gigpo_rllib.logging_utils import HARMLESS_NATIVE_LINES, filtered_native_stderr, install_log_filters
+from gigpo_rllib.cli import main
+from gigpo_rllib.experiment import ExperimentError
+from gigpo_rllib.logging_utils import (HARMLESS_NATIVE_LINES, filtered_native_stderr, install_log_filters,
+                                       remove_log_filters)
 from tests.conftest import ROOT
 from tests.test_cli import TINY, write_yaml
 
@@ -40,8 +43,8 @@ class Collect(logging.Handler):
 
 
 def test_log_filters_drop_only_the_known_lines():
-    install_log_filters()
-    install_log_filters()  # idempotent: one filter per line
+    added = install_log_filters()
+    assert install_log_filters() == []  # idempotent: one filter per line
     token_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
     assert len(token_logger.filters) == 1
     config_logger = logging.getLogger("ray.rllib.algorithms.algorithm_config")
@@ -60,6 +63,7 @@ def test_log_filters_drop_only_the_known_lines():
     finally:
         for logger in handlers_at:
             logger.removeHandler(collect)
+        remove_log_filters(added)
     assert collect.messages == [
         "num_env_runners=0 with evaluation: something that matters",
         "You are running GiGPO on the new API stack! (other logger)"]
@@ -83,23 +87,32 @@ def test_native_patterns_match_the_real_line():
     assert any(re.search(pattern, CORE_WORKER_LINE) for pattern in HARMLESS_NATIVE_LINES)
 
 
-def test_verbose_keeps_every_line(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr("gigpo_rllib.cli.quiet_this_process", lambda: calls.append("quiet"))
-    from gigpo_rllib.cli import main
+def test_cli_quiets_only_while_it_runs_and_not_with_verbose(tmp_path):
+    token_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    seen = []
 
-    bad = write_yaml(tmp_path, {**TINY, "lr": "fast"})
-    assert main(["train", "file", str(bad), "--verbose"]) == 2
-    assert calls == []
-    assert main(["train", "file", str(bad)]) == 2
-    assert calls == ["quiet"]
+    def spy(argv):
+        def build_config(*args, **kwargs):
+            seen.append(len(token_logger.filters))
+            raise ExperimentError("stop here")
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("gigpo_rllib.cli.build_config", build_config)
+            assert main(argv) == 2
+
+    experiment = write_yaml(tmp_path, TINY)
+    remove_log_filters([(token_logger, f) for f in list(token_logger.filters)])
+    spy(["train", "file", str(experiment)])
+    spy(["train", "file", str(experiment), "--verbose"])
+    assert seen == [1, 0]  # filtered during the quiet command only
+    assert token_logger.filters == []  # and given back afterwards, for a program that calls main()
 
 
 def test_worker_hook_never_raises(monkeypatch):
     def broken():
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(logging_utils, "quiet_this_process", broken)
+    monkeypatch.setattr(logging_utils, "install_log_filters", broken)
     logging_utils.quiet_worker_setup()  # a failing hook would kill every Ray worker
 
 
