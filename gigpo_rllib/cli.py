@@ -217,7 +217,8 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         help="JSON object of stop criteria {result key: value}, nested keys as \"a/b\" paths, e.g. "
              "'{\"training_iteration\": 20, \"env_runners/success_rate\": 0.9}'; training stops when any value is "
              "reached (>=). Every key must appear in the first result (validation/... keys in the first "
-             f"validation), else exit 2. Default: {DEFAULT_STOP_ITERS} iterations")
+             "validation), else exit 2. Replaces the file's stop section; default: the file's, else "
+             f"{DEFAULT_STOP_ITERS} iterations")
     add("--stop-iters", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
         help="shorthand for --stop '{\"training_iteration\": N}' (overrides that one criterion)")
     add("--storage-path", default=argparse.SUPPRESS, metavar="DIR",
