@@ -1,115 +1,84 @@
-"""The ``rllib`` command: train GiGPO from a YAML file or from flags, and evaluate a checkpoint.
+"""The ``rllib`` command: train GiGPO (or GRPO) from a YAML file or from flags, evaluate a checkpoint, plot runs.
 
 Ray >= 2.44 no longer ships an ``rllib`` command; ``pyproject.toml`` installs this one
-(``rllib = gigpo_rllib.cli:main``). Without installing, ``python3 -m gigpo_rllib.cli ...`` does the same.
+(``rllib = gigpo_rllib.cli:main``). Without installing, ``python3 -m gigpo_rllib.cli ...`` does the same. It
+speaks RLlib's dialect (``--algo``, ``--env``, ``--config``, ``--stop``, ``--storage-path``,
+``--checkpoint-freq``, ``--checkpoint-at-end``, RLlib's tuned-example YAML layout) and keeps its own flags
+(``--stop-iters``, ``--checkpoint-dir``, ``--checkpoint-every``) as aliases.
 
 Usage::
 
-    rllib train file configs/frozenlake_gigpo.yaml [--stop-iters N] [--checkpoint-dir DIR]
-                                                   [--checkpoint-every K] [--num-env-runners N]
-    rllib train --algo GiGPO --env TextFrozenLake-v0 --config '{"train_env_manager": {...}, ...}' [same flags]
-    rllib evaluate CHECKPOINT [--episodes N] [--num-env-runners N]
+    rllib train file configs/frozenlake_gigpo.yaml [--stop JSON | --stop-iters N] [--storage-path DIR |
+                     --checkpoint-dir RUN_DIR] [--checkpoint-freq K] [--no-checkpoint-at-end] [--resume] [--verbose]
+    rllib train --algo GiGPO|GRPO --env ENV --config JSON [same flags]
+    rllib evaluate CHECKPOINT_OR_RUN_DIR [--episodes N] [--num-env-runners N]
     rllib plot RUN_DIR [RUN_DIR ...] [--out progress.png]
 
-An experiment file is a flat YAML mapping of :class:`~gigpo_rllib.config.GiGPOConfig` keys (the GiGPO keys of
-the README's configuration reference, with partial dicts for ``reward_normalization`` / ``train_env_manager``)
-plus RLlib's own keys (``env``, ``env_config``, ``num_env_runners``, ``num_learners``, ``lr``,
-``minibatch_size``, ``seed``, ...) and an optional ``stop: {training_iteration: N}`` section.
-The reusable pieces are :func:`load_experiment`, :func:`config_from_dict`, :func:`train` and :func:`evaluate`.
+Exit status: 0 done; 1 training failed (the run directory, ``error.txt`` with the traceback and the last
+checkpoint are named); 2 bad arguments, config, experiment file or checkpoint (one line ``rllib: error: ...``);
+130 interrupted (Ctrl-C).
+
+The reusable pieces are :func:`load_experiment`, :func:`config_from_dict`, :func:`train` and :func:`evaluate`;
+the layouts of experiment files are described in :mod:`gigpo_rllib.experiment`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
 import pathlib
 import pickle
-import statistics
+import re
 import sys
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from gigpo_rllib.progress import CsvLog, format_progress, iteration_metrics, plot_runs, read_csv
+from gigpo_rllib.checkpoints import (PROGRESS_FILE, REQUIRED_ENTRIES, checkpoint_problem, list_checkpoints,
+                                     plan_run)
+from gigpo_rllib.checkpoints import config_from_checkpoint as _read_checkpoint_config
+from gigpo_rllib.experiment import (DEFAULT_STOP_ITERS, Experiment, ExperimentError, build_config,
+                                    build_stop, check_envs, experiment_from_mapping, normalize_algo,
+                                    read_experiment_file)
+from gigpo_rllib.logging_utils import filtered_native_stderr, quiet_output, start_ray
+from gigpo_rllib.progress import format_progress, iteration_metrics, plot_runs, read_csv
+from gigpo_rllib.stopping import TRAINING_ITERATION, StopCriteria
+from gigpo_rllib.training import TrainingFailed, train
 
 if TYPE_CHECKING:
     from gigpo_rllib.config import GiGPOConfig
 
-DEFAULT_STOP_ITERS = 10
-PROGRESS_FILE = "progress.csv"
-STOP_KEYS = ("training_iteration",)
-
-
-class ExperimentError(ValueError):
-    """A bad experiment file or flag; the CLI prints its message and exits with status 2."""
+__all__ = ["DEFAULT_STOP_ITERS", "ExperimentError", "TrainingFailed", "build_parser", "config_from_checkpoint",
+           "config_from_dict", "evaluate", "load_experiment", "main", "plot", "progress_line", "train"]
 
 
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _known_config_keys() -> set[str]:
-    from gigpo_rllib.config import GiGPOConfig
-
-    return set(GiGPOConfig().to_dict())
-
-
 def config_from_dict(settings: dict[str, Any], *, source: str = "config") -> tuple["GiGPOConfig", int]:
-    """A validated :class:`GiGPOConfig` and the number of iterations to train, from an experiment dict.
+    """A validated :class:`GiGPOConfig` and the number of iterations to train, from a flat experiment dict.
 
-    ``settings`` holds config keys exactly as :meth:`GiGPOConfig.to_dict` names them, plus an optional
-    ``stop: {training_iteration: N}`` (default :data:`DEFAULT_STOP_ITERS`). Unknown keys raise
-    :class:`ExperimentError` naming the key and ``source``; invalid values raise the config's own error.
+    ``settings`` holds config keys exactly as :meth:`GiGPOConfig.to_dict` names them, plus an optional ``stop``
+    mapping; the iterations are its ``training_iteration`` (default :data:`DEFAULT_STOP_ITERS`). Unknown keys,
+    wrong types and invalid values raise :class:`ExperimentError` naming the key and ``source``.
     """
-    from gigpo_rllib.config import GiGPOConfig
-
     if not isinstance(settings, dict):
         raise ExperimentError(f"{source}: expected a mapping of config keys, got {type(settings).__name__}")
     settings = dict(settings)
-    stop = settings.pop("stop", None) or {}
-    if not isinstance(stop, dict):
-        raise ExperimentError(f"{source}: 'stop' must be a mapping like {{training_iteration: 10}}, got {stop!r}")
-    unknown_stop = sorted(set(stop) - set(STOP_KEYS))
-    if unknown_stop:
-        raise ExperimentError(f"{source}: unknown stop key(s) {unknown_stop}; supported: {list(STOP_KEYS)}")
-    stop_iters = stop.get("training_iteration", DEFAULT_STOP_ITERS)
-    if not isinstance(stop_iters, int) or isinstance(stop_iters, bool) or stop_iters < 1:
-        raise ExperimentError(f"{source}: stop.training_iteration must be an integer >= 1, got {stop_iters!r}")
-
-    unknown = sorted(set(settings) - _known_config_keys())
-    if unknown:
-        raise ExperimentError(
-            f"{source}: unknown config key(s) {unknown}. Use GiGPOConfig attribute names (see the README's "
-            "configuration reference, or GiGPOConfig().to_dict() for RLlib's own keys) and a 'stop' section.")
-    config = GiGPOConfig()
-    env = settings.pop("env", None)
-    env_config = settings.pop("env_config", None)
-    if env is not None:
-        config.environment(env=env)
-    if env_config is not None:
-        config.environment(env_config=env_config)
-    try:
-        config.update_from_dict(settings)
-        config.validate()
-    except ValueError as error:
-        raise ExperimentError(f"{source}: {error}") from error
-    return config, stop_iters
+    stop = settings.pop("stop", None)
+    if stop is None:
+        stop = {}
+    criteria = build_stop(stop, source=source)
+    return build_config(settings, source=source), criteria.max_iterations or DEFAULT_STOP_ITERS
 
 
 def load_experiment(path: str | pathlib.Path) -> tuple["GiGPOConfig", int]:
-    """Read a YAML experiment file (see the module docstring) into ``(GiGPOConfig, stop_iters)``."""
-    import yaml
-
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ExperimentError(f"experiment file not found: {str(path)!r}")
-    try:
-        settings = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ExperimentError(f"{path}: not valid YAML: {error}") from error
-    return config_from_dict(settings or {}, source=str(path))
-
-
-# ------------------------------------------------------------------------------------------- training
+    """Read a YAML experiment file (flat or RLlib's tuned-example layout) into ``(GiGPOConfig, iterations)``;
+    the iterations are its ``stop.training_iteration`` (default :data:`DEFAULT_STOP_ITERS`)."""
+    experiment = read_experiment_file(path)
+    config = build_config(experiment.settings, algo=experiment.algo, source=experiment.source)
+    return config, build_stop(experiment.stop, source=experiment.source).max_iterations or DEFAULT_STOP_ITERS
 
 
 def progress_line(result: dict) -> str:
@@ -118,68 +87,11 @@ def progress_line(result: dict) -> str:
 
 
 def default_checkpoint_dir(name: str) -> pathlib.Path:
-    return pathlib.Path.home() / "gigpo_results" / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"
+    return pathlib.Path.home() / "gigpo_results" / f"{_path_safe(name)}_{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _save(algo, checkpoint_dir: pathlib.Path, out) -> str:
-    path = checkpoint_dir / f"checkpoint_{algo.iteration:06d}"
-    saved = algo.save_to_path(str(path.resolve()))
-    print(f"checkpoint saved: {saved}", file=out, flush=True)
-    return str(saved)
-
-
-def train(config, stop_iters: int, *, checkpoint_dir: str | pathlib.Path, checkpoint_every: int = 0,
-          out=None) -> dict[str, Any]:
-    """Build the algorithm, train ``stop_iters`` iterations printing one progress line each (and appending it to
-    ``checkpoint_dir/progress.csv``), checkpoint every ``checkpoint_every`` iterations (0: only at the end) and at
-    the end. Returns a summary dict (``iterations``, ``time_s``, ``final``/``best`` return and success,
-    ``mean_iteration_times``, ``checkpoint``: the last path, ``progress_csv``)."""
-    out = out or sys.stdout
-    checkpoint_dir = pathlib.Path(checkpoint_dir)
-    log = CsvLog(checkpoint_dir / PROGRESS_FILE)
-    started = time.perf_counter()
-    algo = config.build_algo()
-    print(f"built GiGPO in {time.perf_counter() - started:.1f}s (env {config.env_tags}, {config.rollout_batch_size} "
-          f"trajectories per iteration, {config.num_env_runners} env runner(s)); training {stop_iters} "
-          f"iteration(s); progress in {log.path}", file=out, flush=True)
-    rows: list[dict[str, float]] = []
-    checkpoint = None
-    try:
-        for _ in range(stop_iters):
-            rows.append(iteration_metrics(algo.train()))
-            log.append(rows[-1])
-            print(format_progress(rows[-1]), file=out, flush=True)
-            if checkpoint_every and algo.iteration % checkpoint_every == 0 and algo.iteration < stop_iters:
-                checkpoint = _save(algo, checkpoint_dir, out)
-        checkpoint = _save(algo, checkpoint_dir, out)
-    finally:
-        algo.stop()
-    summary = _summary(rows, time.perf_counter() - started, checkpoint, log.path)
-    print(f"done: {len(rows)} iteration(s) in {summary['time_s']:.1f}s | final return {summary['final_return']:+.3f}, "
-          f"success {summary['final_success_rate']:.3f} | best return {summary['best_return']:+.3f}, success "
-          f"{summary['best_success_rate']:.3f} | checkpoint {checkpoint}", file=out, flush=True)
-    if rows:
-        mean = summary["mean_iteration_times"]
-        print(f"mean time per iteration: rollout {mean['rollout_s']:.2f}s | advantages "
-              f"{mean['advantages_s'] * 1e3:.1f}ms | update {mean['update_s']:.2f}s | weight sync "
-              f"{mean['sync_s'] * 1e3:.1f}ms", file=out, flush=True)
-    return summary
-
-
-def _summary(rows: list[dict[str, float]], seconds: float, checkpoint: str | None, csv_path) -> dict[str, Any]:
-    last = rows[-1] if rows else {}
-    return {
-        "iterations": len(rows),
-        "time_s": seconds,
-        "final_return": last.get("episode_return_mean", math.nan),
-        "final_success_rate": last.get("success_rate", math.nan),
-        "best_return": max((row["episode_return_mean"] for row in rows), default=math.nan),
-        "best_success_rate": max((row["success_rate"] for row in rows), default=math.nan),
-        "mean_iteration_times": {key: statistics.fmean(row[key] for row in rows)
-                                 for key in ("rollout_s", "advantages_s", "update_s", "sync_s")} if rows else {},
-        "checkpoint": checkpoint,
-        "progress_csv": str(csv_path),
-    }
+def _path_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.") or "experiment"
 
 
 def plot(run_dirs: Sequence[str | pathlib.Path], out: str | pathlib.Path) -> str:
@@ -202,24 +114,37 @@ def plot(run_dirs: Sequence[str | pathlib.Path], out: str | pathlib.Path) -> str
 
 def config_from_checkpoint(checkpoint: str | pathlib.Path):
     """The (unfrozen) :class:`GiGPOConfig` an algorithm checkpoint was built with."""
-    from gigpo_rllib.algorithm import GiGPO
-    from gigpo_rllib.config import GiGPOConfig
+    try:
+        return _read_checkpoint_config(checkpoint)
+    except ValueError as error:
+        raise ExperimentError(str(error)) from error
 
-    ctor_file = pathlib.Path(checkpoint) / GiGPO.CLASS_AND_CTOR_ARGS_FILE_NAME
-    if not ctor_file.is_file():
-        raise ExperimentError(f"not an algorithm checkpoint (no {ctor_file.name} in it): {str(checkpoint)!r}")
-    with ctor_file.open("rb") as f:
-        ctor_info = pickle.load(f)
-    state = ctor_info["ctor_args_and_kwargs"][0][0]
-    return GiGPOConfig.from_state(state) if isinstance(state, dict) else state.copy(copy_frozen=False)
+
+def resolve_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
+    """``path`` itself when it is a complete checkpoint; for a run directory, its newest complete checkpoint.
+    Raises :class:`ExperimentError` saying what is wrong otherwise."""
+    path = pathlib.Path(path)
+    is_run_dir = path.is_dir() and not any((path / entry).exists() for entry in REQUIRED_ENTRIES)
+    if is_run_dir and list_checkpoints(path):
+        plan = plan_run(path, resume=True)
+        if plan.checkpoint is None:
+            details = "; ".join(f"{p.name}: {problem}" for p, problem in plan.skipped)
+            raise ExperimentError(f"run directory {str(path)!r} has no complete checkpoint ({details})")
+        return plan.checkpoint
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ExperimentError(f"cannot use checkpoint {str(path)!r}: {problem}")
+    return path
 
 
 def evaluate(checkpoint: str | pathlib.Path, *, episodes: int | None = None,
-             num_env_runners: int | None = None) -> dict[str, float]:
-    """Restore ``checkpoint`` and run :meth:`GiGPO.validate` on ``episodes`` fresh episodes (default: the
-    checkpoint's ``val_batch_size``). Returns the validation metrics."""
+             num_env_runners: int | None = None, quiet: bool = True) -> dict[str, float]:
+    """Restore ``checkpoint`` (or the newest complete checkpoint of a run directory) and run
+    :meth:`GiGPO.validate` on ``episodes`` fresh episodes (default: the checkpoint's ``val_batch_size``). Returns
+    the validation metrics. A missing, partial or damaged checkpoint raises :class:`ExperimentError`."""
     from gigpo_rllib.algorithm import GiGPO
 
+    checkpoint = resolve_checkpoint(checkpoint)
     config = config_from_checkpoint(checkpoint)
     if episodes is not None:
         if episodes < 1:
@@ -228,7 +153,12 @@ def evaluate(checkpoint: str | pathlib.Path, *, episodes: int | None = None,
     if num_env_runners is not None:
         config.num_env_runners = num_env_runners
     # The checkpoint's constructor argument is the config; passing ours replaces it, then the state is restored.
-    algo = GiGPO.from_checkpoint(str(pathlib.Path(checkpoint).resolve()), config=config)
+    try:
+        with filtered_native_stderr(active=quiet):
+            algo = GiGPO.from_checkpoint(str(checkpoint.resolve()), config=config)
+    except (EOFError, pickle.UnpicklingError, FileNotFoundError) as error:
+        raise ExperimentError(f"cannot load checkpoint {str(checkpoint)!r}: {type(error).__name__}: {error}; a "
+                              "file of it is missing or cut short (an interrupted save?)") from error
     try:
         return algo.validate()
     finally:
@@ -238,74 +168,123 @@ def evaluate(checkpoint: str | pathlib.Path, *, episodes: int | None = None,
 # ----------------------------------------------------------------------------------------------- CLI
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line, like every other error of the command (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"rllib: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _algo(text: str) -> str:
+    try:
+        return normalize_algo(text)
+    except ExperimentError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--algo: ")) from None
+
+
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: flags given before `file` (rllib train --stop-iters 2 file x.yaml) are not reset by the sub-parser.
-    parser.add_argument("--stop-iters", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
-                        help="training iterations (overrides the experiment's stop.training_iteration; "
-                             f"default {DEFAULT_STOP_ITERS})")
-    parser.add_argument("--checkpoint-dir", default=argparse.SUPPRESS, metavar="DIR",
-                        help="where checkpoints go, as DIR/checkpoint_<iteration> "
-                             "(default ~/gigpo_results/<name>_<timestamp>)")
-    parser.add_argument("--checkpoint-every", type=_non_negative_int, default=argparse.SUPPRESS, metavar="K",
-                        help="also checkpoint every K iterations (default 0: only at the end)")
-    parser.add_argument("--num-env-runners", type=_non_negative_int, default=argparse.SUPPRESS, metavar="N",
-                        help="override num_env_runners (remote sampling actors; 0 samples in the driver)")
+    add = parser.add_argument
+    add("--algo", type=_algo, default=argparse.SUPPRESS, metavar="{GiGPO,GRPO}",
+        help="the algorithm: GiGPO, or GRPO (GiGPO with adv_estimator: grpo); default: the file's `run`, else GiGPO")
+    add("--env", default=argparse.SUPPRESS,
+        help="env tag (FrozenLake, Sokoban, a TextArena game) or registered Gymnasium id ('module:EnvId' for your "
+             "own); with `file`, overrides the file's env")
+    add("--config", default=argparse.SUPPRESS, metavar="JSON",
+        help="JSON object of config keys; with `file`, merged over the file's config (nested keys one level deep)")
+    add("--stop", default=argparse.SUPPRESS, metavar="JSON",
+        help="JSON object of stop criteria {result key: value}, nested keys as \"a/b\" paths, e.g. "
+             "'{\"training_iteration\": 20, \"env_runners/success_rate\": 0.9}'; training stops when any value is "
+             "reached (>=). Every key must appear in the first result (validation/... keys in the first "
+             "validation), else exit 2. Replaces the file's stop section; default: the file's, else "
+             f"{DEFAULT_STOP_ITERS} iterations")
+    add("--stop-iters", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
+        help="shorthand for --stop '{\"training_iteration\": N}' (overrides that one criterion)")
+    add("--storage-path", default=argparse.SUPPRESS, metavar="DIR",
+        help="the run goes to DIR/NAME (NAME: the experiment's name, file stem, or ALGO_ENV); rerun with --resume "
+             "to continue it")
+    add("--checkpoint-dir", default=argparse.SUPPRESS, metavar="RUN_DIR",
+        help="the run directory itself (progress.csv, TensorBoard events, RUN_DIR/checkpoint_<iteration>); "
+             "default ~/gigpo_results/NAME_<timestamp>")
+    add("--checkpoint-freq", "--checkpoint-every", dest="checkpoint_freq", type=_non_negative_int,
+        default=argparse.SUPPRESS, metavar="K", help="also checkpoint every K iterations (default 0: only at the end)")
+    add("--checkpoint-at-end", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+        help="checkpoint when training ends, also after a failure that left the state sound (default: on)")
+    add("--resume", action="store_true", default=argparse.SUPPRESS,
+        help="continue the run in the run directory from its last complete checkpoint (iteration, weights, "
+             "optimizer, seeds); progress rows after it are dropped. Without it, a directory holding a run is an "
+             "error")
+    add("--num-env-runners", type=_non_negative_int, default=argparse.SUPPRESS, metavar="N",
+        help="override num_env_runners (remote sampling actors; 0 samples in the driver)")
+    add("--verbose", action="store_true", default=argparse.SUPPRESS,
+        help="show Ray's and RLlib's start-up notes too (hidden by default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rllib", description="Train and evaluate GiGPO (gigpo-rllib) on text environments.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  rllib train file configs/frozenlake_gigpo.yaml --stop-iters 5\n"
-               "  rllib train --algo GiGPO --env TextFrozenLake-v0 --config "
-               "'{\"train_env_manager\": {\"num_env_groups\": 4, \"group_size\": 4}, \"rollout_batch_size\": 16}'\n"
-               "  rllib evaluate ~/gigpo_results/frozenlake_gigpo_<time>/checkpoint_000020 --episodes 64")
+               "  rllib train --algo GRPO --env TextFrozenLake-v0 --config "
+               "'{\"train_env_manager\": {\"num_env_groups\": 4, \"group_size\": 4}, \"rollout_batch_size\": 16}' "
+               "--stop '{\"training_iteration\": 20, \"env_runners/success_rate\": 0.9}' --storage-path ~/runs\n"
+               "  rllib train --algo GRPO --env TextFrozenLake-v0 --config ... --storage-path ~/runs --resume\n"
+               "  rllib evaluate ~/gigpo_results/frozenlake_gigpo_<time>/checkpoint_000020 --episodes 64\n"
+               "exit status: 0 done, 1 training failed, 2 bad arguments/config/checkpoint, 130 interrupted")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     train_parser = commands.add_parser(
-        "train", help="train GiGPO (from a YAML file: `rllib train file X.yaml`, or from flags)",
-        description="Train GiGPO. Either `rllib train file X.yaml [flags]` or "
+        "train", help="train GiGPO or GRPO (from a YAML file: `rllib train file X.yaml`, or from flags)",
+        description="Train GiGPO or GRPO. Either `rllib train file X.yaml [flags]` or "
                     "`rllib train --algo GiGPO --env ENV --config JSON [flags]`. Prints one progress line per "
-                    "iteration and a summary, and saves a checkpoint at the end.")
-    train_parser.add_argument("--algo", default="GiGPO", choices=["GiGPO"], help="the algorithm (only GiGPO)")
-    train_parser.add_argument("--env", default=None,
-                              help="env tag (FrozenLake, Sokoban, a TextArena game) or registered Gymnasium id")
-    train_parser.add_argument("--config", default="{}", metavar="JSON",
-                              help="JSON object of config keys, as in an experiment YAML (may hold \"stop\")")
+                    "iteration and a summary; writes progress.csv, TensorBoard event files and checkpoints into "
+                    "the run directory.")
     _add_run_flags(train_parser)
     train_modes = train_parser.add_subparsers(dest="train_mode", metavar="file")
     file_parser = train_modes.add_parser(
         "file", help="train from a YAML experiment file",
-        description="Train from a YAML experiment file: flat GiGPOConfig keys, nested dicts for "
-                    "reward_normalization / train_env_manager, RLlib keys (env, env_config, num_env_runners, "
-                    "num_learners, lr, minibatch_size, seed) and an optional stop: {training_iteration: N}.")
+        description="Train from a YAML experiment file, in either layout: flat GiGPOConfig keys (nested dicts "
+                    "for reward_normalization / train_env_manager, RLlib keys env, env_config, num_env_runners, "
+                    "num_learners, lr, minibatch_size, seed) with an optional stop: {...}; or RLlib's "
+                    "tuned-example layout NAME: {run: GiGPO|GRPO, env: ..., stop: {...}, config: {...}}. Flags "
+                    "override the file.")
     file_parser.add_argument("path", metavar="PATH.yaml", help="the experiment file")
     _add_run_flags(file_parser)
 
     evaluate_parser = commands.add_parser(
         "evaluate", help="restore a checkpoint and run validation episodes",
-        description="Restore a GiGPO checkpoint and run validate(): N single episodes on fresh validation "
-                    "seeds; prints the validation metrics as JSON.")
-    evaluate_parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory written by train")
+        description="Restore a GiGPO checkpoint (or the newest complete checkpoint of a run directory) and run "
+                    "validate(): N single episodes on fresh validation seeds; prints the validation metrics as "
+                    "JSON. A missing, partial or damaged checkpoint is reported (exit 2).")
+    evaluate_parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                                 help="a checkpoint directory, or a run directory written by train")
     evaluate_parser.add_argument("--episodes", type=_positive_int, default=None, metavar="N",
                                  help="validation episodes (default: the checkpoint's val_batch_size)")
     evaluate_parser.add_argument("--num-env-runners", type=_non_negative_int, default=None, metavar="N",
                                  help="override num_env_runners for the evaluation")
+    evaluate_parser.add_argument("--verbose", action="store_true", help="show Ray's and RLlib's start-up notes")
     plot_parser = commands.add_parser(
         "plot", help="plot the progress.csv of one or more training runs into a PNG",
         description="Plot return, success rate, invalid-action rate and entropy per iteration of one or more "
@@ -315,70 +294,148 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_command(args: argparse.Namespace) -> None:
+# ---------------------------------------------------------------------------------------------- train
+
+
+@dataclass
+class TrainJob:
+    """Everything `rllib train` settled before starting Ray."""
+
+    config: "GiGPOConfig"
+    stop: StopCriteria
+    run_dir: pathlib.Path
+    checkpoint_freq: int
+    checkpoint_at_end: bool
+    resume: bool
+
+
+def _flag(args: argparse.Namespace, name: str, default: Any = None) -> Any:
+    return getattr(args, name, default)
+
+
+def _json_flag(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    text = _flag(args, name)
+    if text is None:
+        return {}
+    flag = "--" + name.replace("_", "-")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ExperimentError(f"{flag} is not valid JSON ({error}): {text!r}") from error
+    if not isinstance(value, dict):
+        raise ExperimentError(f"{flag} must be a JSON object like {{\"key\": value}}, got {text!r}")
+    return value
+
+
+def _experiment_from_args(args: argparse.Namespace) -> Experiment:
     if args.train_mode == "file":
-        if args.env is not None or args.config != "{}":
-            raise ExperimentError("--env/--config go with `rllib train --algo GiGPO ...`, not with `train file`; "
-                                  "put env and config keys in the YAML file")
-        config, stop_iters = load_experiment(args.path)
-        name = pathlib.Path(args.path).stem
-    else:
-        if not args.env:
-            raise ExperimentError("`rllib train` needs either `file PATH.yaml` or --env ENV (see rllib train -h)")
-        try:
-            settings = json.loads(args.config)
-        except json.JSONDecodeError as error:
-            raise ExperimentError(f"--config is not valid JSON: {error}") from error
-        if not isinstance(settings, dict):
-            raise ExperimentError(f"--config must be a JSON object, got {args.config!r}")
-        config, stop_iters = config_from_dict({**settings, "env": args.env}, source="--config")
-        name = f"{args.algo}_{args.env}"
-    stop_iters = getattr(args, "stop_iters", stop_iters)
-    if getattr(args, "num_env_runners", None) is not None:
-        config.env_runners(num_env_runners=args.num_env_runners)
-    checkpoint_dir = getattr(args, "checkpoint_dir", None) or default_checkpoint_dir(name)
-    train(config, stop_iters, checkpoint_dir=checkpoint_dir, checkpoint_every=getattr(args, "checkpoint_every", 0))
+        experiment = read_experiment_file(args.path)
+        return experiment.overridden(algo=_flag(args, "algo"), env=_flag(args, "env"),
+                                     settings=_json_flag(args, "config"), stop=_json_flag(args, "stop"))
+    env = _flag(args, "env")
+    if not env:
+        raise ExperimentError("`rllib train` needs either `file PATH.yaml` or --env ENV (see rllib train --help)")
+    algo = _flag(args, "algo", "GiGPO")
+    settings = _json_flag(args, "config")
+    # --config may carry "stop", as a flat experiment file may; --stop wins per key.
+    experiment = experiment_from_mapping(settings, source="--config", default_name=f"{algo}_{env}")
+    return experiment.overridden(algo=algo, env=env, stop=_json_flag(args, "stop"))
+
+
+def _train_job(args: argparse.Namespace) -> TrainJob:
+    experiment = _experiment_from_args(args)
+    stop = dict(experiment.stop)
+    if _flag(args, "stop_iters") is not None:
+        stop[TRAINING_ITERATION] = args.stop_iters
+    settings = dict(experiment.settings)
+    if _flag(args, "num_env_runners") is not None:
+        settings["num_env_runners"] = args.num_env_runners
+    source = experiment.source if args.train_mode == "file" else "--config"
+    config = build_config(settings, algo=experiment.algo, source=source)
+    criteria = build_stop(stop, source="--stop" if _flag(args, "stop") else source)
+    check_envs(config, source=source)
+    at_end = _flag(args, "checkpoint_at_end")
+    return TrainJob(
+        config=config, stop=criteria, run_dir=_run_dir(args, experiment),
+        checkpoint_freq=_first_given(_flag(args, "checkpoint_freq"), experiment.checkpoint_freq, 0),
+        checkpoint_at_end=_first_given(at_end, experiment.checkpoint_at_end, True),
+        resume=bool(_flag(args, "resume", False)))
+
+
+def _first_given(*values: Any) -> Any:
+    return next(value for value in values if value is not None)
+
+
+def _run_dir(args: argparse.Namespace, experiment: Experiment) -> pathlib.Path:
+    checkpoint_dir, storage_path = _flag(args, "checkpoint_dir"), _flag(args, "storage_path")
+    if checkpoint_dir and storage_path:
+        raise ExperimentError("give either --checkpoint-dir RUN_DIR (the run directory itself) or --storage-path DIR "
+                              "(the run goes to DIR/NAME), not both")
+    if checkpoint_dir:
+        return pathlib.Path(checkpoint_dir).expanduser()
+    storage_path = storage_path or experiment.storage_path
+    if storage_path:
+        return pathlib.Path(storage_path).expanduser() / _path_safe(experiment.name)
+    if _flag(args, "resume"):
+        raise ExperimentError("--resume needs the run to continue: --checkpoint-dir RUN_DIR (the run directory "
+                              "printed when it started) or the --storage-path it was started with")
+    return default_checkpoint_dir(experiment.name)
+
+
+@contextlib.contextmanager
+def _ray_session(*, quiet: bool):
+    """Start Ray for the command (quiet unless --verbose) and shut it down after; reuse a running one."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    start_ray(quiet=quiet)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _train_command(args: argparse.Namespace) -> None:
+    quiet = not _flag(args, "verbose", False)
+    with quiet_output(quiet):  # from the start: RLlib logs its new-API-stack note when the config is validated
+        job = _train_job(args)
+        plan_run(job.run_dir, resume=job.resume)  # a run already there without --resume: fail before Ray starts
+        with _ray_session(quiet=quiet):
+            train(job.config, job.stop, checkpoint_dir=job.run_dir, checkpoint_every=job.checkpoint_freq,
+                  checkpoint_at_end=job.checkpoint_at_end, resume=job.resume, quiet=quiet)
 
 
 def _evaluate_command(args: argparse.Namespace) -> None:
-    metrics = evaluate(args.checkpoint, episodes=args.episodes, num_env_runners=args.num_env_runners)
+    quiet = not args.verbose
+    with quiet_output(quiet):
+        config_from_checkpoint(resolve_checkpoint(args.checkpoint))  # a bad checkpoint fails before Ray starts
+        with _ray_session(quiet=quiet):
+            metrics = evaluate(args.checkpoint, episodes=args.episodes, num_env_runners=args.num_env_runners,
+                               quiet=quiet)
     print(json.dumps(metrics, indent=2, sort_keys=True))
 
 
+def _plot_command(args: argparse.Namespace) -> None:
+    print(f"plot written: {plot(args.runs, args.out)}")
+
+
+COMMANDS = {"train": _train_command, "evaluate": _evaluate_command, "plot": _plot_command}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``rllib`` console script. Returns the exit status (0 on success, 2 on bad input)."""
+    """Entry point of the ``rllib`` console script. Returns the exit status: 0 done, 1 training failed, 2 bad
+    arguments, config or checkpoint, 130 interrupted."""
     args = build_parser().parse_args(argv)
-    if args.command == "plot":
-        try:
-            print(f"plot written: {plot(args.runs, args.out)}")
-        except ExperimentError as error:
-            print(f"rllib: error: {error}", file=sys.stderr)
-            return 2
-        return 0
-    import ray
-
-    import gigpo_rllib  # noqa: F401  (registers the "GiGPO" trainable)
-
-    started_ray = False
     try:
-        if args.command == "evaluate":
-            # Fail on a bad path before paying for ray.init.
-            config_from_checkpoint(args.checkpoint)
-        elif args.train_mode == "file" and not pathlib.Path(args.path).is_file():
-            raise ExperimentError(f"experiment file not found: {args.path!r}")
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False)
-            started_ray = True
-        if args.command == "train":
-            _train_command(args)
-        else:
-            _evaluate_command(args)
+        COMMANDS[args.command](args)
     except ExperimentError as error:
         print(f"rllib: error: {error}", file=sys.stderr)
         return 2
-    finally:
-        if started_ray:
-            ray.shutdown()
+    except TrainingFailed as failure:
+        print(failure.report(), file=sys.stderr)
+        return failure.exit_code
     return 0
 
 

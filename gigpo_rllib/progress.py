@@ -1,17 +1,24 @@
-"""Training progress: one flat row of metrics per iteration, printed as a line, logged to CSV, and plotted.
+"""Training progress: one flat row of metrics per iteration, printed as a line, logged to CSV and TensorBoard,
+and plotted.
 
-``rllib train`` writes ``progress.csv`` next to its checkpoints; ``rllib plot RUN_DIR ...`` draws the curves of
-one or several runs side by side (matplotlib, the ``plot`` extra).
+``rllib train`` writes ``progress.csv`` and TensorBoard event files (the same metrics, tagged by their place in
+RLlib's result dict, e.g. ``env_runners/episode_return_mean``) into the run directory, next to its
+checkpoints; ``tensorboard --logdir RUN_DIR`` shows them and ``rllib plot RUN_DIR ...`` draws the curves of one or
+several runs side by side (matplotlib, the ``plot`` extra).
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import os
 import pathlib
+import struct
+import time
 from typing import Any, Mapping, Sequence
 
-# (column, path into RLlib's result dict); the time split is derived below.
+# (column, path into RLlib's result dict); the time split is derived below. The path also names the metric in
+# TensorBoard.
 _RESULT_PATHS = {
     "iteration": ("training_iteration",),
     "episode_return_mean": ("env_runners", "episode_return_mean"),
@@ -34,8 +41,20 @@ _RESULT_PATHS = {
     "validation_success_rate": ("validation", "success_rate"),
 }
 COLUMNS = tuple(_RESULT_PATHS) + ("update_s",)
+# Learner-wide metrics (not per module) sit under learners/<name> or, RLlib's convention, under
+# learners/__all_modules__/<name>; rows read either.
+ALL_MODULES = "__all_modules__"
+# TensorBoard tag of each metric: its result path; update_s (derived) sits with the other timers.
+TENSORBOARD_TAGS = {**{column: "/".join(path) for column, path in _RESULT_PATHS.items() if column != "iteration"},
+                    "update_s": "timers/update_without_advantages_s"}
 PLOTTED = (("episode_return_mean", "episode return (mean)"), ("success_rate", "success rate"),
            ("invalid_action_rate", "invalid-action rate"), ("entropy", "token entropy"))
+
+
+def _candidate_paths(path: Sequence[str]) -> list[Sequence[str]]:
+    if len(path) == 2 and path[0] == "learners":
+        return [path, (path[0], ALL_MODULES, path[1])]
+    return [path]
 
 
 def _lookup(result: Mapping[str, Any], path: Sequence[str]) -> float:
@@ -50,10 +69,18 @@ def _lookup(result: Mapping[str, Any], path: Sequence[str]) -> float:
         return math.nan
 
 
+def _first_found(result: Mapping[str, Any], paths: Sequence[Sequence[str]]) -> float:
+    for path in paths:
+        value = _lookup(result, path)
+        if not math.isnan(value):
+            return value
+    return math.nan
+
+
 def iteration_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     """The flat metrics row of one ``algo.train()`` result (NaN where a metric is missing). ``update_s`` is the
     learner update without the advantage computation, so rollout + advantages + update + sync add up."""
-    row = {column: _lookup(result, path) for column, path in _RESULT_PATHS.items()}
+    row = {column: _first_found(result, _candidate_paths(path)) for column, path in _RESULT_PATHS.items()}
     row["update_s"] = row["learner_update_s"] - row["advantages_s"]
     return row
 
@@ -70,25 +97,148 @@ def format_progress(row: Mapping[str, float]) -> str:
 
 
 class CsvLog:
-    """Appends metrics rows to a CSV file (header written with the first row)."""
+    """Appends metrics rows to a CSV file (header written with the first row; the directory is made then too)."""
 
     def __init__(self, path: str | pathlib.Path):
         self.path = pathlib.Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._has_header = self.path.exists() and self.path.stat().st_size > 0
+
+    def _header(self) -> list[str] | None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return None
+        with self.path.open(newline="") as file:
+            return next(csv.reader(file), None)
 
     def append(self, row: Mapping[str, float]) -> None:
+        # A file written by another version keeps its own columns, so appended rows stay aligned with its header.
+        header = self._header()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=COLUMNS)
-            if not self._has_header:
+            writer = csv.DictWriter(file, fieldnames=header or COLUMNS, extrasaction="ignore")
+            if header is None:
                 writer.writeheader()
-                self._has_header = True
-            writer.writerow({column: row.get(column, math.nan) for column in COLUMNS})
+            writer.writerow({column: row.get(column, math.nan) for column in writer.fieldnames})
+
+    def drop_rows_after(self, iteration: int) -> int:
+        """Keep only the rows of iterations <= ``iteration`` (a resumed run repeats the later ones); the file is
+        replaced atomically. Returns the number of rows dropped."""
+        header = self._header()
+        if header is None:
+            return 0
+        with self.path.open(newline="") as file:
+            rows = list(csv.DictReader(file))
+        kept = [row for row in rows if _row_iteration(row) <= iteration]
+        if len(kept) == len(rows):
+            return 0
+        staging = self.path.with_name(f".{self.path.name}.tmp")
+        with staging.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(staging, self.path)
+        return len(rows) - len(kept)
+
+
+def _row_iteration(row: Mapping[str, str]) -> float:
+    try:
+        return float(row.get("iteration", "nan"))
+    except ValueError:
+        return math.nan
 
 
 def read_csv(path: str | pathlib.Path) -> list[dict[str, float]]:
     with pathlib.Path(path).open(newline="") as file:
         return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(file)]
+
+
+class TensorBoardLog:
+    """Writes each metrics row as TensorBoard scalars (tags: :data:`TENSORBOARD_TAGS`, step: the iteration) to
+    event files in ``log_dir``, with tensorboardX (what Ray Tune's own TensorBoard logger uses; it needs neither
+    TensorFlow nor the tensorboard package). The writer is opened with the first row, so a run that never
+    finishes an iteration leaves no empty event file.
+
+    ``purge_step``: when resuming after iteration N, pass N + 1; TensorBoard then hides the steps >= N + 1 that
+    the interrupted run had written, so the curves show no doubled points.
+    """
+
+    def __init__(self, log_dir: str | pathlib.Path, *, purge_step: int | None = None):
+        self.log_dir = pathlib.Path(log_dir)
+        self.purge_step = purge_step
+        self._writer = None
+
+    def append(self, row: Mapping[str, float]) -> None:
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            # The file name holds the start second and the host; the suffix keeps two writers started in one
+            # second (a quick resume) from writing the same file.
+            self._writer = SummaryWriter(logdir=str(self.log_dir), purge_step=self.purge_step,
+                                         filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+        step = int(row["iteration"])
+        for column, tag in TENSORBOARD_TAGS.items():
+            value = row.get(column, math.nan)
+            if not math.isnan(value):
+                self._writer.add_scalar(tag, value, global_step=step)
+        self._writer.flush()  # a killed run keeps every finished iteration
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class RunLogs:
+    """The per-iteration logs of one run directory: ``progress.csv`` and TensorBoard event files.
+
+    ``resume_after``: the iteration of the checkpoint a resumed run restarts from; rows of later iterations
+    (written before the interruption, and about to be repeated) are dropped from the CSV and purged in
+    TensorBoard.
+    """
+
+    CSV_NAME = "progress.csv"
+
+    def __init__(self, run_dir: str | pathlib.Path, *, resume_after: int | None = None):
+        self.run_dir = pathlib.Path(run_dir)
+        self.csv = CsvLog(self.run_dir / self.CSV_NAME)
+        self.dropped_rows = self.csv.drop_rows_after(resume_after) if resume_after is not None else 0
+        self.tensorboard = TensorBoardLog(self.run_dir, purge_step=None if resume_after is None else resume_after + 1)
+
+    def append(self, row: Mapping[str, float]) -> None:
+        self.csv.append(row)
+        self.tensorboard.append(row)
+
+    def close(self) -> None:
+        self.tensorboard.close()
+
+
+def read_tensorboard_scalars(log_dir: str | pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}``: the scalars TensorBoard shows for the event files of ``log_dir`` (read
+    without installing TensorBoard). Files are read in name order (their names start with the creation time);
+    a purge marker (a ``SessionLog.START`` event at step N, written by a resumed run) drops the earlier points
+    at steps >= N, as TensorBoard does. Event files are TFRecord files of ``Event`` protos."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(pathlib.Path(log_dir).glob("events.out.tfevents.*")):
+        for record in _tfrecords(path.read_bytes()):
+            event = Event.FromString(record)
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START and event.step > 0:
+                scalars = {tag: [(step, value) for step, value in points if step < event.step]
+                           for tag, points in scalars.items()}
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def _tfrecords(data: bytes):
+    # Each record: uint64 length, uint32 CRC of the length, the payload, uint32 CRC of the payload.
+    offset = 0
+    while offset + 12 <= len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        payload = data[offset + 12: offset + 12 + length]
+        if len(payload) < length:
+            return  # a record cut short by a kill
+        yield payload
+        offset += 12 + length + 4
 
 
 def plot_runs(runs: Mapping[str, Sequence[Mapping[str, float]]], path: str | pathlib.Path, title: str = "") -> str:

@@ -1,13 +1,17 @@
-"""The `rllib` command (gigpo_rllib.cli): experiment files, errors, and (slow) train + evaluate end to end."""
+"""The `rllib` command (gigpo_rllib.cli): experiment files, flags in RLlib's dialect, exit codes, and (slow)
+train + evaluate end to end."""
 
 import json
 import pathlib
+import shutil
 
 import pytest
 import yaml
 
-from gigpo_rllib.cli import (DEFAULT_STOP_ITERS, ExperimentError, build_parser, config_from_dict, load_experiment, main,
-                             progress_line)
+from gigpo_rllib.cli import (DEFAULT_STOP_ITERS, ExperimentError, _train_job, build_parser, config_from_dict,
+                             load_experiment, main, progress_line)
+from gigpo_rllib.checkpoints import MANIFEST_NAME
+from gigpo_rllib.progress import read_csv, read_tensorboard_scalars
 from tests.seed_config import SEED_VALUES, has_seed_value
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -74,7 +78,7 @@ def test_stop_defaults(tmp_path):
 @pytest.mark.parametrize("settings, message", [
     ({"step_reward_wieght": 1.0}, r"unknown config key\(s\) \['step_reward_wieght'\]"),
     ({"train_env_manager": {"groups": 4}}, r"train_env_manager has unknown keys \['groups'\]"),
-    ({"stop": {"timesteps_total": 10}}, r"unknown stop key\(s\) \['timesteps_total'\]"),
+    ({"stop": {"env_runners/success_rate": "high"}}, r"stop.env_runners/success_rate must be a number"),
     ({"stop": {"training_iteration": 0}}, r"stop.training_iteration must be an integer >= 1"),
     ({"adv_estimator": "ppo"}, r"adv_estimator must be one of"),
 ])
@@ -113,26 +117,96 @@ def test_parser_flags_and_help(capsys):
     parser = build_parser()
     args = parser.parse_args(["train", "file", "x.yaml", "--stop-iters", "3", "--checkpoint-dir", "d",
                               "--checkpoint-every", "2", "--num-env-runners", "0"])
-    assert (args.train_mode, args.path, args.stop_iters, args.checkpoint_dir, args.checkpoint_every,
+    assert (args.train_mode, args.path, args.stop_iters, args.checkpoint_dir, args.checkpoint_freq,
             args.num_env_runners) == ("file", "x.yaml", 3, "d", 2, 0)
     args = parser.parse_args(["train", "--stop-iters", "4", "file", "x.yaml"])  # flags before `file` survive
     assert args.stop_iters == 4
     args = parser.parse_args(["train", "--algo", "GiGPO", "--env", "FrozenLake", "--config", "{}"])
     assert args.train_mode is None and args.env == "FrozenLake"
+    args = parser.parse_args(["train", "--algo", "grpo", "--env", "FrozenLake", "--stop", '{"a/b": 1}',
+                              "--storage-path", "s", "--checkpoint-freq", "3", "--no-checkpoint-at-end", "--resume",
+                              "--verbose"])
+    assert (args.algo, args.stop, args.storage_path, args.checkpoint_freq, args.checkpoint_at_end, args.resume,
+            args.verbose) == ("GRPO", '{"a/b": 1}', "s", 3, False, True, True)
+    args = parser.parse_args(["train", "file", "x.yaml", "--checkpoint-at-end", "--config", "{}", "--algo", "GiGPO"])
+    assert args.checkpoint_at_end is True and args.config == "{}"
     args = parser.parse_args(["evaluate", "ckpt", "--episodes", "5"])
     assert (args.checkpoint, args.episodes) == ("ckpt", 5)
     for argv in (["--help"], ["train", "--help"], ["train", "file", "--help"], ["evaluate", "--help"]):
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args(argv)
         assert exit_info.value.code == 0
-    assert "checkpoint" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
+    help_text = capsys.readouterr().out
+    for flag in ("--stop", "--storage-path", "--checkpoint-freq", "--checkpoint-at-end", "--resume", "--verbose",
+                 "--checkpoint-dir", "--stop-iters", "--checkpoint-every"):
+        assert flag in help_text, flag
+    with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["train", "--algo", "PPO", "--env", "FrozenLake"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rllib: error: argument --algo: unknown algorithm 'PPO'") and err.count("\n") == 1
 
 
 def test_evaluate_rejects_a_non_checkpoint(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path)]) == 2
-    assert "not an algorithm checkpoint" in capsys.readouterr().err
+    assert "lacks class_and_ctor_args.pkl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"step_reward_gamma": "0.9"}, "--config: step_reward_gamma must be a number, got '0.9' (str)"),
+    ({"env_config": [1, 2]}, "--config: env_config must be a mapping of env arguments, got [1, 2] (list)"),
+    ({"max_new_tokens": None}, "check max_new_tokens=None (expected an integer)"),
+    ({"env_config": {"max_stepz": 3}}, "cannot make env 'FrozenLake' with env_config {'max_stepz': 3}"),
+    ({"bogus": 1}, "--config: unknown config key(s) ['bogus']"),
+])
+def test_bad_config_values_exit_2_with_one_line(capsys, config, message):
+    assert main(["train", "--env", "FrozenLake", "--config", json.dumps(config)]) == 2  # before Ray starts
+    err = capsys.readouterr().err
+    assert err.startswith("rllib: error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--env", "FrozenLake", "--stop", "{"], "--stop is not valid JSON"),
+    (["train", "--env", "FrozenLake", "--stop", '{"training_iteration": 0}'], "stop.training_iteration must be"),
+    (["train", "--env", "FrozenLake", "--config", "[1]"], "--config must be a JSON object"),
+    (["train"], "needs either `file PATH.yaml` or --env ENV"),
+    (["train", "--env", "FrozenLake", "--resume"], "--resume needs the run to continue"),
+    (["train", "--env", "FrozenLake", "--storage-path", "a", "--checkpoint-dir", "b"], "not both"),
+    (["train", "--env", "FrozenLake", "--checkpoint-freq", "-1"], "must be an integer >= 0"),
+])
+def test_bad_flags_exit_2_with_one_line(capsys, argv, message):
+    assert exit_status(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rllib: error: ") and message in err and err.count("\n") == 1
+
+
+def exit_status(argv):
+    """main's return value, or the status of the SystemExit argparse raises for a malformed flag."""
+    try:
+        return main(argv)
+    except SystemExit as exit_info:
+        return exit_info.code
+
+
+def test_storage_path_and_flags_settle_the_run(tmp_path):
+    experiment = write_yaml(tmp_path, {"my-run": {"run": "GRPO", "env": "FrozenLake", "checkpoint_freq": 4,
+                                                  "stop": {"training_iteration": 7},
+                                                  "config": {key: value for key, value in TINY.items()
+                                                             if key != "stop"}}})
+    args = build_parser().parse_args(["train", "file", str(experiment), "--storage-path", str(tmp_path / "runs"),
+                                      "--config", '{"train_env_manager": {"max_env_num_per_worker": 2}}'])
+    job = _train_job(args)
+    assert job.run_dir == tmp_path / "runs" / "my-run"
+    assert (job.config.adv_estimator, job.checkpoint_freq, job.checkpoint_at_end) == ("grpo", 4, True)
+    assert job.stop.thresholds == {"training_iteration": 7}
+    # --config merges into the file's nested dicts; --stop replaces the file's criteria; flags beat the file.
+    assert job.config.train_env_manager["max_env_num_per_worker"] == 2
+    assert job.config.train_env_manager["group_size"] == 2
+    args = build_parser().parse_args(["train", "file", str(experiment), "--stop", '{"env_runners/success_rate": 1}',
+                                      "--checkpoint-freq", "1", "--no-checkpoint-at-end", "--checkpoint-dir", "x"])
+    job = _train_job(args)
+    assert job.stop.thresholds == {"env_runners/success_rate": 1}
+    assert (job.checkpoint_freq, job.checkpoint_at_end, str(job.run_dir)) == (1, False, "x")
 
 
 def test_progress_line():
@@ -154,19 +228,48 @@ def test_train_file_then_evaluate(ray_session, tmp_path, capsys):
     assert "iter    1 | return" in out and "done: 1 iteration(s)" in out
     checkpoint = checkpoints / "checkpoint_000001"
     assert f"checkpoint saved: {checkpoint}" in out and (checkpoint / "class_and_ctor_args.pkl").is_file()
+    # TensorBoard event files beside progress.csv hold the same return.
+    (row,) = read_csv(checkpoints / "progress.csv")
+    returns = read_tensorboard_scalars(checkpoints)["env_runners/episode_return_mean"]
+    assert returns == [(1, pytest.approx(row["episode_return_mean"]))]
 
     assert main(["evaluate", str(checkpoint), "--episodes", "3"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["num_episodes"] == 3
     assert 0.0 <= metrics["success_rate"] <= 1.0 and "episode_return_mean" in metrics
 
+    # A copy cut short where no manifest can tell (as algo.save_to_path alone writes it): still no traceback.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(checkpoint, damaged)
+    (damaged / MANIFEST_NAME).unlink()
+    (module_state,) = damaged.glob("learner_group/learner/rl_module/*/module_state.pkl")
+    module_state.write_bytes(module_state.read_bytes()[:1000])
+    assert main(["evaluate", str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rllib: error: cannot load checkpoint '{damaged}'") and "Traceback" not in err
+
 
 @pytest.mark.slow
-def test_train_from_flags(ray_session, tmp_path, capsys):
-    settings = {key: value for key, value in TINY.items() if key != "train_env_manager"}
+def test_train_from_flags_in_rllib_dialect(ray_session, tmp_path, capsys):
+    settings = {key: value for key, value in TINY.items() if key not in ("train_env_manager", "stop")}
     settings["train_env_manager"] = {"num_env_groups": 2, "group_size": 2, "max_env_num_per_worker": 4}
-    assert main(["train", "--algo", "GiGPO", "--env", "FrozenLake", "--config", json.dumps(settings),
-                 "--checkpoint-dir", str(tmp_path), "--stop-iters", "2", "--checkpoint-every", "1"]) == 0
+    flags = ["train", "--algo", "GRPO", "--env", "FrozenLake", "--config", json.dumps(settings),
+             "--storage-path", str(tmp_path), "--checkpoint-freq", "1"]
+    # A misspelt stop key stops after the first result, names the close match and leaves no run behind.
+    assert main([*flags, "--stop", '{"training_iteration": 2, "env_runners/sucess_rate": 0.99}']) == 2
+    err = capsys.readouterr().err
+    assert ("rllib: error: stop key 'env_runners/sucess_rate' is not in the training results; did you mean "
+            "'env_runners/success_rate'") in err
+    run_dir = tmp_path / "GRPO_FrozenLake"
+    assert not run_dir.exists()
+
+    assert main([*flags, "--stop", '{"training_iteration": 2, "env_runners/success_rate": 1.01}']) == 0
     out = capsys.readouterr().out
-    assert "iter    2 | return" in out
-    assert (tmp_path / "checkpoint_000001").is_dir() and (tmp_path / "checkpoint_000002").is_dir()
+    assert "iter    2 | return" in out and "stopping: training_iteration=2 >= 2" in out
+    assert (run_dir / "checkpoint_000001").is_dir() and (run_dir / "checkpoint_000002").is_dir()
+    # The same command again refuses to overwrite the run; --resume continues it.
+    assert main([*flags, "--stop-iters", "3"]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([*flags, "--stop-iters", "3", "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert [row["iteration"] for row in read_csv(run_dir / "progress.csv")] == [1.0, 2.0, 3.0]
