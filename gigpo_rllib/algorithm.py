@@ -11,8 +11,9 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
+import ray
 from ray.rllib.algorithms.algorithm import Algorithm
-from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core import ALL_MODULES, DEFAULT_MODULE_ID
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.metrics import (
     ENV_RUNNER_RESULTS,
@@ -37,6 +38,14 @@ VALIDATION_SEED_OFFSET = 1 << 40
 WEIGHT_SYNC_TIMEOUT_S = 600.0
 # Timers report this iteration's seconds (RLlib's default is a slow moving average).
 THIS_ITERATION = {"reduce": "mean", "window": 1}
+
+
+def _pack_for_samplers(learner, dtype: str, put_in_object_store: bool):
+    """Runs on a learner: ``(packed weights or an ObjectRef to them, bytes)``, or None on ranks other than 0."""
+    packed = learner.packed_weights(dtype)
+    if packed is None:
+        return None
+    return (ray.put(packed) if put_in_object_store else packed), packed.nbytes
 
 
 def episode_group_seeds(first_draw: int, count: int, base: int, pool_size: int | None) -> list[int]:
@@ -108,8 +117,7 @@ class GiGPO(Algorithm):
         self.metrics.log_value((THROUGHPUT, "train_tokens_per_s"), trained_tokens / update_seconds, window=1)
 
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER), **THIS_ITERATION):
-            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True,
-                                               timeout_seconds=WEIGHT_SYNC_TIMEOUT_S)
+            self._sync_weights()
 
         if config.val_interval and (self.iteration + 1) % config.val_interval == 0:
             self.validate()
@@ -222,6 +230,22 @@ class GiGPO(Algorithm):
         if config.num_learners > 1:
             return self.learner_group.update(batches=batches, **common)
         return self.learner_group.update(batch=batches[0], **common)
+
+    def _sync_weights(self) -> None:
+        """The learner's weights into every sampler, in place: packed once in the samplers' dtype, put into the object
+        store once (by the learner that packed them), fetched by each runner (see :mod:`gigpo_rllib.weight_sync`)."""
+        dtype = self.config.resolved_sampler_dtype
+        remote = self.config.num_learners > 0
+        results = [call.get() for call in self.learner_group.foreach_learner(
+            lambda learner: _pack_for_samplers(learner, dtype, put_in_object_store=remote))]
+        packed, nbytes = next(result for result in results if result is not None)
+        reference = packed if remote else ray.put(packed)
+        self.metrics.log_value((LEARNER_RESULTS, ALL_MODULES, "weight_sync_bytes"), float(nbytes), window=1)
+        sync_number = self.iteration + 1
+        runners = self.env_runner_group
+        runners.foreach_env_runner(lambda runner: runner.load_packed_weights(reference, sync_number),
+                                   local_env_runner=runners.num_remote_env_runners() == 0,
+                                   timeout_seconds=WEIGHT_SYNC_TIMEOUT_S)
 
     # -------------------------------------------------------------------------------------- checkpoints
 

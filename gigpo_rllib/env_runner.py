@@ -24,6 +24,7 @@ from gigpo_rllib.rl_module import MODULE_PREFIX, state_dict_to_numpy, to_sampler
 from gigpo_rllib.rollout import GroupSpec, RolloutSettings, StepCollector
 from gigpo_rllib.sampling import make_sampler
 from gigpo_rllib.sampling.base import SamplingParams
+from gigpo_rllib.weight_sync import unpack_weights
 
 # RLlib builds a learner module from these; the LLM module ignores them (text is not an RLlib space).
 PLACEHOLDER_SPACES = (gym.spaces.Box(0.0, 1.0, (1,)), gym.spaces.Discrete(1))
@@ -87,7 +88,7 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
         super().__init__(config=config, **kwargs)
         torch.set_num_threads(config.torch_threads(remote_runner=self.worker_index > 0))
         self.sampler = make_sampler(config.sampler_backend, config.model_name_or_path, device=config.runner_device,
-                                    dtype=config.model_dtype, max_model_len=config.sequence_length,
+                                    dtype=config.resolved_sampler_dtype, max_model_len=config.sequence_length,
                                     seed=config.seed or 0, engine_kwargs=config.vllm_engine_kwargs)
         self.collector = StepCollector(
             self.sampler, make_env_factory(config),
@@ -144,6 +145,14 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
             self.weights_seq_no = state.get(WEIGHTS_SEQ_NO, self.weights_seq_no)
         if NUM_ENV_STEPS_SAMPLED_LIFETIME in state:
             self.num_env_steps_sampled_lifetime = state[NUM_ENV_STEPS_SAMPLED_LIFETIME]
+
+    def load_packed_weights(self, packed, weights_seq_no: int) -> None:
+        """Copy the learner's packed weights (:class:`~gigpo_rllib.weight_sync.PackedWeights`, or an ``ObjectRef``
+        to them) into the sampler in place."""
+        if isinstance(packed, ray.ObjectRef):
+            packed = ray.get(packed)
+        self.sampler.load_weights(unpack_weights(packed))
+        self.weights_seq_no = weights_seq_no
 
     def get_ctor_args_and_kwargs(self):
         return (), {"config": self.config}

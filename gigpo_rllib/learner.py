@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import torch
-from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core import ALL_MODULES, DEFAULT_MODULE_ID
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
@@ -21,7 +21,12 @@ from gigpo_rllib.advantages import AnchorGroupStats, anchor_group_counts, batch_
 from gigpo_rllib.logprobs import forward_token_logprobs
 from gigpo_rllib.losses import gigpo_policy_loss, k3_kl, masked_mean, shape_advantages, truncated_is_weights
 from gigpo_rllib.rl_module import TOKEN_ENTROPY, TOKEN_LOGPROBS
+from gigpo_rllib.weight_sync import pack_weights
 
+# Per-minibatch metrics are averaged over the minibatches of one update and stay tensors until RLlib reduces them
+# at the end of the update: no host synchronisation per minibatch (an unwindowed mean would check each value for
+# NaN on the host).
+PER_UPDATE_MEAN = {"reduce": "mean", "window": 1 << 30}
 ADVANTAGES = "advantages"
 OLD_LOGPROBS = "old_logprobs"
 IS_WEIGHTS = "is_weights"
@@ -41,11 +46,29 @@ class GiGPOTorchLearner(TorchLearner):
     def build(self) -> None:
         super().build()
         torch.set_num_threads(self.config.torch_threads(remote_learner=self.config.num_learners > 0))
+        if self._device.type == "cuda":
+            # float32 matmuls (float32 compute, or what autocast leaves in float32) on TF32 tensor cores.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        module = self.module[DEFAULT_MODULE_ID].unwrapped()
+        self._compute_dtype = module.compute_dtype
         self._reference_model = None
         if self.config.init_kl_coef > 0:
-            # A frozen copy of the initial policy; kept only when the KL term is on.
-            self._reference_model = copy.deepcopy(self.module[DEFAULT_MODULE_ID].unwrapped().model).eval()
+            # A frozen copy of the initial policy, kept only when the KL term is on, in the compute dtype (it is never
+            # trained, so float32 would only double its memory).
+            self._reference_model = copy.deepcopy(module.model).to(self._compute_dtype).eval()
             self._reference_model.requires_grad_(False)
+        self._update_is_finite = True
+        self._skipped_in_a_row = 0
+
+    def packed_weights(self, dtype: str):
+        """The policy's weights for the samplers: :func:`pack_weights` of the HF model in ``dtype`` (rank 0 only: with
+        several learners the weights are identical, and one copy is enough; other ranks return None)."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_rank() != 0:
+            return None
+        with torch.no_grad():
+            return pack_weights(self.module[DEFAULT_MODULE_ID].unwrapped().model.state_dict(), dtype)
 
     # ------------------------------------------------------------------------ once per update, whole shard
 
@@ -54,10 +77,10 @@ class GiGPOTorchLearner(TorchLearner):
         columns = batch.policy_batches[DEFAULT_MODULE_ID]
         started = time.perf_counter()
         advantages = self.compute_advantages(columns)
-        self.metrics.log_value("advantages_time_s", time.perf_counter() - started, window=1)
+        self.metrics.log_value((ALL_MODULES, "advantages_time_s"), time.perf_counter() - started, window=1)
         keep = batch_adjust(len(advantages), self.config.minibatch_size, self.config.batch_adjust_mode,
                             seed=self._weights_seq_no)
-        self.metrics.log_value("batch_adjust_delta", float(len(keep) - len(advantages)), window=1)
+        self.metrics.log_value((ALL_MODULES, "batch_adjust_delta"), float(len(keep) - len(advantages)), window=1)
         # Rows arrive in rollout order (runner, wave, turn) and RLlib shuffles only from a second epoch on: shuffle
         # here so every minibatch mixes turns, runners and the batch-adjust copies.
         shuffle = torch.randperm(len(keep), generator=torch.Generator().manual_seed(self._weights_seq_no))
@@ -76,7 +99,7 @@ class GiGPOTorchLearner(TorchLearner):
         sampler_logprobs = columns[OLD_LOGPROBS]
         started = time.perf_counter()
         learner_logprobs = self._score_without_grad(self.module[DEFAULT_MODULE_ID].unwrapped().model, columns)
-        self.metrics.log_value("old_logprobs_time_s", time.perf_counter() - started, window=1)
+        self.metrics.log_value((ALL_MODULES, "old_logprobs_time_s"), time.perf_counter() - started, window=1)
         mask = columns["response_mask"].bool()
         gap = (learner_logprobs - sampler_logprobs).abs()[mask]
         self.metrics.log_value((DEFAULT_MODULE_ID, "logprob_gap_mean"), float(gap.mean()) if gap.numel() else 0.0,
@@ -103,9 +126,9 @@ class GiGPOTorchLearner(TorchLearner):
         if distributed:  # groups never span shards, so summed counts are the whole batch's
             counts = _all_reduce_sum(counts.to(out.advantages.device)).cpu()
         for name, value in AnchorGroupStats.from_counts(counts).as_dict().items():
-            self.metrics.log_value(name, value, window=1)
-        self.metrics.log_value("episode_advantage_abs_mean", float(out.episode_advantages.abs().mean()), window=1)
-        self.metrics.log_value("step_advantage_abs_mean", float(out.step_advantages.abs().mean()), window=1)
+            self.metrics.log_value((ALL_MODULES, name), value, window=1)
+        self.metrics.log_value((ALL_MODULES, "episode_advantage_abs_mean"), float(out.episode_advantages.abs().mean()), window=1)
+        self.metrics.log_value((ALL_MODULES, "step_advantage_abs_mean"), float(out.step_advantages.abs().mean()), window=1)
         lengths = columns["response_mask"].sum(-1)
         return shape_advantages(out.advantages, lengths, whiten=config.whiten_advantages, clip=config.advantage_clip,
                                 sum_over_learners=_all_reduce_sum if distributed else None)
@@ -121,7 +144,7 @@ class GiGPOTorchLearner(TorchLearner):
             logprobs, _ = forward_token_logprobs(
                 model, columns["input_ids"][rows], columns["attention_mask"][rows],
                 columns["response_mask"][rows], temperature=self.config.temperature,
-                allowed_responses=None if allowed is None else allowed[rows])
+                allowed_responses=None if allowed is None else allowed[rows], autocast_dtype=self._compute_dtype)
             chunks.append(logprobs)
         return torch.cat(chunks)
 
@@ -135,25 +158,43 @@ class GiGPOTorchLearner(TorchLearner):
             logprobs, batch[OLD_LOGPROBS], batch[ADVANTAGES], mask, pg_clip=config.pg_clip,
             dual_clip_ratio=config.dual_clip_ratio if config.dual_clip_loss else None, is_weights=batch.get(IS_WEIGHTS))
         entropy = masked_mean(fwd_out[TOKEN_ENTROPY], mask.float())
-        metrics = {"policy_loss": loss.detach(), "entropy": entropy.detach(), **diagnostics,
-                   "response_tokens": mask.sum().float()}
+        metrics = {"policy_loss": loss, "entropy": entropy, **diagnostics}
         if config.entropy_loss_coef:
             loss = loss - config.entropy_loss_coef * entropy
         if "reference_logprobs" in batch:
             kl = masked_mean(k3_kl(logprobs, batch["reference_logprobs"]), mask.float())
             loss = loss + config.init_kl_coef * kl
-            metrics["reference_kl"] = kl.detach()
+            metrics["reference_kl"] = kl
         for name, value in metrics.items():
-            reduce = "sum" if name == "response_tokens" else "mean"
-            self.metrics.log_value((module_id, name), float(value), reduce=reduce)
+            self.metrics.log_value((module_id, name), value.detach(), **PER_UPDATE_MEAN)
+        self.metrics.log_value((module_id, "response_tokens"), mask.sum().float(), reduce="sum")
         return loss
 
     def postprocess_gradients_for_module(self, *, module_id, config=None, module_gradients_dict):
+        """Clip the global gradient norm; a non-finite norm (from a non-finite loss or gradient) marks the update to
+        be skipped. The one host synchronisation per minibatch is this check."""
         gradients = [g for g in module_gradients_dict.values() if g is not None]
         norm = torch.nn.utils.get_total_norm(gradients)
-        if config.max_grad_norm is not None:
+        self._update_is_finite = bool(torch.isfinite(norm))
+        if config.max_grad_norm is not None and self._update_is_finite:
             scale = (config.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
             for gradient in gradients:
                 gradient.mul_(scale)
-        self.metrics.log_value((module_id, "grad_norm"), float(norm), reduce="mean")
+        if self._update_is_finite:
+            self.metrics.log_value((module_id, "grad_norm"), norm.detach(), **PER_UPDATE_MEAN)
         return module_gradients_dict
+
+    def apply_gradients(self, gradients_dict) -> None:
+        """Step the optimizer, or skip a non-finite update entirely (weights and optimizer state untouched). After
+        ``max_consecutive_skipped_updates`` skips in a row the run stops: the policy or the data is broken."""
+        self.metrics.log_value((ALL_MODULES, "skipped_updates"), 0.0 if self._update_is_finite else 1.0, reduce="sum")
+        if self._update_is_finite:
+            self._skipped_in_a_row = 0
+            super().apply_gradients(gradients_dict)
+            return
+        self._skipped_in_a_row += 1
+        limit = self.config.max_consecutive_skipped_updates
+        if self._skipped_in_a_row >= limit:
+            raise FloatingPointError(
+                f"{self._skipped_in_a_row} updates in a row had a non-finite loss or gradient norm and were skipped "
+                f"(max_consecutive_skipped_updates={limit}); check the rewards and the learning rate")

@@ -221,9 +221,11 @@ def scores_response_positions_only(model: torch.nn.Module) -> bool:
     return has_parts and not any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
 
 
-def _chunk_values(output_layer, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
+def _chunk_values(output_layer, compute, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
                   candidates: torch.Tensor | None, constrained: torch.Tensor | None):
-    return _token_logprobs_from_logits(output_layer(hidden), tokens, temperature, candidates, constrained)
+    with compute:
+        logits = output_layer(hidden)
+    return _token_logprobs_from_logits(logits, tokens, temperature, candidates, constrained)
 
 
 def forward_token_logprobs(
@@ -235,11 +237,15 @@ def forward_token_logprobs(
     temperature: float = 1.0,
     allowed_responses: torch.Tensor | None = None,
     response_only: bool = True,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a Hugging Face causal LM on (B, S) ids and return the :func:`sequence_token_logprobs` of its responses.
 
     Position ids come from ``attention_mask`` (so left- and right-padded rows give the same values). This is the
-    exact computation both the sampler and the learner use.
+    exact computation both the sampler and the learner use. Columns that are padding in every row are cut off
+    before the model runs, so a minibatch costs what its longest row does, not the whole batch's widest row.
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the model under ``torch.autocast`` in that dtype (the
+    learner keeps float32 weights and computes in bfloat16); log-probs are always taken in float32.
 
     Only the logits that are used are computed (DESIGN.md "Scoring only what is trained"): the decoder runs to
     hidden states, the hidden state before each response token is gathered, and the output layer is applied there,
@@ -255,21 +261,44 @@ def forward_token_logprobs(
     if allowed_responses is not None:
         candidates, constrained = _response_candidates(allowed_responses, input_ids, response_mask, rows, cols)
     tokens = input_ids[rows, cols].to(torch.long)
-    inputs = dict(input_ids=input_ids.to(torch.long), attention_mask=attention_mask.to(torch.long),
-                  position_ids=position_ids_from_attention_mask(attention_mask), use_cache=False)
+    first, end = _used_columns(attention_mask)
+    columns = slice(first, end)
+    inputs = dict(input_ids=input_ids[:, columns].to(torch.long), attention_mask=attention_mask[:, columns].to(torch.long),
+                  position_ids=position_ids_from_attention_mask(attention_mask)[:, columns], use_cache=False)
+    predicting = cols - 1 - first  # the (trimmed) position whose output predicts each response token
+    compute = torch.autocast(input_ids.device.type, dtype=autocast_dtype,
+                             enabled=autocast_dtype is not None and autocast_dtype != torch.float32)
     if not (response_only and scores_response_positions_only(model)):
-        logits = model(**inputs).logits[rows, cols - 1]
+        with compute:
+            logits = model(**inputs).logits[rows, predicting]
         values = _token_logprobs_from_logits(logits, tokens, temperature, candidates, constrained)
         return _scatter_to_rows(values, rows, cols, tuple(input_ids.shape))
 
-    hidden = model.get_decoder()(**inputs).last_hidden_state[rows, cols - 1]  # (N, H)
-    output_layer = model.get_output_embeddings()
+    with compute:
+        hidden = model.get_decoder()(**inputs).last_hidden_state[rows, predicting]  # (N, H)
+    return _response_values(model.get_output_embeddings(), hidden, tokens, temperature, candidates, constrained,
+                            compute, (rows, cols), tuple(input_ids.shape))
+
+
+def _used_columns(attention_mask: torch.Tensor) -> tuple[int, int]:
+    """``[first, end)`` of the columns that hold a real token in some row (one host sync)."""
+    used = attention_mask.bool().any(0)
+    if not bool(used.any()):
+        return 0, attention_mask.shape[1]
+    positions = used.nonzero()
+    return int(positions[0]), int(positions[-1]) + 1
+
+
+def _response_values(output_layer, hidden, tokens, temperature, candidates, constrained, compute, positions, shape):
+    """Apply ``output_layer`` to the response positions' hidden states ``(N, H)`` in chunks and return the
+    (B, S) log-probs and entropies (see :func:`forward_token_logprobs`)."""
+    rows, cols = positions
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // output_layer.weight.shape[0])
     recompute = torch.is_grad_enabled() and hidden.shape[0] > chunk
     logprobs, entropy = [], []
     for start in range(0, hidden.shape[0], chunk):
         part = slice(start, start + chunk)
-        args = (output_layer, hidden[part], tokens[part], temperature,
+        args = (output_layer, compute, hidden[part], tokens[part], temperature,
                 None if candidates is None else candidates[part], None if constrained is None else constrained[part])
         if recompute:
             from torch.utils.checkpoint import checkpoint
@@ -280,6 +309,6 @@ def forward_token_logprobs(
         logprobs.append(values[0])
         entropy.append(values[1])
     if not logprobs:  # no response token at all
-        empty = torch.zeros(0, device=input_ids.device)
-        return _scatter_to_rows((empty, empty), rows, cols, tuple(input_ids.shape))
-    return _scatter_to_rows((torch.cat(logprobs), torch.cat(entropy)), rows, cols, tuple(input_ids.shape))
+        empty = torch.zeros(0, device=hidden.device)
+        return _scatter_to_rows((empty, empty), rows, cols, shape)
+    return _scatter_to_rows((torch.cat(logprobs), torch.cat(entropy)), rows, cols, shape)

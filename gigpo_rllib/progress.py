@@ -29,7 +29,8 @@ _RESULT_PATHS = {
     "time_s": ("time_this_iter_s",),
     "rollout_s": ("timers", "env_runner_sampling_timer"),
     "learner_update_s": ("timers", "learner_update_timer"),
-    "advantages_s": ("learners", "advantages_time_s"),
+    "advantages_s": ("learners", "__all_modules__", "advantages_time_s"),
+    "old_logprobs_s": ("learners", "__all_modules__", "old_logprobs_time_s"),
     "sync_s": ("timers", "synch_weights"),
     "train_tokens_per_s": ("throughput", "train_tokens_per_s"),
     "policy_loss": ("learners", "default_policy", "policy_loss"),
@@ -37,24 +38,19 @@ _RESULT_PATHS = {
     "clip_fraction": ("learners", "default_policy", "clip_fraction"),
     "entropy": ("learners", "default_policy", "entropy"),
     "grad_norm": ("learners", "default_policy", "grad_norm"),
-    "anchor_singleton_fraction": ("learners", "anchor_singleton_fraction"),
+    "logprob_gap_max": ("learners", "default_policy", "logprob_gap_max"),
+    "skipped_updates": ("learners", "__all_modules__", "skipped_updates"),
+    "anchor_singleton_fraction": ("learners", "__all_modules__", "anchor_singleton_fraction"),
+    "anchor_mean_group_size": ("learners", "__all_modules__", "anchor_mean_group_size"),
+    "weight_sync_bytes": ("learners", "__all_modules__", "weight_sync_bytes"),
     "validation_success_rate": ("validation", "success_rate"),
 }
 COLUMNS = tuple(_RESULT_PATHS) + ("update_s",)
-# Learner-wide metrics (not per module) sit under learners/<name> or, RLlib's convention, under
-# learners/__all_modules__/<name>; rows read either.
-ALL_MODULES = "__all_modules__"
 # TensorBoard tag of each metric: its result path; update_s (derived) sits with the other timers.
 TENSORBOARD_TAGS = {**{column: "/".join(path) for column, path in _RESULT_PATHS.items() if column != "iteration"},
                     "update_s": "timers/update_without_advantages_s"}
 PLOTTED = (("episode_return_mean", "episode return (mean)"), ("success_rate", "success rate"),
            ("invalid_action_rate", "invalid-action rate"), ("entropy", "token entropy"))
-
-
-def _candidate_paths(path: Sequence[str]) -> list[Sequence[str]]:
-    if len(path) == 2 and path[0] == "learners":
-        return [path, (path[0], ALL_MODULES, path[1])]
-    return [path]
 
 
 def _lookup(result: Mapping[str, Any], path: Sequence[str]) -> float:
@@ -69,20 +65,17 @@ def _lookup(result: Mapping[str, Any], path: Sequence[str]) -> float:
         return math.nan
 
 
-def _first_found(result: Mapping[str, Any], paths: Sequence[Sequence[str]]) -> float:
-    for path in paths:
-        value = _lookup(result, path)
-        if not math.isnan(value):
-            return value
-    return math.nan
-
-
 def iteration_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     """The flat metrics row of one ``algo.train()`` result (NaN where a metric is missing). ``update_s`` is the
-    learner update without the advantage computation, so rollout + advantages + update + sync add up."""
-    row = {column: _first_found(result, _candidate_paths(path)) for column, path in _RESULT_PATHS.items()}
-    row["update_s"] = row["learner_update_s"] - row["advantages_s"]
+    learner update without the advantages and the old log-probs' pass, so rollout + advantages + old log-probs +
+    update + sync add up."""
+    row = {column: _lookup(result, path) for column, path in _RESULT_PATHS.items()}
+    row["update_s"] = row["learner_update_s"] - row["advantages_s"] - _zero_if_missing(row["old_logprobs_s"])
     return row
+
+
+def _zero_if_missing(value: float) -> float:
+    return 0.0 if math.isnan(value) else value
 
 
 def format_progress(row: Mapping[str, float]) -> str:
@@ -91,8 +84,11 @@ def format_progress(row: Mapping[str, float]) -> str:
     return (
         f"iter {iteration:4d} | return {row['episode_return_mean']:+.3f} | success {row['success_rate']:.3f} | "
         f"invalid {row['invalid_action_rate']:.3f} | time {row['time_s']:.1f}s (rollout {row['rollout_s']:.2f}s, "
-        f"advantages {row['advantages_s'] * 1e3:.1f}ms, update {row['update_s']:.2f}s, "
-        f"sync {row['sync_s'] * 1e3:.1f}ms)"
+        f"advantages {row['advantages_s'] * 1e3:.1f}ms, "
+        + (f"old log-probs {row['old_logprobs_s']:.2f}s, " if not math.isnan(row["old_logprobs_s"]) else "")
+        + f"update {row['update_s']:.2f}s, sync {row['sync_s'] * 1e3:.1f}ms)"
+        + (f" | truncated prompts {int(row['prompt_truncations'])}" if row["prompt_truncations"] > 0 else "")
+        + (f" | skipped updates {int(row['skipped_updates'])}" if row["skipped_updates"] > 0 else "")
     )
 
 

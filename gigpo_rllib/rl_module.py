@@ -17,9 +17,14 @@ Batch format for ``forward_train`` (all tensors on the module's device, one row 
 
 Output: ``{"token_logprobs": (B, S) float32, "token_entropy": (B, S) float32}``, 0 off the response.
 
-``model_config`` keys: ``"model"`` (name or path, default ``"gigpo-tiny"``), ``"dtype"`` (``"float32"``),
-``"temperature"`` (1.0, must equal the sampler's). The observation/action spaces are unused placeholders
-(e.g. ``Box(0, 1, (1,))`` and ``Discrete(1)``).
+``model_config`` keys: ``"model"`` (name or path, default ``"gigpo-tiny"``), ``"compute_dtype"``
+(``"float32"`` or ``"bfloat16"``), ``"temperature"`` (1.0, must equal the sampler's) and
+``"gradient_checkpointing"`` (False). :class:`~gigpo_rllib.config.GiGPOConfig` fills them from its own keys. The
+observation/action spaces are unused placeholders (e.g. ``Box(0, 1, (1,))`` and ``Discrete(1)``).
+
+Mixed precision: the weights (and so the optimizer state) are always float32; with ``compute_dtype="bfloat16"``
+every forward pass runs under ``torch.autocast`` in bfloat16. Pure bfloat16 weights would lose small updates
+(at lr 1e-6 almost every weight stays unchanged: the update is below bfloat16's resolution).
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ MODULE_PREFIX = MODEL_ATTR + "."
 TOKEN_LOGPROBS = "token_logprobs"
 TOKEN_ENTROPY = "token_entropy"
 
-_DEFAULTS = {"model": TINY_MODEL_NAME, "dtype": "float32", "temperature": 1.0}
+_DEFAULTS = {"model": TINY_MODEL_NAME, "compute_dtype": "float32", "temperature": 1.0, "gradient_checkpointing": False}
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def state_dict_to_numpy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -69,12 +75,19 @@ class LLMRLModule(TorchRLModule):
         if not isinstance(user, Mapping):
             raise ValueError(f"model_config must be a dict with keys {sorted(_DEFAULTS)}, got {type(user).__name__}")
         cfg.update(user)
+        if cfg["compute_dtype"] not in COMPUTE_DTYPES:
+            raise ValueError(f"model_config['compute_dtype'] must be one of {sorted(COMPUTE_DTYPES)}, got "
+                             f"{cfg['compute_dtype']!r} (float16 training needs loss scaling; use bfloat16)")
+        self.compute_dtype = COMPUTE_DTYPES[cfg["compute_dtype"]]
         temperature = cfg["temperature"]
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"model_config['temperature'] must be a number > 0, got {temperature!r}")
         self.temperature = float(temperature)
         self.model_name = cfg["model"]
-        model, tokenizer = load_model_and_tokenizer(cfg["model"], dtype=cfg["dtype"], device="cpu")
+        model, tokenizer = load_model_and_tokenizer(cfg["model"], dtype="float32", device="cpu")
+        if cfg["gradient_checkpointing"]:
+            # Non-reentrant checkpointing is the kind DistributedDataParallel supports.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
@@ -105,6 +118,7 @@ class LLMRLModule(TorchRLModule):
             response_mask,
             temperature=self.temperature,
             allowed_responses=allowed,
+            autocast_dtype=self.compute_dtype,
         )
         return {TOKEN_LOGPROBS: logprobs, TOKEN_ENTROPY: entropy}
 

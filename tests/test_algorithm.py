@@ -65,8 +65,8 @@ def test_train_with_the_local_runner(ray_session):
             assert math.isfinite(policy[name]), name
         assert policy["clip_fraction"] == 0.0
         assert abs(policy["policy_kl"]) < 1e-6
-        assert learners["anchor_num_groups"] >= 2
-        assert 0 <= learners["anchor_singleton_fraction"] <= 1
+        assert learners["__all_modules__"]["anchor_num_groups"] >= 2
+        assert 0 <= learners["__all_modules__"]["anchor_singleton_fraction"] <= 1
         assert result["throughput"]["train_tokens_per_s"] > 0
         for timer in ("env_runner_sampling_timer", "learner_update_timer", "synch_weights"):
             assert timer in result["timers"]
@@ -110,7 +110,7 @@ def test_two_learners_give_the_single_learner_advantages(ray_session, grouping):
             rank = torch.distributed.get_rank()
             columns = {k: torch.as_tensor(v) for k, v in shards[rank].items()}
             advantages = learner.compute_advantages(columns).numpy()
-            return rank, (advantages, learner.metrics.peek("anchor_num_groups"))
+            return rank, (advantages, learner.metrics.peek(("__all_modules__", "anchor_num_groups")))
 
         answers = dict(call.get() for call in algo.learner_group.foreach_learner(shard_advantages))
         by_rank = {rank: advantages for rank, (advantages, _) in answers.items()}
@@ -275,16 +275,44 @@ def test_seed_example_config_trains_with_fewer_groups(ray_session):
         algo.stop()
 
 
-def test_bfloat16_policy_syncs_and_trains(ray_session):
-    algo = tiny_config(model_dtype="bfloat16").build()
-    try:
-        result = algo.train()
-        assert math.isfinite(result["learners"]["default_policy"]["policy_loss"])
-        weights = module_weights(algo)
-        assert all(w.dtype == np.float32 for w in weights.values())  # numpy has no bfloat16
-        assert_same_weights(runner_weights(algo)[0], weights)
-    finally:
-        algo.stop()
+def changed_fraction(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> float:
+    changed = sum(int((before[name] != after[name]).sum()) for name in before)
+    return changed / sum(value.size for value in before.values())
+
+
+def as_bfloat16(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: torch.from_numpy(value).to(torch.bfloat16).float().numpy() for name, value in weights.items()}
+
+
+def test_bfloat16_compute_learns_like_float32_syncs_bfloat16_and_checkpoints(ray_session, tmp_path):
+    # A learning rate far below bfloat16's resolution: bfloat16 weights would barely move, float32 master weights do.
+    changed = {}
+    for dtype in ("float32", "bfloat16"):
+        algo = tiny_config(model_dtype=dtype, lr=1e-6).build()
+        try:
+            before = {name: value.copy() for name, value in module_weights(algo).items()}
+            result = algo.train()
+            after = module_weights(algo)
+            assert all(value.dtype == np.float32 for value in after.values())
+            changed[dtype] = changed_fraction(before, after)
+            if dtype == "bfloat16":
+                # The sampler got the update in its own dtype, each tensor once (the tied output layer is not
+                # shipped twice) and not upcast.
+                assert_same_weights(runner_weights(algo)[0], as_bfloat16(after))
+                unique_elements = sum(value.size for name, value in after.items() if name != "model.lm_head.weight")
+                assert result["learners"]["__all_modules__"]["weight_sync_bytes"] == 2 * unique_elements
+                path = algo.save_to_path(str(tmp_path / "bfloat16"))
+                restored = GiGPO.from_checkpoint(path)
+                try:
+                    assert_same_weights(module_weights(restored), after)
+                    assert math.isfinite(restored.train()["learners"]["default_policy"]["policy_loss"])
+                finally:
+                    restored.stop()
+        finally:
+            algo.stop()
+    # Rows of tokens that never occur get no gradient, so not every element moves even in float32.
+    assert changed["float32"] > 0.2, changed
+    assert changed["bfloat16"] >= 0.95 * changed["float32"], changed
 
 
 def test_learner_adjusts_and_shuffles_after_the_advantages(ray_session):

@@ -212,10 +212,15 @@ def test_storage_path_and_flags_settle_the_run(tmp_path):
 def test_progress_line():
     result = {"training_iteration": 3, "time_this_iter_s": 1.04,
               "timers": {"env_runner_sampling_timer": 0.52, "learner_update_timer": 0.5, "synch_weights": 0.0123},
-              "learners": {"advantages_time_s": 0.002},
+              "learners": {"__all_modules__": {"advantages_time_s": 0.002}},
               "env_runners": {"episode_return_mean": 0.5, "success_rate": 0.25, "invalid_action_rate": 0.0}}
     assert progress_line(result) == ("iter    3 | return +0.500 | success 0.250 | invalid 0.000 | time 1.0s "
                                      "(rollout 0.52s, advantages 2.0ms, update 0.50s, sync 12.3ms)")
+    # Learner-side old log-probs, truncated prompts and skipped updates show when there are any.
+    result["learners"]["__all_modules__"].update(old_logprobs_time_s=0.1, skipped_updates=2.0)
+    result["env_runners"]["prompt_truncations"] = 4.0
+    assert progress_line(result).endswith("(rollout 0.52s, advantages 2.0ms, old log-probs 0.10s, update 0.40s, "
+                                          "sync 12.3ms) | truncated prompts 4 | skipped updates 2")
     assert "return +nan" in progress_line({"training_iteration": 1})  # missing metrics do not crash
 
 

@@ -175,3 +175,18 @@ def test_seed_pool_draws_every_seed_equally_often_without_repeats_in_a_pass():
     with pytest.raises(ValueError, match="seed_pool"):
         GiGPOConfig().training(train_env_manager={"num_env_groups": 2, "group_size": 2, "seed_pool": 0},
                                rollout_batch_size=4).validate()
+
+
+def test_float16_training_is_refused_with_the_way_out():
+    with pytest.raises(ValueError, match="model_dtype='bfloat16'.*sampler_dtype='float16'"):
+        valid_config(model_dtype="float16").validate()
+    valid_config(model_dtype="bfloat16", sampler_dtype="float16").validate()
+
+
+def test_the_policy_settings_have_one_source():
+    config = valid_config(temperature=0.7, model_dtype="bfloat16")
+    spec = config.get_rl_module_spec()
+    assert spec.model_config["temperature"] == 0.7 and spec.model_config["compute_dtype"] == "bfloat16"
+    config.rl_module(model_config={"temperature": 1.0})
+    with pytest.raises(ValueError, match="temperature"):
+        config.get_rl_module_spec()

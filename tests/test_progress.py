@@ -8,7 +8,7 @@ from gigpo_rllib.progress import COLUMNS, CsvLog, format_progress, iteration_met
 RESULT = {"training_iteration": 2, "time_this_iter_s": 1.5,
           "env_runners": {"episode_return_mean": 0.25, "success_rate": 0.5, "invalid_action_rate": 0.1},
           "timers": {"env_runner_sampling_timer": 0.7, "learner_update_timer": 0.6, "synch_weights": 0.01},
-          "learners": {"advantages_time_s": 0.1, "default_policy": {"entropy": 1.2}}}
+          "learners": {"__all_modules__": {"advantages_time_s": 0.1}, "default_policy": {"entropy": 1.2}}}
 
 
 def test_row_splits_the_update_and_marks_missing_metrics():

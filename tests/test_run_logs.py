@@ -9,23 +9,24 @@ from gigpo_rllib.progress import (TENSORBOARD_TAGS, CsvLog, RunLogs, iteration_m
                                   read_tensorboard_scalars)
 
 
-def result(iteration, episode_return=0.5, learner_wide=None):
-    learners = {"default_policy": {"policy_loss": -0.1 * iteration, "entropy": 1.0}}
-    learners.update(learner_wide if learner_wide is not None else {"advantages_time_s": 0.01,
-                                                                   "anchor_singleton_fraction": 0.3})
+def result(iteration, episode_return=0.5, old_logprobs_s=None):
+    learner_wide = {"advantages_time_s": 0.01, "anchor_singleton_fraction": 0.3}
+    if old_logprobs_s is not None:
+        learner_wide["old_logprobs_time_s"] = old_logprobs_s
+    learners = {"default_policy": {"policy_loss": -0.1 * iteration, "entropy": 1.0}, "__all_modules__": learner_wide}
     return {"training_iteration": iteration, "time_this_iter_s": 1.0,
             "env_runners": {"episode_return_mean": episode_return, "success_rate": 0.25},
             "timers": {"env_runner_sampling_timer": 0.4, "learner_update_timer": 0.5, "synch_weights": 0.01},
             "learners": learners}
 
 
-def test_learner_wide_metrics_are_read_from_either_place():
+def test_learner_wide_metrics_and_the_time_split():
     # RLlib's convention puts learner-wide values under learners/__all_modules__/.
-    moved = result(1, learner_wide={"__all_modules__": {"advantages_time_s": 0.02, "anchor_singleton_fraction": 0.4}})
-    for res, (advantages, singletons) in ((result(1), (0.01, 0.3)), (moved, (0.02, 0.4))):
-        row = iteration_metrics(res)
-        assert (row["advantages_s"], row["anchor_singleton_fraction"]) == (advantages, singletons)
-        assert math.isclose(row["update_s"], 0.5 - advantages)
+    row = iteration_metrics(result(1))
+    assert (row["advantages_s"], row["anchor_singleton_fraction"]) == (0.01, 0.3)
+    assert math.isclose(row["update_s"], 0.5 - 0.01)
+    # With learner-side old log-probs their pass is split out of the update too.
+    assert math.isclose(iteration_metrics(result(1, old_logprobs_s=0.1))["update_s"], 0.5 - 0.01 - 0.1)
 
 
 def test_tensorboard_events_hold_the_csv_metrics(tmp_path):

@@ -389,3 +389,24 @@ def test_models_that_transform_logits_use_the_full_forward(tiny_model):
         assert not scores_response_positions_only(model)
     finally:
         model.config.final_logit_softcapping = None
+
+
+def test_the_model_sees_only_the_columns_some_row_uses(tiny_model):
+    from gigpo_rllib.logprobs import forward_token_logprobs
+
+    model, tokenizer = tiny_model
+    ids, attention, response, allowed = _scored_batch(tokenizer)
+    longest = int(attention.sum(-1).max())
+    # A minibatch cut from a wider batch: extra padding columns on the right, as the learner's batches have.
+    padded = [torch.nn.functional.pad(t, (0, 40)) for t in (ids, attention, response)]
+    widths = []
+    handle = model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        trimmed = forward_token_logprobs(model, *padded, allowed_responses=allowed)
+        full = forward_token_logprobs(model, ids, attention, response, allowed_responses=allowed)
+    finally:
+        handle.remove()
+    assert widths == [longest, longest]
+    assert trimmed[0].shape == padded[0].shape
+    torch.testing.assert_close(trimmed[0][:, :ids.shape[1]], full[0], rtol=0, atol=0)

@@ -1,0 +1,74 @@
+"""Weights from the learner to the samplers in one buffer: each weight once, in the sampler's dtype.
+
+RLlib's generic sync ships the module's state dict as float32 numpy arrays, one per tensor, tied embeddings twice
+(for a 1.5B model: 339 tensors, 7.1 GB). :func:`pack_weights` instead copies each distinct tensor once, cast to
+the sampler's dtype, into one contiguous byte buffer (bfloat16 travels as raw 16-bit words: numpy has no
+bfloat16), so a sync is one device-to-host copy, one object in Ray's object store and, on the runner,
+:func:`unpack_weights` views into that buffer that the sampler copies in place.
+
+Pure torch and numpy: no Ray here (the algorithm puts the packed weights into the object store once per iteration).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PackedWeights:
+    """A model's weights as one byte buffer.
+
+    Attributes:
+        buffer: ``(nbytes,)`` uint8, the tensors back to back in ``dtype``.
+        dtype: the tensors' dtype name (a key of :data:`DTYPES`).
+        entries: ``(name, shape, element offset)`` of each distinct tensor, in buffer order.
+        aliases: names that share storage with an entry (tied weights): ``alias -> entry name``.
+    """
+
+    buffer: np.ndarray
+    dtype: str
+    entries: tuple[tuple[str, tuple[int, ...], int], ...]
+    aliases: Mapping[str, str]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.buffer.nbytes)
+
+
+def pack_weights(named_tensors: Mapping[str, torch.Tensor], dtype: str) -> PackedWeights:
+    """Pack ``named_tensors`` (a state dict, on any device) into one buffer of ``dtype``; tensors that share
+    storage (tied embeddings) are packed once and recorded as aliases."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    distinct: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    entries, aliases, parts, offset = [], {}, [], 0
+    for name, tensor in named_tensors.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in distinct:
+            aliases[name] = distinct[key]
+            continue
+        distinct[key] = name
+        entries.append((name, tuple(tensor.shape), offset))
+        parts.append(tensor.detach().reshape(-1).to(DTYPES[dtype]))
+        offset += tensor.numel()
+    # One concatenation on the tensors' device, then one copy to the host (not one per tensor).
+    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=DTYPES[dtype])
+    buffer = flat.cpu().view(torch.uint8).numpy()
+    return PackedWeights(buffer=buffer, dtype=dtype, entries=tuple(entries), aliases=dict(aliases))
+
+
+def unpack_weights(packed: PackedWeights) -> dict[str, torch.Tensor]:
+    """Name -> tensor views into ``packed.buffer`` (no copy), one per distinct tensor (aliases left out: a
+    sampler fills tied weights from their entry)."""
+    with warnings.catch_warnings():  # buffers from Ray's object store are read-only; samplers only read them
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.from_numpy(packed.buffer).view(DTYPES[packed.dtype])
+    return {name: flat[offset:offset + int(np.prod(shape, dtype=np.int64))].view(shape)
+            for name, shape, offset in packed.entries}
