@@ -40,6 +40,22 @@ WEIGHT_SYNC_TIMEOUT_S = 600.0
 THIS_ITERATION = {"reduce": "mean", "window": 1}
 
 
+def _check_gpu_placement(config: GiGPOConfig) -> None:
+    """Refuse a layout in which an env runner's engine could land on the local learner's GPU.
+
+    With ``num_learners=0`` the learner trains in the driver process. Inside a Tune trial the trial's placement
+    group reserves the driver's GPU, but a plain driver holds none: Ray may hand the learner's GPU to a runner.
+    """
+    local_gpu_learner = config.num_learners == 0 and config.num_gpus_per_learner
+    gpu_runners = config.num_env_runners > 0 and config.num_gpus_per_env_runner
+    in_placement_group = ray.is_initialized() and ray.util.get_current_placement_group() is not None
+    if local_gpu_learner and gpu_runners and not in_placement_group:
+        raise ValueError(
+            "num_learners=0 trains on a GPU in the driver process, which Ray does not reserve, so an env runner with "
+            "num_gpus_per_env_runner > 0 could be placed on the same GPU. Use num_learners=1 (a learner actor with a "
+            "GPU of its own), or run the algorithm through Ray Tune, which reserves the driver's GPU.")
+
+
 def _pack_for_samplers(learner, dtype: str, put_in_object_store: bool):
     """Runs on a learner: ``(packed weights or an ObjectRef to them, bytes)``, or None on ranks other than 0."""
     packed = learner.packed_weights(dtype)
@@ -77,6 +93,7 @@ class GiGPO(Algorithm):
         return GiGPOConfig()
 
     def setup(self, config: GiGPOConfig) -> None:
+        _check_gpu_placement(config)
         super().setup(config)
         from gigpo_rllib.models import load_tokenizer
 

@@ -64,6 +64,10 @@ OFFLINE_MODELS: dict[str, OfflineModelSpec] = {
     # ~3.5M parameters: for benchmarks that need more compute per token than the tiny model.
     "gigpo-small": OfflineModelSpec(num_layers=4, hidden_size=256, intermediate_size=512, num_heads=8,
                                     num_kv_heads=2),
+    # Qwen2.5-0.5B's shape with random weights (~494M parameters, 151,936 vocabulary rows): for measuring weight
+    # sync, memory and update cost at a realistic size without downloading anything.
+    "gigpo-0.5b": OfflineModelSpec(num_layers=24, hidden_size=896, intermediate_size=4864, num_heads=14,
+                                   num_kv_heads=2, vocab_size=151_936),
 }
 
 IM_START = "<|im_start|>"
@@ -136,7 +140,7 @@ def _corpus(seed: int = 0) -> list[str]:
     return docs
 
 
-def _build_tokenizer(seed: int) -> Any:
+def build_tokenizer(seed: int = 0) -> Any:
     """Train the byte-level BPE tokenizer and wrap it as a ``PreTrainedTokenizerFast``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -177,23 +181,38 @@ def build_offline_model(path: str | os.PathLike, spec: OfflineModelSpec | str = 
     give byte-identical files.
     """
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationConfig, Qwen2ForCausalLM
+
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    out = pathlib.Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(seed)
+    config = offline_model_config(spec, tokenizer)
+    # Fork the global RNG so building never disturbs the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+                                               do_sample=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def offline_model_config(spec: OfflineModelSpec | str, tokenizer: Any):
+    """The ``Qwen2Config`` of ``spec`` (a spec or a name in :data:`OFFLINE_MODELS`) for the offline tokenizer."""
+    from transformers import Qwen2Config
 
     if isinstance(spec, str):
         if spec not in OFFLINE_MODELS:
             raise ValueError(f"unknown offline model {spec!r}; known: {sorted(OFFLINE_MODELS)}")
         spec = OFFLINE_MODELS[spec]
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    out = pathlib.Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-
-    tokenizer = _build_tokenizer(seed)
     if spec.vocab_size is not None and spec.vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size {spec.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
     eos_id = tokenizer.convert_tokens_to_ids(IM_END)
     pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
-    config = Qwen2Config(
+    return Qwen2Config(
         vocab_size=spec.vocab_size or len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -207,14 +226,6 @@ def build_offline_model(path: str | os.PathLike, spec: OfflineModelSpec | str = 
         eos_token_id=eos_id,
         pad_token_id=pad_id,
     )
-    # Fork the global RNG so building never disturbs the caller's random stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id, do_sample=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def _default_cache_dir(name: str, seed: int = 0) -> pathlib.Path:

@@ -190,3 +190,13 @@ def test_the_policy_settings_have_one_source():
     config.rl_module(model_config={"temperature": 1.0})
     with pytest.raises(ValueError, match="temperature"):
         config.get_rl_module_spec()
+
+
+def test_a_local_gpu_learner_next_to_gpu_runners_is_refused():
+    from gigpo_rllib.algorithm import _check_gpu_placement
+
+    config = valid_config().env_runners(num_env_runners=1, num_gpus_per_env_runner=1).learners(
+        num_learners=0, num_gpus_per_learner=1)
+    with pytest.raises(ValueError, match="num_learners=1"):
+        _check_gpu_placement(config)
+    _check_gpu_placement(config.copy(copy_frozen=False).learners(num_learners=1))

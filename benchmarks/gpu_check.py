@@ -1,0 +1,204 @@
+"""A prepared GPU check that needs only torch and transformers (no Ray, no vLLM, no downloads).
+
+1. **Advantages**: ``compute_gigpo_advantages`` on the GPU equals the CPU result on a shuffled batch of 1,024
+   trajectories of up to 50 steps, for every normalisation method and grouping (max |difference|).
+2. **Learner update** of a model of Qwen2.5-0.5B's shape with random weights, built in memory: float32 master
+   weights and AdamW state, forward passes under bfloat16 autocast, the clipped-PPO loss on response positions
+   only. Median time and peak GPU memory per update, with and without gradient checkpointing, and the
+   full-vocabulary forward for comparison.
+3. **Log-prob agreement** between what a sampler records (bfloat16 weights, left-padded rows, eval mode) and what
+   the learner computes (float32 master weights under bfloat16 autocast, right-padded rows): mean and max
+   |difference| over response tokens; and the same pair in float32, which should agree to ~1e-6 (TF32 off).
+
+    python3 benchmarks/gpu_check.py [--out gpu_check.json] [--model gigpo-0.5b] [--rows 16] [--prompt 768]
+                                    [--response 256] [--repeats 3]
+    python3 benchmarks/gpu_check.py --device cpu --model gigpo-tiny --rows 4 --prompt 48 --response 8  # smoke
+
+Prints one line per check and writes every number to ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gigpo_rllib.advantages import EPISODE_GROUPINGS, NORMALIZATION_METHODS, compute_gigpo_advantages  # noqa: E402
+from gigpo_rllib.logprobs import forward_token_logprobs  # noqa: E402
+from gigpo_rllib.losses import gigpo_policy_loss  # noqa: E402
+from gigpo_rllib.models import _without_dropout, build_tokenizer, offline_model_config  # noqa: E402
+
+
+def advantage_batch(trajectories: int = 1024, max_steps: int = 50, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A shuffled batch of ``trajectories`` (groups of 8) of 1..``max_steps`` steps with recurring anchors."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, max_steps + 1, (trajectories,), generator=g)
+    traj = torch.repeat_interleave(torch.arange(trajectories), lengths)
+    steps = torch.cat([torch.arange(int(n)) for n in lengths])
+    groups = traj // 8
+    anchors = groups * 1000 + torch.randint(0, 12, traj.shape, generator=g)  # ~12 states per group: they recur
+    order = torch.randperm(traj.numel(), generator=g)
+    return {"rewards": torch.randn(traj.numel(), generator=g)[order], "traj_ids": traj[order],
+            "step_ids": steps[order], "group_ids": groups[order], "anchor_ids": anchors[order],
+            "tag_ids": (groups % 3)[order]}
+
+
+def check_advantages(device: torch.device) -> dict[str, float]:
+    batch = advantage_batch()
+    worst = 0.0
+    for method in NORMALIZATION_METHODS:
+        for grouping in EPISODE_GROUPINGS:
+            results = []
+            for where in ("cpu", device):
+                inputs = {name: value.to(where) for name, value in batch.items()}
+                out = compute_gigpo_advantages(inputs["rewards"], inputs["traj_ids"], inputs["step_ids"],
+                                               inputs["group_ids"], inputs["anchor_ids"], method=method,
+                                               grouping=grouping, tag_ids=inputs["tag_ids"])
+                results.append(out.advantages.cpu())
+            worst = max(worst, float((results[0] - results[1]).abs().max()))
+    return {"samples": int(batch["rewards"].numel()), "max_abs_difference": worst}
+
+
+def make_model(name: str, device: torch.device, dtype: torch.dtype):
+    from transformers import Qwen2ForCausalLM
+
+    config = _without_dropout(offline_model_config(name, build_tokenizer()))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(dtype)
+    return model
+
+
+def token_batch(rows: int, prompt: int, response: int, vocab: int, device: torch.device, right_padded: bool,
+                seed: int = 0):
+    """Rows of [prompt, response] of varying prompt length, padded right (learner) or left (sampler)."""
+    g = torch.Generator().manual_seed(seed)
+    width = prompt + response
+    ids = torch.randint(3, vocab, (rows, width), generator=g)
+    lengths = torch.randint(prompt // 2, prompt + 1, (rows,), generator=g) + response
+    attention = torch.zeros(rows, width, dtype=torch.long)
+    responses = torch.zeros(rows, width, dtype=torch.bool)
+    for row, length in enumerate(lengths.tolist()):
+        start = 0 if right_padded else width - length
+        attention[row, start:start + length] = 1
+        responses[row, start + length - response:start + length] = True
+    return ids.to(device), attention.to(device), responses.to(device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_update(name: str, device: torch.device, rows: int, prompt: int, response: int, repeats: int
+                 ) -> dict[str, dict[str, float]]:
+    """Median seconds and peak memory of one bfloat16-autocast update, three ways."""
+    results = {}
+    for label, checkpointing, response_only in (("response logits", False, True),
+                                                ("response logits + checkpointing", True, True),
+                                                ("full-vocabulary logits", False, False)):
+        model = make_model(name, device, torch.float32)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        ids, attention, responses = token_batch(rows, prompt, response, model.config.vocab_size, device, True)
+        with torch.no_grad():
+            old, _ = forward_token_logprobs(model, ids, attention, responses, autocast_dtype=torch.bfloat16)
+        advantages = torch.randn(rows, device=device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def update() -> float:
+            synchronize(device)
+            started = time.perf_counter()
+            logprobs, _ = forward_token_logprobs(model, ids, attention, responses, autocast_dtype=torch.bfloat16,
+                                                 response_only=response_only)
+            loss, _ = gigpo_policy_loss(logprobs, old, advantages, responses, pg_clip=0.2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            synchronize(device)
+            return time.perf_counter() - started
+
+        try:
+            update()  # warm-up: kernels, allocator, AdamW state
+            seconds = statistics.median(update() for _ in range(repeats))
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+            results[label] = {"seconds": seconds, "peak_gib": peak}
+        except torch.OutOfMemoryError:
+            results[label] = {"seconds": float("nan"), "peak_gib": float("inf")}
+        del model, optimizer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def logprob_gap(name: str, device: torch.device, rows: int, prompt: int, response: int, compute: torch.dtype
+                ) -> dict[str, float]:
+    """Sampler (weights in ``compute``, left padding, eval) vs learner (float32 weights under autocast, right
+    padding) on the same rows."""
+    learner_model = make_model(name, device, torch.float32).train()
+    sampler_model = make_model(name, device, torch.float32).to(compute).eval()
+    sampler_model.load_state_dict(learner_model.state_dict())
+    right = token_batch(rows, prompt, response, learner_model.config.vocab_size, device, True)
+    left = token_batch(rows, prompt, response, learner_model.config.vocab_size, device, False)
+    # The same tokens in both layouts: copy each right-padded row's real tokens into the left-padded layout.
+    ids_left = left[0].clone()
+    for row in range(rows):
+        length = int(right[1][row].sum())
+        ids_left[row, -length:] = right[0][row, :length]
+    with torch.no_grad():
+        learner, _ = forward_token_logprobs(learner_model, *right, autocast_dtype=compute)
+        sampler, _ = forward_token_logprobs(sampler_model, ids_left, left[1], left[2])
+    learner_values, sampler_values = learner[right[2]], sampler[left[2]]
+    difference = (learner_values - sampler_values).abs()
+    return {"mean_abs": float(difference.mean()), "max_abs": float(difference.max())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--model", default="gigpo-0.5b", help="an offline shape of gigpo_rllib.models.OFFLINE_MODELS")
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--prompt", type=int, default=768, help="longest prompt, tokens")
+    parser.add_argument("--response", type=int, default=256, help="response tokens per row")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="gpu_check.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA device: run with --device cpu for a smoke test")
+        torch.backends.cuda.matmul.allow_tf32 = False  # the float32 agreement below must not be TF32's
+    report = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+              else "cpu", "model": args.model, "rows": args.rows, "prompt": args.prompt, "response": args.response}
+    print(f"torch {report['torch']} on {report['device']}; model {args.model}; {args.rows} rows of up to "
+          f"{args.prompt} + {args.response} tokens", flush=True)
+
+    report["advantages"] = check_advantages(device)
+    print(f"advantages: {device.type} vs cpu max |difference| {report['advantages']['max_abs_difference']:.2e} over "
+          f"{report['advantages']['samples']} samples", flush=True)
+    report["update"] = check_update(args.model, device, args.rows, args.prompt, args.response, args.repeats)
+    for label, values in report["update"].items():
+        print(f"update ({label}): {values['seconds']:.3f} s, peak {values['peak_gib']:.2f} GiB", flush=True)
+    report["logprob_gap"] = {dtype: logprob_gap(args.model, device, args.rows, args.prompt, args.response,
+                                                getattr(torch, dtype))
+                             for dtype in ("bfloat16", "float32")}
+    for dtype, values in report["logprob_gap"].items():
+        print(f"sampler vs learner log-probs ({dtype}): mean |difference| {values['mean_abs']:.2e}, max "
+              f"{values['max_abs']:.2e}", flush=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""benchmarks/gpu_check.py runs where only torch and transformers are installed: here, on the CPU, with Ray,
+vLLM and gymnasium made unimportable."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BLOCK_IMPORTS = '''
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"ray", "vllm", "gymnasium"}:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked for this test)")
+        return None
+sys.meta_path.insert(0, Block())
+'''
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_without_ray_vllm_or_gymnasium(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(BLOCK_IMPORTS)
+    out = tmp_path / "report.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--model", "gigpo-tiny",
+               "--rows", "4", "--prompt", "48", "--response", "8", "--repeats", "1", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+                                 "HOME": str(pathlib.Path.home())})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["advantages"]["max_abs_difference"] == 0.0  # cpu vs cpu
+    assert set(report["update"]) == {"response logits", "response logits + checkpointing", "full-vocabulary logits"}
+    assert report["logprob_gap"]["float32"]["max_abs"] < 1e-5
