@@ -93,7 +93,10 @@ class GiGPO(Algorithm):
         return GiGPOConfig()
 
     def setup(self, config: GiGPOConfig) -> None:
+        from gigpo_rllib.env_runner import probe_envs
+
         _check_gpu_placement(config)
+        probe_envs(config)
         super().setup(config)
         from gigpo_rllib.models import load_tokenizer
 
@@ -107,6 +110,7 @@ class GiGPO(Algorithm):
     # ------------------------------------------------------------------------------------ the iteration
 
     def training_step(self) -> None:
+        self._check_not_stopped()
         config = self.config
         group_size = config.train_env_manager["group_size"]
         count = sum(config.groups_per_tag)
@@ -143,6 +147,7 @@ class GiGPO(Algorithm):
         """Roll out ``val_batch_size`` single episodes on held-out seeds (never used in training); with a
         ``seed_pool``, also ``val_batch_size`` episodes on the pool's seeds. Logs and returns the metrics:
         ``{metric: value}`` without a pool, ``{"pool": {...}, "held_out": {...}}`` with one."""
+        self._check_not_stopped()
         config = self.config
         weights = np.asarray(config.groups_per_tag, dtype=np.float64)
         per_tag = np.floor(weights / weights.sum() * config.val_batch_size).astype(int)
@@ -163,6 +168,15 @@ class GiGPO(Algorithm):
         rollout = self._rollout(groups, group_size=1, seed=sampling_seed)
         return self._log_rollout(rollout, key, time.perf_counter() - started)
 
+    def stop(self) -> None:
+        self._stopped = True
+        super().stop()
+
+    def _check_not_stopped(self) -> None:
+        if getattr(self, "_stopped", False):
+            raise RuntimeError("this GiGPO algorithm was stopped (algo.stop() released its env runners and "
+                               "learners); build a new one, or restore a checkpoint, to train or validate again")
+
     # ----------------------------------------------------------------------------------------- sampling
 
     @property
@@ -178,30 +192,69 @@ class GiGPO(Algorithm):
         return groups
 
     def _rollout(self, groups: list[GroupSpec], group_size: int, seed: int) -> dict[str, Any]:
-        """Step samples of ``groups`` from the env runners; ``seed`` (the batch's first env seed, unique per batch
-        and set by ``config.seed``) seeds the sampling, mixed with each runner's index."""
+        """Step samples of ``groups`` from the env runners; ``seed`` (unique per batch, set by ``config.seed``) seeds
+        the sampling, mixed with each runner's index.
+
+        A runner whose rollout failed as a whole, or that did not answer within ``sample_timeout_s`` (it is then
+        restarted, and RLlib brings it back with the current weights before the next iteration), loses its share;
+        losses are counted by cause in ``rollout["lost"]``. Raises only when at least ``max_lost_fraction`` of the
+        batch's trajectories are lost, or none is left to train on, with the first fault's traceback.
+        """
+        config = self.config
         runners = self.env_runner_group
         remote = runners.num_remote_env_runners() > 0
-        num_runners = runners.num_remote_env_runners() if remote else 1
-        # Round-robin keeps each runner's share of every tag about equal; remote runners are indexed from 1.
-        shares = {index + int(remote): groups[index::num_runners] for index in range(num_runners)}
+        indices = self._healthy_runner_indices() if remote else [0]
+        # Round-robin keeps each runner's share of every tag about equal.
+        shares = {index: groups[position::len(indices)] for position, index in enumerate(indices)}
         outputs = runners.foreach_env_runner(
             lambda runner: runner.sample(groups=shares[runner.worker_index], group_size=group_size,
                                          seed=mix_seeds(seed, runner.worker_index)),
-            local_env_runner=not remote)
-        failures = [out for out in outputs if "error" in out]
-        collected = [out for out in outputs if "error" not in out and len(out["rewards"])]
-        if not collected:
-            cause = (f"env runner {failures[0]['worker_index']} failed:\n{failures[0]['error']}" if failures else
-                     "no env runner answered (RLlib took them out of service; their logs say why)")
-            raise RuntimeError(f"no step samples this iteration: {cause}")
-        rollout = merge_rollouts(collected)
-        # The shares of failed runners are missing from this batch: count them, never drop them silently.
-        rollout["trajectories_lost"] = len(groups) * group_size - len(rollout["episodes"]["return"])
-        for failure in failures:
+            local_env_runner=not remote, timeout_seconds=config.sample_timeout_s if remote else None)
+        answered = [out for out in outputs if "error" not in out]
+        runner_lost = {"runner_failed": 0, "runner_timeout": 0}
+        first_fault = None
+        for failure in (out for out in outputs if "error" in out):
+            runner_lost["runner_failed"] += len(shares[failure["worker_index"]]) * group_size
+            first_fault = first_fault or f"env runner {failure['worker_index']} failed:\n{failure['error']}"
             logger.warning("env runner %d failed; its share of this batch is lost:\n%s", failure["worker_index"],
                            failure["error"])
+        silent = sorted(set(shares) - {out["worker_index"] for out in outputs}) if remote else []
+        for index in silent:
+            runner_lost["runner_timeout"] += len(shares[index]) * group_size
+            first_fault = first_fault or f"env runner {index} did not answer within {config.sample_timeout_s} s"
+            self._restart_env_runner(index)
+        rollout = merge_rollouts(answered) if answered else None
+        if rollout is not None:
+            first_fault = first_fault or rollout["first_fault"]
+        lost = {**(rollout["lost"] if rollout is not None else {}), **runner_lost}
+        total = len(groups) * group_size
+        if rollout is None or not len(rollout["rewards"]) or sum(lost.values()) >= config.max_lost_fraction * total:
+            raise RuntimeError(f"{sum(lost.values())} of {total} trajectories were lost this iteration ({lost}); "
+                               f"max_lost_fraction is {config.max_lost_fraction}. The first fault:\n{first_fault}")
+        rollout["lost"] = lost
         return rollout
+
+    def _healthy_runner_indices(self) -> list[int]:
+        """Remote runners that can take a share now. A restarted runner rejoins once RLlib's restore step (before
+        each iteration) has found it up and synced it; until then the others take its share."""
+        runners = self.env_runner_group
+        indices = runners.healthy_env_runner_ids()
+        if not indices:
+            self.restore_env_runners(runners)
+            indices = runners.healthy_env_runner_ids()
+        if not indices:
+            raise RuntimeError(f"none of the {runners.num_remote_env_runners()} env runners is healthy (they are "
+                               "restarting or failed; their logs say why)")
+        return sorted(indices)
+
+    def _restart_env_runner(self, index: int) -> None:
+        """Kill a runner that does not answer; Ray restarts the actor (RLlib's ``max_num_env_runner_restarts``), and
+        RLlib's restore step gives it the current weights before the next iteration."""
+        manager = self.env_runner_group._worker_manager  # RLlib 2.60 exposes restarts only through its actor manager
+        logger.warning("env runner %d did not answer within sample_timeout_s=%s s: restarting it; its share of this "
+                       "batch is lost", index, self.config.sample_timeout_s)
+        ray.kill(manager.actors()[index], no_restart=False)
+        manager.set_actor_state(index, healthy=False)
 
     def _log_rollout(self, rollout: dict[str, Any], key: str | tuple[str, ...], seconds: float) -> dict[str, float]:
         episodes = rollout["episodes"]
@@ -214,7 +267,8 @@ class GiGPO(Algorithm):
             "invalid_action_rate": float(1.0 - np.mean(rollout["action_is_valid"])),
             "prompt_truncations": float(np.sum(rollout["prompt_truncated"])),
             "num_episodes": float(len(episodes["return"])),
-            "trajectories_lost": float(rollout["trajectories_lost"]),
+            "trajectories_lost": float(sum(rollout["lost"].values())),
+            "groups_dropped": float(rollout["groups_dropped"]),
             "num_env_steps": float(steps),
             "env_steps_per_s": steps / seconds,
             "sample_tokens_per_s": response_tokens / seconds,
@@ -225,6 +279,8 @@ class GiGPO(Algorithm):
         prefix = key if isinstance(key, tuple) else (key,)
         for name, value in metrics.items():
             self.metrics.log_value((*prefix, name), value, window=1)
+        for cause, count in rollout["lost"].items():
+            self.metrics.log_value((*prefix, "trajectories_lost_by_cause", cause), float(count), window=1)
         return metrics
 
     # ------------------------------------------------------------------------------------------- update

@@ -13,19 +13,22 @@ import numpy as np
 
 from gigpo_rllib.advantages import batch_adjust
 from gigpo_rllib.logprobs import PAD_REPLY_ID
-from gigpo_rllib.rollout import SAMPLE_COLUMNS
+from gigpo_rllib.rollout import EPISODE_COLUMNS, SAMPLE_COLUMNS
 
 
 def merge_rollouts(rollouts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Concatenate the outputs of several :meth:`StepCollector.collect` calls."""
+    """Concatenate the outputs of several :meth:`StepCollector.collect` calls (counts add up; the first fault is
+    kept)."""
     merged: dict[str, Any] = {name: np.concatenate([r[name] for r in rollouts]) for name in SAMPLE_COLUMNS}
     for name in ("prompt_ids", "response_ids", "response_logprobs", "allowed_replies"):
         if name in rollouts[0]:
             merged[name] = [row for r in rollouts for row in r[name]]
-    episode_keys = rollouts[0]["episodes"].keys()
-    merged["episodes"] = {k: np.concatenate([r["episodes"][k] for r in rollouts]) for k in episode_keys}
+    merged["episodes"] = {k: np.concatenate([r["episodes"][k] for r in rollouts]) for k in EPISODE_COLUMNS}
     merged["timing"] = {k: max(r["timing"][k] for r in rollouts) for k in rollouts[0]["timing"]}
-    merged["token_counts"] = {k: sum(r["token_counts"][k] for r in rollouts) for k in rollouts[0]["token_counts"]}
+    for name in ("token_counts", "lost"):
+        merged[name] = {k: sum(r[name][k] for r in rollouts) for k in rollouts[0][name]}
+    merged["groups_dropped"] = sum(r["groups_dropped"] for r in rollouts)
+    merged["first_fault"] = next((r["first_fault"] for r in rollouts if r["first_fault"]), None)
     return merged
 
 
@@ -57,8 +60,9 @@ def pad_token_batch(samples: dict[str, Any], pad_token_id: int, allowed_replies:
     for name in SAMPLE_COLUMNS:
         out[name] = samples[name].astype(np.float32 if name == "rewards" else np.int64)
     if allowed_replies is not None:
-        k = max(len(replies) for replies in allowed_replies)
-        length = max(len(reply) for replies in allowed_replies for reply in replies)
+        # A free-form env's rows have no allowed replies (an all -1 row is unconstrained); K and L are at least 1.
+        k = max([len(replies) for replies in allowed_replies] + [1])
+        length = max([len(reply) for replies in allowed_replies for reply in replies] + [1])
         allowed = np.full((n, k, length), PAD_REPLY_ID, dtype=np.int64)
         for row, replies in enumerate(allowed_replies):
             for j, reply in enumerate(replies):

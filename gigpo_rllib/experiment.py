@@ -259,12 +259,18 @@ def _type_of_default(default: Any) -> _ValueType | None:
 
 
 def _expected_type(key: str) -> _ValueType | None:
+    """What ``key`` accepts: the config's own check where the key has one (one source of truth with
+    ``GiGPOConfig.validate``), else the type of its default."""
     from gigpo_rllib.config import GIGPO_KEYS
 
     if key in _RLLIB_KEY_TYPES:
         return _RLLIB_KEY_TYPES[key]
-    defaults = {config_key.name: config_key.default for config_key in GIGPO_KEYS}
-    return _type_of_default(defaults[key]) if key in defaults else None
+    config_key = next((config_key for config_key in GIGPO_KEYS if config_key.name == key), None)
+    if config_key is None:
+        return None
+    if config_key.check is not None:
+        return _ValueType(config_key.check.describe(), config_key.check.accepts)
+    return _type_of_default(config_key.default)
 
 
 def _check_value_types(settings: Mapping[str, Any], source: str) -> None:
@@ -289,18 +295,10 @@ def _wrong_type_message(settings: Mapping[str, Any], defaults: Mapping[str, Any]
 
 
 def check_envs(config: "GiGPOConfig", *, source: str) -> None:
-    """Make (and close) one env of every training tag with the config's ``env_config``, so an unknown env or a
-    bad env argument is reported before Ray starts, naming the env."""
-    from gigpo_rllib.env_runner import make_env_factory
+    """:func:`~gigpo_rllib.env_runner.probe_envs` before Ray starts, as an :class:`ExperimentError` naming the env."""
+    from gigpo_rllib.env_runner import probe_envs
 
     try:
-        make = make_env_factory(config)
-    except ValueError as error:  # anchor_canonicalizer cannot be imported
+        probe_envs(config)
+    except ValueError as error:
         raise ExperimentError(f"{source}: {error}") from error
-    for tag in config.env_tags:
-        try:
-            env = make(tag)
-        except Exception as error:  # noqa: BLE001 - any failure to build the env is a config problem here
-            raise ExperimentError(f"{source}: cannot make env {tag!r} with env_config {dict(config.env_config)}: "
-                                  f"{type(error).__name__}: {error}") from error
-        env.close()

@@ -3,20 +3,35 @@
 No RLlib here: the env runner wraps :class:`StepCollector`, and tests drive it directly. Every env of a wave
 acts once per turn; all prompts of the turn go to the sampler in one call. Every turn of every trajectory, valid
 or not, becomes one step sample, and the prompt history records every turn.
+
+A misbehaving env costs its own trajectory, never the batch (DESIGN.md "Lost trajectories"): a ``reset`` or
+``step`` that raises, takes longer than ``step_timeout_s`` or returns a non-finite reward ends that trajectory.
+Its samples are dropped (never filled in), the env is replaced, the fault is logged once per kind and counted by
+cause. A group left with fewer than two finished trajectories has no baseline: it is dropped from the samples
+and counted too (its episodes still count in the episode metrics).
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import threading
 import time
-from collections import defaultdict
+import traceback
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import gymnasium as gym
 import numpy as np
 
 from gigpo_rllib.anchors import group_similar_texts
 from gigpo_rllib.sampling.base import Sampler, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+LOSS_CAUSES = ("env_error", "step_timeout", "non_finite_reward", "group_dropped")
+"""Why a trajectory left the batch, in the collector; the algorithm adds ``runner_failed`` and ``runner_timeout``."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +55,8 @@ class RolloutSettings:
     action_constraint: bool
     anchor_similarity: float | None = None
     """When set, near-duplicate states of one episode group share an anchor (see group_similar_texts)."""
+    step_timeout_s: float | None = None
+    """An env ``reset``/``step`` that takes longer loses its trajectory; None waits forever."""
 
 
 @dataclass
@@ -53,6 +70,45 @@ class _Trajectory:
     history: list[tuple[str, str]] = field(default_factory=list)
     episode_return: float = 0.0
     invalid_turns: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    """Its step samples, added to the batch only if the trajectory finishes."""
+    length: int = 0
+    success: bool = False
+
+
+class EnvFault(Exception):
+    """An env's ``reset`` or ``step`` raised, hung, or returned a non-finite reward: its trajectory is lost."""
+
+    def __init__(self, cause: str, message: str, details: str = ""):
+        super().__init__(message)
+        self.cause = cause
+        self.details = details or message
+
+
+def call_with_timeout(function: Callable[[], Any], timeout_s: float | None) -> Any:
+    """``function()``, or ``TimeoutError`` when it has not returned after ``timeout_s`` seconds (None: no limit).
+
+    The call runs in a daemon thread that is abandoned on a timeout: Python cannot stop it, so the caller must not
+    touch the object it works on again (the collector replaces the env).
+    """
+    if timeout_s is None:
+        return function()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = function()
+        except BaseException as error:  # noqa: BLE001 - handed to the calling thread below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True, name="gigpo-env-call")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {timeout_s:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def mix_seeds(*seeds: int) -> int:
@@ -61,6 +117,7 @@ def mix_seeds(*seeds: int) -> int:
     return int(np.random.SeedSequence([int(s) for s in seeds]).generate_state(1)[0])
 
 
+EPISODE_COLUMNS = ("return", "length", "success", "invalid_turns", "tag")
 SAMPLE_COLUMNS = ("rewards", "traj_ids", "step_ids", "group_ids", "tag_ids", "anchor_ids", "action_is_valid",
                   "prompt_truncated", "episode_ends")
 
@@ -84,9 +141,13 @@ def merge_similar_anchors(anchor_ids: np.ndarray, group_ids: np.ndarray, canonic
 
 class PromptBuilder:
     """Chat prompt of one turn: system = the env's instructions; then the last ``history_length`` turns as
-    user (observation) / assistant (reply) messages; then the current observation. History is dropped oldest
-    first until prompt + ``max_new_tokens`` fits ``sequence_length``; a prompt that still does not fit keeps
-    its last tokens. Either counts as a truncation."""
+    user (observation) / assistant (reply) messages; then the current observation.
+
+    Over budget (``sequence_length - max_new_tokens`` tokens) the prompt is cut in this order: the oldest history
+    turns, then the oldest lines of the current observation, then the start of its last line. The instructions are
+    never cut (``GiGPOConfig`` refuses a budget that cannot hold them plus an observation). Any cut counts as a
+    truncation.
+    """
 
     def __init__(self, tokenizer: Any, sequence_length: int, max_new_tokens: int, history_length: int):
         self.tokenizer = tokenizer
@@ -108,7 +169,31 @@ class PromptBuilder:
             ids = self._encode(instructions, shown[start:], observation)
             if len(ids) <= self.budget:
                 return ids, start > 0
-        return ids[-self.budget:], True
+        lines = observation.split("\n")
+        for first in range(1, len(lines)):
+            ids = self._encode(instructions, [], "\n".join(lines[first:]))
+            if len(ids) <= self.budget:
+                return ids, True
+        return self._encode(instructions, [], self._tail_that_fits(instructions, lines[-1])), True
+
+    def _tail_that_fits(self, instructions: str, line: str) -> str:
+        """The longest end of ``line`` whose prompt fits the budget (bisection on characters)."""
+        if len(self._encode(instructions, [], "")) > self.budget:
+            raise ValueError(f"sequence_length leaves {self.budget} prompt tokens, fewer than the instructions alone "
+                             f"take ({len(self._encode(instructions, [], ''))}); raise sequence_length or shorten the "
+                             "instructions (system_prompt, or instructions_style: compact)")
+        low, high = 0, len(line)  # line[high:] is "": it fits, checked above
+        while low < high:
+            middle = (low + high) // 2
+            if len(self._encode(instructions, [], line[middle:])) <= self.budget:
+                high = middle
+            else:
+                low = middle + 1
+        return line[low:]
+
+    def prompt_tokens(self, instructions: str, observation: str) -> int:
+        """Tokens of the prompt of ``observation`` with no history (for the budget check at build time)."""
+        return len(self._encode(instructions, [], observation))
 
 
 class StepCollector:
@@ -129,6 +214,7 @@ class StepCollector:
         self._make_env = make_env
         self._idle_envs: dict[str, list[gym.Env]] = defaultdict(list)
         self._allowed_replies: dict[str, list[list[int]]] = {}
+        self._reported: set[tuple[str, ...]] = set()
 
     # ------------------------------------------------------------------------------------------ public
 
@@ -139,32 +225,18 @@ class StepCollector:
         int arrays ``prompt_ids``, ``response_ids`` and float arrays ``response_logprobs``; with the action constraint,
         ``allowed_replies``: each sample's allowed replies as token-id lists), per-trajectory
         ``episodes`` (dict of arrays: ``return``, ``length``, ``success``, ``invalid_turns``, ``tag``),
-        ``timing`` (seconds in generation and in env steps) and ``token_counts`` (``prompt`` tokens sent to the
-        sampler and how many of them it took from its prefix ``cached``).
+        ``timing`` (seconds in generation and in env steps), ``token_counts`` (``prompt`` tokens sent to the
+        sampler and how many of them it took from its prefix ``cached``), ``lost`` (trajectories lost, by cause of
+        :data:`LOSS_CAUSES`), ``groups_dropped`` and ``first_fault`` (the first lost trajectory's error, or None).
         """
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         groups_per_wave = max(1, self.settings.max_envs // group_size)
-        samples: dict[str, list] = defaultdict(list)
-        episodes: dict[str, list] = defaultdict(list)
-        timing = {"generate_s": 0.0, "env_step_s": 0.0}
-        token_counts = {"prompt": 0, "cached": 0}
+        batch = _Batch()
         for wave_start in range(0, len(groups), groups_per_wave):
             wave = groups[wave_start:wave_start + groups_per_wave]
-            self._run_wave(wave, group_size, mix_seeds(sample_seed, wave_start), samples, episodes, timing,
-                           token_counts)
-        out: dict[str, Any] = {name: np.asarray(samples[name]) for name in SAMPLE_COLUMNS}
-        if self.settings.anchor_similarity is not None:
-            merge_similar_anchors(out["anchor_ids"], out["group_ids"], samples["canonical_texts"],
-                                  self.settings.anchor_similarity)
-        for name in ("prompt_ids", "response_ids", "response_logprobs"):
-            out[name] = samples[name]
-        if self.settings.action_constraint:
-            out["allowed_replies"] = samples["allowed_replies"]
-        out["episodes"] = {name: np.asarray(values) for name, values in episodes.items()}
-        out["timing"] = timing
-        out["token_counts"] = token_counts
-        return out
+            self._run_wave(wave, group_size, mix_seeds(sample_seed, wave_start), batch)
+        return batch.columns(self.settings)
 
     # ----------------------------------------------------------------------------------------- details
 
@@ -178,83 +250,197 @@ class StepCollector:
         return env
 
     def _allowed_for(self, trajectory: _Trajectory) -> list[list[int]]:
+        """The allowed replies of the trajectory's env; [] (unconstrained) for envs without a fixed action set."""
         tag = trajectory.group.tag
         if tag not in self._allowed_replies:
-            words = getattr(trajectory.env, "action_words", None)
+            try:
+                words = trajectory.env.get_wrapper_attr("action_words")
+            except AttributeError:
+                words = None
             if not words:
-                raise ValueError(f"action_constraint needs envs with a fixed action set; env {tag!r} declares "
-                                 "no action_words (free-form actions)")
-            eos = self.tokenizer.eos_token_id
-            replies = [self.tokenizer(f"<answer>{word}</answer>", add_special_tokens=False)["input_ids"] + [eos]
-                       for word in words]
-            longest = max(len(reply) for reply in replies)
-            if longest > self.settings.sampling.max_new_tokens:
-                raise ValueError(f"max_new_tokens ({self.settings.sampling.max_new_tokens}) is shorter than the "
-                                 f"longest allowed reply of env {tag!r} ({longest} tokens with EOS): every constrained "
-                                 f"reply would be cut off and invalid; set max_new_tokens >= {longest}")
-            self._allowed_replies[tag] = replies
+                logger.warning("action_constraint is unavailable for env %r: it declares no action_words, so its "
+                               "replies are free-form", tag)
+                self._allowed_replies[tag] = []
+                return []
+            self._allowed_replies[tag] = allowed_reply_ids(self.tokenizer, words, self.settings.sampling.max_new_tokens,
+                                                           tag)
         return self._allowed_replies[tag]
 
-    def _run_wave(self, wave: list[GroupSpec], group_size: int, seed: int, samples, episodes, timing,
-                  token_counts) -> None:
-        active: list[_Trajectory] = []
-        for group in wave:
-            for member in range(group_size):
-                env = self._acquire_env(group.tag)
-                observation, info = env.reset(seed=group.seed)
-                active.append(_Trajectory(env, group.group_id * group_size + member, group, observation,
-                                          int(info["anchor_id"]), info.get("canonical_observation")))
+    def _call_env(self, function: Callable[[], Any], what: str) -> Any:
+        """Call into an env, turning a raise or a hang into an :class:`EnvFault`."""
+        try:
+            return call_with_timeout(function, self.settings.step_timeout_s)
+        except TimeoutError as error:
+            raise EnvFault("step_timeout", f"{what} did not return within {self.settings.step_timeout_s:g} s") from error
+        except Exception as error:  # noqa: BLE001 - any env bug costs only its trajectory
+            raise EnvFault("env_error", f"{what} raised {type(error).__name__}: {error}",
+                           traceback.format_exc()) from error
+
+    def _lose(self, trajectory_tag: str, group: GroupSpec, turn: int, fault: EnvFault, env: gym.Env,
+              batch: "_Batch") -> None:
+        """Count a lost trajectory, log its fault once per (env, cause, error type), and replace its env."""
+        batch.lost[fault.cause] += 1
+        message = f"env {trajectory_tag!r} (seed {group.seed}, turn {turn}): {fault}"
+        if batch.first_fault is None:
+            batch.first_fault = f"{message}\n{fault.details}"
+        kind = (trajectory_tag, fault.cause, type(fault.__cause__).__name__)
+        if kind not in self._reported:
+            self._reported.add(kind)
+            logger.warning("%s; its trajectory is dropped and counted under trajectories_lost_by_cause/%s (further "
+                           "faults of this kind are only counted)\n%s", message, fault.cause, fault.details)
+        if fault.cause != "step_timeout":  # a hung call may still be running inside the env: leave it alone
+            _close_quietly(env)
+
+    def _reset(self, group: GroupSpec, traj_id: int, batch: "_Batch") -> _Trajectory | None:
+        env = self._acquire_env(group.tag)
+        try:
+            observation, info = self._call_env(lambda: env.reset(seed=group.seed), "reset")
+        except EnvFault as fault:
+            self._lose(group.tag, group, 0, fault, env, batch)
+            return None
+        return _Trajectory(env, traj_id, group, observation, int(info["anchor_id"]), info.get("canonical_observation"))
+
+    def _run_wave(self, wave: list[GroupSpec], group_size: int, seed: int, batch: "_Batch") -> None:
+        active = [trajectory for group in wave for member in range(group_size)
+                  if (trajectory := self._reset(group, group.group_id * group_size + member, batch)) is not None]
+        finished: list[_Trajectory] = []
+        try:
+            self._play(active, seed, batch, finished)
+        except BaseException:
+            # The wave failed as a whole (the sampler, say): envs left mid-episode cannot be reused.
+            returned = {id(trajectory) for trajectory in finished}
+            for trajectory in active:
+                if id(trajectory) not in returned:
+                    _close_quietly(trajectory.env)
+            raise
+        batch.add_wave(wave, group_size, finished)
+
+    def _play(self, active: list[_Trajectory], seed: int, batch: "_Batch", finished: list[_Trajectory]) -> None:
+        """Turn by turn until every trajectory of ``active`` has finished or is lost; appends to ``finished``."""
+        active = list(active)
         turn = 0
         while active:
-            prompts, truncated = zip(*(self.prompts.build(t.env.instructions, t.history, t.observation) for t in active))
+            prompts, truncated = zip(*(self.prompts.build(t.env.get_wrapper_attr("instructions"), t.history,
+                                                          t.observation) for t in active))
             allowed = [self._allowed_for(t) for t in active] if self.settings.action_constraint else None
             started = time.perf_counter()
             completions = self.sampler.generate(list(prompts), self.settings.sampling, allowed,
                                                 seed=mix_seeds(seed, turn))
-            timing["generate_s"] += time.perf_counter() - started
-            token_counts["prompt"] += sum(len(prompt) for prompt in prompts)
-            token_counts["cached"] += sum(completion.extra.get("cached_tokens", 0) for completion in completions)
+            batch.timing["generate_s"] += time.perf_counter() - started
+            batch.token_counts["prompt"] += sum(len(prompt) for prompt in prompts)
+            batch.token_counts["cached"] += sum(completion.extra.get("cached_tokens", 0) for completion in completions)
             started = time.perf_counter()
             still_active = []
             for k, (trajectory, prompt, was_truncated, completion) in enumerate(zip(active, prompts, truncated, completions)):
                 reply = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
-                observation, reward, terminated, truncated_episode, info = trajectory.env.step(reply)
+                try:
+                    observation, reward, terminated, truncated_episode, info = self._call_env(
+                        lambda env=trajectory.env: env.step(reply), "step")
+                    if not math.isfinite(float(reward)):
+                        raise EnvFault("non_finite_reward", f"step returned the reward {reward!r}")
+                except EnvFault as fault:
+                    self._lose(trajectory.group.tag, trajectory.group, turn, fault, trajectory.env, batch)
+                    continue
                 done = bool(terminated or truncated_episode)
                 valid = bool(info.get("action_is_valid", True))
-                self._record(samples, trajectory, turn, float(reward), valid, was_truncated, done, prompt, completion)
-                if allowed is not None:
-                    samples["allowed_replies"].append(allowed[k])
+                trajectory.rows.append(_sample_row(trajectory, turn, float(reward), valid, was_truncated, done, prompt,
+                                                   completion, allowed[k] if allowed is not None else None))
                 trajectory.history.append((trajectory.observation, reply))
                 trajectory.observation, trajectory.anchor_id = observation, int(info["anchor_id"])
                 trajectory.canonical = info.get("canonical_observation")
                 trajectory.episode_return += float(reward)
                 trajectory.invalid_turns += not valid
                 if done:
-                    self._finish(episodes, trajectory, turn + 1, bool(info.get("success", False)))
+                    trajectory.length, trajectory.success = turn + 1, bool(info.get("success", False))
+                    finished.append(trajectory)
+                    self._idle_envs[trajectory.group.tag].append(trajectory.env)
                 else:
                     still_active.append(trajectory)
-            timing["env_step_s"] += time.perf_counter() - started
+            batch.timing["env_step_s"] += time.perf_counter() - started
             active = still_active
             turn += 1
 
-    @staticmethod
-    def _record(samples, trajectory: _Trajectory, turn: int, reward: float, valid: bool, truncated: bool,
-                done: bool, prompt: list[int], completion) -> None:
-        row = {"rewards": reward, "traj_ids": trajectory.traj_id, "step_ids": turn,
-               "group_ids": trajectory.group.group_id, "tag_ids": trajectory.group.tag_id,
-               "anchor_ids": trajectory.anchor_id, "action_is_valid": valid, "prompt_truncated": truncated,
-               "episode_ends": done}
-        for name, value in row.items():
-            samples[name].append(value)
-        samples["canonical_texts"].append(trajectory.canonical)
-        samples["prompt_ids"].append(np.asarray(prompt, dtype=np.int64))
-        samples["response_ids"].append(np.asarray(completion.token_ids, dtype=np.int64))
-        samples["response_logprobs"].append(np.asarray(completion.logprobs, dtype=np.float32))
 
-    def _finish(self, episodes, trajectory: _Trajectory, length: int, success: bool) -> None:
-        episodes["return"].append(trajectory.episode_return)
-        episodes["length"].append(length)
-        episodes["success"].append(success)
-        episodes["invalid_turns"].append(trajectory.invalid_turns)
-        episodes["tag"].append(trajectory.group.tag)
-        self._idle_envs[trajectory.group.tag].append(trajectory.env)
+def allowed_reply_ids(tokenizer: Any, action_words: Sequence[str], max_new_tokens: int, tag: str) -> list[list[int]]:
+    """Token ids of the complete allowed replies ``<answer>WORD</answer>`` + EOS of an env's action words. Raises
+    ``ValueError`` when the longest does not fit ``max_new_tokens`` (every constrained reply would be cut off)."""
+    eos = tokenizer.eos_token_id
+    replies = [tokenizer(f"<answer>{word}</answer>", add_special_tokens=False)["input_ids"] + [eos]
+               for word in action_words]
+    longest = max(len(reply) for reply in replies)
+    if longest > max_new_tokens:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) is shorter than the longest allowed reply of env {tag!r} "
+                         f"({longest} tokens with EOS): every constrained reply would be cut off and invalid; set "
+                         f"max_new_tokens >= {longest}")
+    return replies
+
+
+def _close_quietly(env: gym.Env) -> None:
+    try:
+        env.close()
+    except Exception:  # noqa: BLE001 - the env is being discarded anyway
+        pass
+
+
+def _sample_row(trajectory: _Trajectory, turn: int, reward: float, valid: bool, truncated: bool, done: bool,
+                prompt: list[int], completion, allowed: list[list[int]] | None) -> dict[str, Any]:
+    return {"rewards": reward, "traj_ids": trajectory.traj_id, "step_ids": turn,
+            "group_ids": trajectory.group.group_id, "tag_ids": trajectory.group.tag_id,
+            "anchor_ids": trajectory.anchor_id, "action_is_valid": valid, "prompt_truncated": truncated,
+            "episode_ends": done, "canonical_texts": trajectory.canonical,
+            "prompt_ids": np.asarray(prompt, dtype=np.int64),
+            "response_ids": np.asarray(completion.token_ids, dtype=np.int64),
+            "response_logprobs": np.asarray(completion.logprobs, dtype=np.float32), "allowed_replies": allowed}
+
+
+@dataclass
+class _Batch:
+    """What a :meth:`StepCollector.collect` call gathers, wave by wave."""
+
+    samples: dict[str, list] = field(default_factory=lambda: defaultdict(list))
+    episodes: dict[str, list] = field(default_factory=lambda: defaultdict(list))
+    timing: dict[str, float] = field(default_factory=lambda: {"generate_s": 0.0, "env_step_s": 0.0})
+    token_counts: dict[str, int] = field(default_factory=lambda: {"prompt": 0, "cached": 0})
+    lost: Counter = field(default_factory=Counter)
+    groups_dropped: int = 0
+    first_fault: str | None = None
+
+    def add_wave(self, wave: list[GroupSpec], group_size: int, finished: list[_Trajectory]) -> None:
+        """Every finished trajectory counts as an episode; its samples join the batch unless its group lost
+        trajectories and kept fewer than two (no baseline left)."""
+        by_group: dict[int, list[_Trajectory]] = defaultdict(list)
+        for trajectory in finished:
+            by_group[trajectory.group.group_id].append(trajectory)
+        for group in wave:
+            done = sorted(by_group[group.group_id], key=lambda trajectory: trajectory.traj_id)
+            for trajectory in done:
+                for name, value in (("return", trajectory.episode_return), ("length", trajectory.length),
+                                    ("success", trajectory.success), ("invalid_turns", trajectory.invalid_turns),
+                                    ("tag", group.tag)):
+                    self.episodes[name].append(value)
+            if len(done) < group_size and len(done) < 2:
+                self.groups_dropped += 1
+                self.lost["group_dropped"] += len(done)
+                continue
+            for trajectory in done:
+                for row in trajectory.rows:
+                    for name, value in row.items():
+                        self.samples[name].append(value)
+
+    def columns(self, settings: RolloutSettings) -> dict[str, Any]:
+        samples = self.samples
+        out: dict[str, Any] = {name: np.asarray(samples[name]) for name in SAMPLE_COLUMNS}
+        if settings.anchor_similarity is not None:
+            merge_similar_anchors(out["anchor_ids"], out["group_ids"], samples["canonical_texts"],
+                                  settings.anchor_similarity)
+        for name in ("prompt_ids", "response_ids", "response_logprobs"):
+            out[name] = samples[name]
+        if settings.action_constraint:
+            out["allowed_replies"] = samples["allowed_replies"]
+        out["episodes"] = {name: np.asarray(self.episodes[name]) for name in EPISODE_COLUMNS}
+        out["timing"] = self.timing
+        out["token_counts"] = self.token_counts
+        out["lost"] = {cause: self.lost[cause] for cause in LOSS_CAUSES}
+        out["groups_dropped"] = self.groups_dropped
+        out["first_fault"] = self.first_fault
+        return out

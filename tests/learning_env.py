@@ -1,6 +1,9 @@
 """A one-turn text env where one action word always pays: the smallest task on which a working policy-gradient
 pipeline must visibly learn (the untrained tiny model picks it 1 time in 4)."""
 
+import random
+import time
+
 import gymnasium as gym
 from gymnasium import spaces
 
@@ -81,3 +84,82 @@ class OddSeedFailingEnv(PreferredActionEnv):
 
 
 gym.register("OddSeedFailing-v0", entry_point="tests.learning_env:OddSeedFailingEnv")
+
+
+class FaultyCorridorEnv(CorridorEnv):
+    """The corridor with faults: ``step`` raises with probability ``raise_rate``, returns a NaN reward with
+    probability ``nan_rate``, and with ``hang_once_s`` the first step in each process (of the episode reset with
+    ``hang_seed``, when given) sleeps that long (a hang)."""
+
+    _hung_in_this_process = False
+
+    def __init__(self, length: int = 4, max_steps: int = 6, raise_rate: float = 0.0, nan_rate: float = 0.0,
+                 hang_once_s: float = 0.0, reset_raise_rate: float = 0.0, hang_seed: int | None = None):
+        super().__init__(length=length, max_steps=max_steps)
+        self.raise_rate, self.nan_rate, self.hang_once_s = raise_rate, nan_rate, hang_once_s
+        self.reset_raise_rate, self.hang_seed = reset_raise_rate, hang_seed
+        self._faults = random.Random()
+        self._seed = None
+
+    def reset(self, *, seed=None, options=None):
+        if self._faults.random() < self.reset_raise_rate:
+            raise RuntimeError("deliberate reset failure")
+        self._seed = seed
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action):
+        hang_here = self.hang_seed is None or self._seed == self.hang_seed
+        if self.hang_once_s and hang_here and not FaultyCorridorEnv._hung_in_this_process:
+            FaultyCorridorEnv._hung_in_this_process = True
+            time.sleep(self.hang_once_s)
+        if self._faults.random() < self.raise_rate:
+            raise RuntimeError("deliberate step failure")
+        observation, reward, terminated, truncated, info = super().step(action)
+        if self._faults.random() < self.nan_rate:
+            reward = float("nan")
+        return observation, reward, terminated, truncated, info
+
+
+gym.register("FaultyCorridor-v0", entry_point="tests.learning_env:FaultyCorridorEnv")
+gym.register("FlakyCorridor-v0", entry_point="tests.learning_env:FaultyCorridorEnv", kwargs={"raise_rate": 0.2})
+gym.register("HangingCorridor-v0", entry_point="tests.learning_env:FaultyCorridorEnv", kwargs={"hang_once_s": 1000.0})
+
+
+class PlainTextEnv(gym.Env):
+    """A Gymnasium text env written without this project in mind: no ``instructions``, no ``action_words``, no
+    ``max_steps`` (its turn limit comes from the registration). Reward 1 when the reply names the room's colour."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self):
+        self.observation_space = spaces.Text(max_length=64)
+        self.action_space = spaces.Text(max_length=64)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.colour = ("red", "blue", "green")[int(self.np_random.integers(3))]
+        return f"You are in a {self.colour} room.", {}
+
+    def step(self, action):
+        reward = float(self.colour in str(action).lower())
+        return f"You said: {action}", reward, reward > 0, False, {"success": reward > 0}
+
+
+class BoxObservationEnv(gym.Env):
+    """Not a text env: its observations are vectors."""
+
+    metadata = {"render_modes": []}
+    observation_space = spaces.Box(0.0, 1.0, (3,))
+    action_space = spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 0.0, True, False, {}
+
+
+gym.register("PlainText-v0", entry_point="tests.learning_env:PlainTextEnv", max_episode_steps=3)
+gym.register("PlainTextNoLimit-v0", entry_point="tests.learning_env:PlainTextEnv")
+gym.register("BoxObservation-v0", entry_point="tests.learning_env:BoxObservationEnv", max_episode_steps=3)

@@ -357,10 +357,24 @@ def test_a_failed_runner_is_counted_not_hidden(ray_session):
         algo.stop()
 
 
-def test_the_env_error_reaches_the_driver_when_every_runner_fails(ray_session):
-    algo = tiny_config().environment("tests.learning_env:OddSeedFailing-v0").build()
+def test_a_failing_reset_costs_only_its_group(ray_session):
+    algo = tiny_config().environment("tests.learning_env:OddSeedFailing-v0").build()  # groups of seeds 0 and 1
     try:
-        with pytest.raises(RuntimeError, match="(?s)env runner 0 failed:.*deliberate failure for seed 1"):
+        result = algo.train()["env_runners"]
+    finally:
+        algo.stop()
+    assert result["trajectories_lost_by_cause"]["env_error"] == 2 and result["num_episodes"] == 2
+
+
+def test_a_runner_failing_as_a_whole_reaches_the_driver(ray_session):
+    algo = tiny_config().build()
+
+    def broken_sampler(*args, **kwargs):
+        raise RuntimeError("the sampler broke")
+
+    algo.env_runner_group.local_env_runner.sampler.generate = broken_sampler
+    try:
+        with pytest.raises(RuntimeError, match="(?s)runner_failed': 4.*env runner 0 failed:.*the sampler broke"):
             algo.train()
     finally:
         algo.stop()

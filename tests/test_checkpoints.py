@@ -146,7 +146,7 @@ def test_a_failed_run_exits_1_and_keeps_a_final_checkpoint(ray_session, tmp_path
     finally:
         FailingLake.resets_left = None
     err = capsys.readouterr().err
-    assert "rllib: error: training failed in iteration 2: RuntimeError: no step samples" in err
+    assert "rllib: error: training failed in iteration 2: RuntimeError: 4 of 4 trajectories were lost" in err
     assert "the lake froze over" in err
     run_dir = tmp_path / "run"
     assert f"rllib: run directory: {run_dir}" in err and f"rllib: full traceback: {run_dir / 'error.txt'}" in err

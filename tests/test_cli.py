@@ -153,10 +153,10 @@ def test_evaluate_rejects_a_non_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"step_reward_gamma": "0.9"}, "--config: step_reward_gamma must be a number, got '0.9' (str)"),
+    ({"step_reward_gamma": "0.9"}, "--config: step_reward_gamma must be a number in [0, 1], got '0.9' (str)"),
     ({"env_config": [1, 2]}, "--config: env_config must be a mapping of env arguments, got [1, 2] (list)"),
-    ({"max_new_tokens": None}, "check max_new_tokens=None (expected an integer)"),
-    ({"env_config": {"max_stepz": 3}}, "cannot make env 'FrozenLake' with env_config {'max_stepz': 3}"),
+    ({"max_new_tokens": None}, "--config: max_new_tokens must be an integer >= 1, got None"),
+    ({"env_config": {"max_stepz": 3}}, "env 'FrozenLake' cannot be made with env_config {'max_stepz': 3}"),
     ({"bogus": 1}, "--config: unknown config key(s) ['bogus']"),
 ])
 def test_bad_config_values_exit_2_with_one_line(capsys, config, message):

@@ -66,11 +66,50 @@ def test_validation_names_the_key_and_the_allowed_values(training, message):
 def test_partition_must_match_tags():
     config = GiGPOConfig().training(train_env_manager={"num_env_groups": 4, "group_size": 2, "tags": ["FrozenLake", "Sokoban"],
                                                        "num_groups_partition": [4]}, rollout_batch_size=8)
-    with pytest.raises(ValueError, match=r"num_groups_partition must be a list with one group count per tag \(2 tags\)"):
+    with pytest.raises(ValueError, match=r"num_groups_partition must be a list of one positive group count per tag "
+                                         r"\(2 tags\)"):
         config.validate()
     config.training(train_env_manager={"num_groups_partition": [1, 1]})
     with pytest.raises(ValueError, match=r"counts summing to num_env_groups \(4\)"):
         config.validate()
+    # A negative count cannot make up for an extra group elsewhere (it trained 12 episodes for a batch of 8).
+    config.training(train_env_manager={"num_groups_partition": [5, -1]})
+    with pytest.raises(ValueError, match="positive group count"):
+        config.validate()
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"whiten_advantages": "false"}, "whiten_advantages must be true or false, got 'false'"),
+    ({"ppo_epochs": 1.5}, "ppo_epochs must be an integer >= 1, got 1.5"),
+    ({"max_new_tokens": 16.5}, "max_new_tokens must be an integer >= 1, got 16.5"),
+    ({"lr": -1.0}, "lr must be a number >= 0"),
+    ({"lr": [[0, 1e-3], [10, -1]]}, "lr must be a number >= 0 or a schedule"),
+    ({"seed": "abc"}, "seed must be null or an integer >= 0, got 'abc'"),
+    ({"step_reward_gamma": "0.9"}, r"step_reward_gamma must be a number in \[0, 1\], got '0.9'"),
+    ({"val_batch_size": "32"}, "val_batch_size must be an integer >= 1, got '32'"),
+    ({"temperature": None}, "temperature must be a number > 0, got None"),
+    ({"top_p": 1.5}, r"top_p must be a number in \(0, 1\]"),
+    ({"env_config": [1, 2]}, "env_config must be a dict"),
+    ({"train_env_manager": {"num_env_groups": 2, "group_size": 2, "tags": ["FrozenLak"], "num_groups_partition": [2]}},
+     "unknown env tag 'FrozenLak' \\(did you mean 'FrozenLake'\\?\\)"),
+])
+def test_every_key_is_checked_for_type_and_range(settings, message):
+    config = GiGPOConfig().training(train_env_manager={"num_env_groups": 2, "group_size": 2}, rollout_batch_size=4)
+    for key, value in settings.items():
+        if key == "env_config":
+            config.env_config = value
+        elif key in ("seed",):
+            config.seed = value
+        else:
+            config.training(**{key: value})
+    with pytest.raises(ValueError, match=message):
+        config.validate()
+
+
+def test_update_from_dict_names_the_closest_key():
+    with pytest.raises(ValueError, match="unknown config key 'step_reward_wieght'; did you mean 'step_reward_weight'"):
+        GiGPOConfig().update_from_dict({"step_reward_wieght": 0.5})
+    assert GiGPOConfig().update_from_dict(GiGPOConfig().to_dict()).step_reward_weight == 1.0  # Tune's round trip
 
 
 def test_unknown_nested_key_is_an_error():
@@ -133,7 +172,8 @@ def test_every_key_is_documented():
 
 def test_readme_reference_matches_the_code():
     text = README.read_text()
-    assert markdown_reference() in text, "README's configuration reference is stale: run python -m gigpo_rllib.config"
+    assert markdown_reference() in text, ("README's configuration reference is stale: run "
+                                          "python3 scripts/config_reference.py --update-readme")
 
 
 def constant_state(text: str) -> str:

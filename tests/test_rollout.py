@@ -82,13 +82,32 @@ def test_history_and_truncation(sampler):
     ids, truncated = tight.build("rules", history, "now")
     assert truncated and len(ids) <= short + 5
     tiny = PromptBuilder(tokenizer, sequence_length=12 + 4, max_new_tokens=12, history_length=2)
-    ids, truncated = tiny.build("rules", history, "now")
-    assert truncated and len(ids) == 4
+    with pytest.raises(ValueError, match="sequence_length"):
+        tiny.build("rules", history, "now")
+
+
+def test_the_observation_loses_its_oldest_lines_never_the_instructions(sampler):
+    tokenizer = sampler.tokenizer
+    rules = "Rules: move the box to the goal and never stop early."
+    observation = "\n".join(f"line {k}: a b c d e f g" for k in range(12))
+    full = PromptBuilder(tokenizer, sequence_length=4096, max_new_tokens=8, history_length=2)
+    needed = full.prompt_tokens(rules, observation)
+    tight = PromptBuilder(tokenizer, sequence_length=needed - 20 + 8, max_new_tokens=8, history_length=2)
+    ids, truncated = tight.build(rules, [("old state", "<answer>Up</answer>")], observation)
+    text = tokenizer.decode(ids)
+    assert truncated and len(ids) <= needed - 20
+    assert rules in text and "line 11" in text and "line 0:" not in text and "old state" not in text
+    # Even the last line alone too long: its start goes, the instructions stay.
+    squeezed = PromptBuilder(tokenizer, sequence_length=full.prompt_tokens(rules, "") + 3 + 8, max_new_tokens=8,
+                             history_length=0)
+    text = tokenizer.decode(squeezed.build(rules, [], observation)[0])
+    assert rules in text and "line 11" not in text and text.rstrip().endswith("assistant")
 
 
 def test_truncations_are_counted(sampler):
-    out = collector(sampler, sequence_length=200).collect(groups(1), group_size=2, sample_seed=4)
-    assert out["prompt_truncated"].all()
+    # Room for the instructions and the map, not for two turns of history.
+    out = collector(sampler, sequence_length=280).collect(groups(1), group_size=2, sample_seed=4)
+    assert out["prompt_truncated"][out["step_ids"] > 0].all()
 
 
 def test_learner_logprobs_equal_sampling_logprobs_before_an_update(sampler):
@@ -267,3 +286,94 @@ def test_system_prompt_is_text_or_a_function_of_the_tag():
     assert system_prompt_for("tests.test_rollout:shout")("Sokoban") == "Play Sokoban loudly."
     with pytest.raises(ValueError, match="cannot import"):
         system_prompt_for("tests.test_rollout:no_such_function")
+
+
+# --------------------------------------------------------------------------------------------- faulty envs
+
+
+def faulty(sampler, step_timeout_s=None, **faults):
+    import tests.learning_env  # noqa: F401  (registers FaultyCorridor-v0)
+
+    settings = RolloutSettings(sampling=SamplingParams(max_new_tokens=12), sequence_length=512, history_length=1,
+                               max_envs=64, action_constraint=True, step_timeout_s=step_timeout_s)
+    return StepCollector(sampler, lambda tag: envs.make_llm_env("FaultyCorridor-v0", **faults), settings)
+
+
+def assert_only_whole_trajectories(out, group_size):
+    for traj in set(out["traj_ids"].tolist()):
+        steps = out["step_ids"][out["traj_ids"] == traj]
+        assert steps.tolist() == list(range(len(steps)))  # nothing missing in the middle
+        assert out["episode_ends"][out["traj_ids"] == traj].sum() == 1  # and it ended
+    for group in set(out["group_ids"].tolist()):
+        assert len(set(out["traj_ids"][out["group_ids"] == group].tolist())) >= 2  # a baseline for every group
+
+
+def test_env_errors_lose_only_their_trajectories(sampler):
+    out = faulty(sampler, raise_rate=0.2).collect(groups(8), group_size=4, sample_seed=0)
+    lost = out["lost"]
+    assert lost["env_error"] > 0 and lost["step_timeout"] == lost["non_finite_reward"] == 0
+    kept = len(set(out["traj_ids"].tolist()))
+    assert kept > 0 and kept + lost["env_error"] + lost["group_dropped"] == 32
+    assert_only_whole_trajectories(out, 4)
+    assert np.isfinite(out["rewards"]).all() and "deliberate step failure" in out["first_fault"]
+    # Episodes that finished count in the episode metrics, dropped groups' included.
+    assert len(out["episodes"]["return"]) == 32 - lost["env_error"]
+
+
+def test_reset_errors_and_non_finite_rewards_are_counted_by_cause(sampler):
+    out = faulty(sampler, nan_rate=0.3, reset_raise_rate=0.2).collect(groups(8), group_size=4, sample_seed=1)
+    assert out["lost"]["env_error"] > 0 and out["lost"]["non_finite_reward"] > 0
+    assert np.isfinite(out["rewards"]).all()
+    assert_only_whole_trajectories(out, 4)
+
+
+def test_a_hanging_step_times_out_and_its_env_is_replaced(sampler):
+    import time
+
+    from tests.learning_env import FaultyCorridorEnv
+
+    FaultyCorridorEnv._hung_in_this_process = False
+    started = time.perf_counter()
+    collector = faulty(sampler, step_timeout_s=0.5, hang_once_s=30)
+    out = collector.collect(groups(2), group_size=3, sample_seed=2)
+    assert time.perf_counter() - started < 20
+    assert out["lost"]["step_timeout"] == 1 and len(set(out["traj_ids"].tolist())) == 5
+    # The hung env never comes back: the next batch gets fresh envs and loses nothing.
+    assert sum(collector.collect(groups(2), group_size=3, sample_seed=3)["lost"].values()) == 0
+
+
+def test_call_with_timeout():
+    import time
+
+    from gigpo_rllib.rollout import call_with_timeout
+
+    assert call_with_timeout(lambda: 3, None) == 3 and call_with_timeout(lambda: 4, 1.0) == 4
+    with pytest.raises(ZeroDivisionError):
+        call_with_timeout(lambda: 1 / 0, 1.0)
+    with pytest.raises(TimeoutError):
+        call_with_timeout(lambda: time.sleep(5), 0.1)
+
+
+def test_envs_of_a_failed_wave_are_closed(sampler):
+    closed = []
+
+    class ClosingEnv(gym.Wrapper):
+        def close(self):
+            closed.append(self)
+            super().close()
+
+    class BrokenSampler:
+        tokenizer = sampler.tokenizer
+        calls = 0
+
+        def generate(self, *args, **kwargs):
+            BrokenSampler.calls += 1
+            if BrokenSampler.calls > 1:
+                raise RuntimeError("the sampler broke mid-wave")
+            return sampler.generate(*args, **kwargs)
+
+    collector_ = collector(BrokenSampler(), make_env=lambda tag: ClosingEnv(envs.make_llm_env(tag, max_steps=4)))
+    with pytest.raises(RuntimeError, match="mid-wave"):
+        collector_.collect(groups(2), group_size=2, sample_seed=0)
+    # Envs that finished in the first turn went back to the pool; the others, left mid-episode, were closed.
+    assert len(closed) + sum(len(idle) for idle in collector_._idle_envs.values()) == 4 and closed

@@ -410,3 +410,21 @@ def test_the_model_sees_only_the_columns_some_row_uses(tiny_model):
     assert widths == [longest, longest]
     assert trimmed[0].shape == padded[0].shape
     torch.testing.assert_close(trimmed[0][:, :ids.shape[1]], full[0], rtol=0, atol=0)
+
+
+def test_a_checkpoints_generation_config_does_not_change_sampling(tmp_path):
+    import json
+
+    from gigpo_rllib.models import build_offline_model
+    from gigpo_rllib.sampling.hf import HFSampler
+
+    path = build_offline_model(tmp_path / "model")
+    settings = json.loads((path / "generation_config.json").read_text())
+    # Processors the recorded log-probs know nothing about: no token may repeat, a heavy repetition penalty.
+    settings.update(no_repeat_ngram_size=1, repetition_penalty=5.0)
+    (path / "generation_config.json").write_text(json.dumps(settings))
+    sampler = HFSampler(str(path))
+    prompt = sampler.tokenizer("a a a a", add_special_tokens=False)["input_ids"]
+    completions = sampler.generate([prompt] * 32, SamplingParams(max_new_tokens=24), seed=0)
+    # The untrained model repeats tokens all the time when nothing forbids it.
+    assert any(len(set(c.token_ids)) < len(c.token_ids) for c in completions)

@@ -71,6 +71,8 @@ class HFSampler(Sampler):
     """
 
     def __init__(self, model_name_or_path: str, *, device: str = "cpu", dtype: str = "float32"):
+        from transformers import GenerationConfig
+
         self.model, self.tokenizer = load_model_and_tokenizer(model_name_or_path, dtype=dtype, device=device)
         self.device = torch.device(device)
         eos = self.model.generation_config.eos_token_id
@@ -79,6 +81,10 @@ class HFSampler(Sampler):
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = sorted(eos_ids)
         self.pad_token_id = self.tokenizer.pad_token_id
+        # generate() fills every setting left unset with the checkpoint's generation_config.json: a repetition
+        # penalty or n-gram ban there would change what is sampled while the recorded log-probs (and the learner)
+        # ignore it. Sampling follows our SamplingParams only.
+        self.model.generation_config = GenerationConfig(eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id)
         self._closed = False
 
     # ------------------------------------------------------------------ generate
