@@ -26,7 +26,7 @@ from ray.rllib.utils.metrics import (
 )
 
 from gigpo_rllib.batch import merge_rollouts, minibatches_per_shard, pad_token_batch, shard_rows, take_rows
-from gigpo_rllib.config import GiGPOConfig
+from gigpo_rllib.config import POOL_SEED_LIMIT, GiGPOConfig
 from gigpo_rllib.rollout import GroupSpec, mix_seeds
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 VALIDATION_RESULTS = "validation"
 THROUGHPUT = "throughput"
 # Validation env and sampling seeds live far above the training ones, so the two sets never meet.
-VALIDATION_SEED_OFFSET = 1 << 40
+VALIDATION_SEED_OFFSET = POOL_SEED_LIMIT
 WEIGHT_SYNC_TIMEOUT_S = 600.0
 # Timers report this iteration's seconds (RLlib's default is a slow moving average).
 THIS_ITERATION = {"reduce": "mean", "window": 1}
@@ -64,24 +64,23 @@ def _pack_for_samplers(learner, dtype: str, put_in_object_store: bool):
     return (ray.put(packed) if put_in_object_store else packed), packed.nbytes
 
 
-def episode_group_seeds(first_draw: int, count: int, base: int, pool_size: int | None) -> list[int]:
+def episode_group_seeds(first_draw: int, count: int, base: int, pool: Sequence[int] | None) -> list[int]:
     """Env seeds of ``count`` episode groups, the ``first_draw``-th group drawn so far coming first.
 
-    Without a pool every group gets a fresh seed, ``base + draw``. With a pool of N seeds (``base .. base + N-1``)
-    the draws walk the pool in a new random order on every pass (draws ``k·N .. (k+1)·N − 1`` are one permutation,
-    seeded by ``base`` and ``k``), so every pool seed is used equally often and a batch of at most N groups holds
-    no seed twice.
+    Without a pool every group gets a fresh seed, ``base + draw``. With a pool (a list of N seeds) the draws walk
+    it in a new random order on every pass (draws ``k·N .. (k+1)·N − 1`` are one permutation, seeded by ``base``
+    and ``k``), so every pool seed is used equally often and a batch of at most N groups holds no seed twice.
     """
     draws = range(first_draw, first_draw + count)
-    if pool_size is None:
+    if pool is None:
         return [base + draw for draw in draws]
     orders: dict[int, np.ndarray] = {}
     seeds = []
     for draw in draws:
-        epoch = draw // pool_size
+        epoch = draw // len(pool)
         if epoch not in orders:
-            orders[epoch] = np.random.default_rng(mix_seeds(base, epoch)).permutation(pool_size)
-        seeds.append(base + int(orders[epoch][draw % pool_size]))
+            orders[epoch] = np.random.default_rng(mix_seeds(base, epoch)).permutation(len(pool))
+        seeds.append(int(pool[orders[epoch][draw % len(pool)]]))
     return seeds
 
 
@@ -114,7 +113,7 @@ class GiGPO(Algorithm):
         config = self.config
         group_size = config.train_env_manager["group_size"]
         count = sum(config.groups_per_tag)
-        seeds = episode_group_seeds(self._train_draws, count, self._base_seed, config.train_env_manager["seed_pool"])
+        seeds = episode_group_seeds(self._train_draws, count, self._base_seed, config.pool_seeds)
         groups = self._groups(config.groups_per_tag, seeds)
         sampling_seed = self._base_seed + self._train_draws
         self._train_draws += count
@@ -152,11 +151,11 @@ class GiGPO(Algorithm):
         weights = np.asarray(config.groups_per_tag, dtype=np.float64)
         per_tag = np.floor(weights / weights.sum() * config.val_batch_size).astype(int)
         per_tag[0] += config.val_batch_size - per_tag.sum()
-        pool = config.train_env_manager["seed_pool"]
+        pool = config.pool_seeds
         held_out = [self._base_seed + VALIDATION_SEED_OFFSET + self._val_draws + i for i in range(config.val_batch_size)]
         if pool is None:
             return self._validation_rollout(per_tag, held_out, (VALIDATION_RESULTS,))
-        pool_seeds = [self._base_seed + i % pool for i in range(config.val_batch_size)]
+        pool_seeds = [pool[i % len(pool)] for i in range(config.val_batch_size)]
         return {"pool": self._validation_rollout(per_tag, pool_seeds, (VALIDATION_RESULTS, "pool")),
                 "held_out": self._validation_rollout(per_tag, held_out, (VALIDATION_RESULTS, "held_out"))}
 

@@ -147,9 +147,10 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
               "`num_env_groups` groups of `group_size` envs reset with one seed each; `tags` name the env "
               "families (a tag or a Gymnasium id) and `num_groups_partition` how many groups each gets; an env "
               "runner steps at most `max_env_num_per_worker` envs at once. `seed_pool`: `null` gives every group a "
-              "fresh seed (a new map or puzzle every time); N draws the group seeds from a fixed pool of N seeds "
-              "(`seed` .. `seed` + N − 1, each used equally often), and validation then reports the pool and "
-              "held-out seeds separately (`validation/pool/`, `validation/held_out/`)."),
+              "fresh seed (a new map or puzzle every time); an integer N draws the group seeds from the fixed pool "
+              "0 .. N − 1, a list from exactly those seeds (each used equally often, in an order that `seed` "
+              "shuffles); validation then reports the pool and held-out seeds separately (`validation/pool/`, "
+              "`validation/held_out/`)."),
     ConfigKey("env_step_timeout_s", 60.0, "An env `reset` or `step` that takes longer loses its trajectory (the env "
               "is replaced, the loss counted under `trajectories_lost_by_cause/step_timeout`); `null` waits forever.", check=Number(low=0, low_open=True, nullable=True)),
     ConfigKey("sample_timeout_s", 3600.0, "A remote env runner that has not returned its share of a batch after this "
@@ -216,6 +217,8 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
 )
 
 _KEYS_BY_NAME = {key.name: key for key in GIGPO_KEYS}
+# Validation's held-out seeds start at 2**40 (gigpo_rllib.algorithm): pool seeds stay below, so the two never meet.
+POOL_SEED_LIMIT = 1 << 40
 _NESTED_KEYS = ("reward_normalization", "train_env_manager")
 _STEP_COLLECTORS = ("StepEnvManager", "step")
 
@@ -318,6 +321,12 @@ class GiGPOConfig(AlgorithmConfig):
         else:
             cpus = self.num_cpus_for_main_process
         return max(1, int(cpus))
+
+    @property
+    def pool_seeds(self) -> list[int] | None:
+        """The env seeds of ``train_env_manager.seed_pool``, or None without a pool."""
+        pool = self.train_env_manager["seed_pool"]
+        return list(range(pool)) if isinstance(pool, int) else (list(pool) if pool is not None else None)
 
     @property
     def runner_device(self) -> str:
@@ -456,8 +465,11 @@ class GiGPOConfig(AlgorithmConfig):
             _require(isinstance(manager[name], int) and manager[name] >= 1, f"train_env_manager.{name}",
                      "an integer >= 1", manager[name])
         pool = manager["seed_pool"]
-        _require(pool is None or (isinstance(pool, int) and not isinstance(pool, bool) and pool >= 1),
-                 "train_env_manager.seed_pool", "null (fresh seeds) or an integer >= 1 (the pool's size)", pool)
+        _require(pool is None or POSITIVE_INT.accepts(pool) or (
+            isinstance(pool, list) and pool and all(NON_NEGATIVE_INT.accepts(seed) for seed in pool)
+            and len(set(pool)) == len(pool) and max(pool) < POOL_SEED_LIMIT),
+            "train_env_manager.seed_pool", "null (fresh seeds), an integer >= 1 (the pool 0 .. N-1), or a list of "
+            f"distinct seeds in [0, {POOL_SEED_LIMIT})", pool)
         if not (isinstance(self.env, str) and self.env):
             tags, partition = manager["tags"], manager["num_groups_partition"]
             _require(isinstance(tags, list) and len(tags) >= 1 and all(isinstance(tag, str) for tag in tags),

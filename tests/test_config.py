@@ -205,16 +205,22 @@ def test_similarity_threshold_makes_the_envs_report_canonical_text():
 def test_seed_pool_draws_every_seed_equally_often_without_repeats_in_a_pass():
     from gigpo_rllib.algorithm import episode_group_seeds
 
-    assert episode_group_seeds(5, 3, base=10, pool_size=None) == [15, 16, 17]
-    seeds = episode_group_seeds(0, 12, base=10, pool_size=4)
+    assert episode_group_seeds(5, 3, base=10, pool=None) == [15, 16, 17]
+    pool = [3, 7, 11, 13]
+    seeds = episode_group_seeds(0, 12, base=10, pool=pool)
     for start in range(0, 12, 4):  # each pass is a permutation of the pool
-        assert sorted(seeds[start:start + 4]) == [10, 11, 12, 13]
+        assert sorted(seeds[start:start + 4]) == pool
     assert seeds[:4] != seeds[4:8] or seeds[4:8] != seeds[8:12]  # passes are shuffled anew
     # Drawing in pieces (iteration by iteration, or after a resume) gives the same sequence.
-    assert episode_group_seeds(0, 5, 10, 4) + episode_group_seeds(5, 7, 10, 4) == seeds
-    with pytest.raises(ValueError, match="seed_pool"):
-        GiGPOConfig().training(train_env_manager={"num_env_groups": 2, "group_size": 2, "seed_pool": 0},
-                               rollout_batch_size=4).validate()
+    assert episode_group_seeds(0, 5, 10, pool) + episode_group_seeds(5, 7, 10, pool) == seeds
+    # The training seed shuffles the order, never the pool.
+    assert sorted(episode_group_seeds(0, 4, base=99, pool=pool)) == pool
+    for bad in (0, [1, 1], [-1], [1 << 40]):
+        with pytest.raises(ValueError, match="seed_pool"):
+            GiGPOConfig().training(train_env_manager={"num_env_groups": 2, "group_size": 2, "seed_pool": bad},
+                                   rollout_batch_size=4).validate()
+    config = GiGPOConfig().training(train_env_manager={"seed_pool": 3})
+    assert config.pool_seeds == [0, 1, 2]
 
 
 def test_float16_training_is_refused_with_the_way_out():
