@@ -47,7 +47,8 @@ def main() -> None:
         metrics = evaluate(checkpoint, episodes=args.episodes)
         print(f"\nvalidation of {checkpoint} ({args.episodes} episodes):")
         for name, value in sorted(metrics.items()):
-            print(f"  {name:22s} {value:10.4f}")
+            if isinstance(value, float):
+                print(f"  {name:22s} {value:10.4f}")
     finally:
         ray.shutdown()
 

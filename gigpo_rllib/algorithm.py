@@ -142,30 +142,58 @@ class GiGPO(Algorithm):
         if config.val_interval and (self.iteration + 1) % config.val_interval == 0:
             self.validate()
 
-    def validate(self) -> dict[str, Any]:
-        """Roll out ``val_batch_size`` single episodes on held-out seeds (never used in training); with a
-        ``seed_pool``, also ``val_batch_size`` episodes on the pool's seeds. Logs and returns the metrics:
-        ``{metric: value}`` without a pool, ``{"pool": {...}, "held_out": {...}}`` with one."""
+    def validate(self, episodes: int | None = None, transcripts: int = 0) -> dict[str, Any]:
+        """Roll out ``episodes`` (default ``val_batch_size``) single episodes on held-out seeds (never used in
+        training); with a ``seed_pool``, also as many on the pool's seeds. Logs the metrics under ``validation/`` and
+        returns them: ``{metric: value}`` without a pool, ``{"pool": {...}, "held_out": {...}}`` with one. With
+        ``transcripts=N`` the result also holds ``"transcripts"``: the turns (observation, reply, parsed action,
+        validity, reward) of the first N held-out episodes."""
+        return self._validation(episodes, transcripts, log_under=VALIDATION_RESULTS)
+
+    def evaluate(self, parallel_train_future=None) -> dict[str, Any]:
+        """RLlib's evaluation entry point (``algo.evaluate()``, or every ``evaluation_interval`` iterations): the
+        validation episodes of :meth:`validate`, ``evaluation_duration`` of them (``"auto"``: ``val_batch_size``),
+        on the training env runners. Returns ``{"env_runners": metrics}``, which RLlib reports under
+        ``evaluation/``."""
+        duration = self.config.evaluation_duration
+        return {ENV_RUNNER_RESULTS: self._validation(None if duration == "auto" else duration, 0, log_under=None)}
+
+    @classmethod
+    def _should_create_evaluation_env_runners(cls, eval_config) -> bool:
+        # Evaluation episodes run on the training env runners (GiGPOConfig refuses evaluation_num_env_runners > 0):
+        # a separate group would hold one more copy of the model per runner.
+        return False
+
+    def _validation(self, episodes: int | None, transcripts: int, log_under: str | None) -> dict[str, Any]:
         self._check_not_stopped()
         config = self.config
+        count = episodes or config.val_batch_size
         weights = np.asarray(config.groups_per_tag, dtype=np.float64)
-        per_tag = np.floor(weights / weights.sum() * config.val_batch_size).astype(int)
-        per_tag[0] += config.val_batch_size - per_tag.sum()
+        per_tag = np.floor(weights / weights.sum() * count).astype(int)
+        per_tag[0] += count - per_tag.sum()
         pool = config.pool_seeds
-        held_out = [self._base_seed + VALIDATION_SEED_OFFSET + self._val_draws + i for i in range(config.val_batch_size)]
+        held_out = [self._base_seed + VALIDATION_SEED_OFFSET + self._val_draws + i for i in range(count)]
         if pool is None:
-            return self._validation_rollout(per_tag, held_out, (VALIDATION_RESULTS,))
-        pool_seeds = [pool[i % len(pool)] for i in range(config.val_batch_size)]
-        return {"pool": self._validation_rollout(per_tag, pool_seeds, (VALIDATION_RESULTS, "pool")),
-                "held_out": self._validation_rollout(per_tag, held_out, (VALIDATION_RESULTS, "held_out"))}
+            return self._validation_rollout(per_tag, held_out, log_under and (log_under,), transcripts)
+        results = {"pool": self._validation_rollout(per_tag, [pool[i % len(pool)] for i in range(count)],
+                                                    log_under and (log_under, "pool"), 0),
+                   "held_out": self._validation_rollout(per_tag, held_out, log_under and (log_under, "held_out"),
+                                                        transcripts)}
+        if transcripts:
+            results["transcripts"] = results["held_out"].pop("transcripts")
+        return results
 
-    def _validation_rollout(self, per_tag: np.ndarray, seeds: list[int], key: tuple[str, ...]) -> dict[str, float]:
+    def _validation_rollout(self, per_tag: np.ndarray, seeds: list[int], key: tuple[str, ...] | None,
+                            transcripts: int) -> dict[str, Any]:
         groups = self._groups(per_tag.tolist(), seeds)
         sampling_seed = self._base_seed + VALIDATION_SEED_OFFSET + self._val_draws
         self._val_draws += len(groups)
         started = time.perf_counter()
-        rollout = self._rollout(groups, group_size=1, seed=sampling_seed)
-        return self._log_rollout(rollout, key, time.perf_counter() - started)
+        rollout = self._rollout(groups, group_size=1, seed=sampling_seed, transcripts=transcripts > 0)
+        metrics: dict[str, Any] = self._log_rollout(rollout, key, time.perf_counter() - started)
+        if transcripts:
+            metrics["transcripts"] = list(rollout["episodes"]["transcript"][:transcripts])
+        return metrics
 
     def stop(self) -> None:
         self._stopped = True
@@ -190,7 +218,8 @@ class GiGPO(Algorithm):
                 groups.append(GroupSpec(group_id=len(groups), tag=tag, tag_id=tag_id, seed=int(seeds[len(groups)])))
         return groups
 
-    def _rollout(self, groups: list[GroupSpec], group_size: int, seed: int) -> dict[str, Any]:
+    def _rollout(self, groups: list[GroupSpec], group_size: int, seed: int, transcripts: bool = False
+                 ) -> dict[str, Any]:
         """Step samples of ``groups`` from the env runners; ``seed`` (unique per batch, set by ``config.seed``) seeds
         the sampling, mixed with each runner's index.
 
@@ -207,7 +236,7 @@ class GiGPO(Algorithm):
         shares = {index: groups[position::len(indices)] for position, index in enumerate(indices)}
         outputs = runners.foreach_env_runner(
             lambda runner: runner.sample(groups=shares[runner.worker_index], group_size=group_size,
-                                         seed=mix_seeds(seed, runner.worker_index)),
+                                         seed=mix_seeds(seed, runner.worker_index), transcripts=transcripts),
             local_env_runner=not remote, timeout_seconds=config.sample_timeout_s if remote else None)
         answered = [out for out in outputs if "error" not in out]
         runner_lost = {"runner_failed": 0, "runner_timeout": 0}
@@ -255,7 +284,9 @@ class GiGPO(Algorithm):
         ray.kill(manager.actors()[index], no_restart=False)
         manager.set_actor_state(index, healthy=False)
 
-    def _log_rollout(self, rollout: dict[str, Any], key: str | tuple[str, ...], seconds: float) -> dict[str, float]:
+    def _log_rollout(self, rollout: dict[str, Any], key: str | tuple[str, ...] | None, seconds: float
+                     ) -> dict[str, float]:
+        """The rollout's metrics, logged under ``key`` (not logged when ``key`` is None)."""
         episodes = rollout["episodes"]
         steps = len(rollout["rewards"])
         response_tokens = sum(len(r) for r in rollout["response_ids"])
@@ -275,11 +306,10 @@ class GiGPO(Algorithm):
             "prefix_cache_hit_rate": rollout["token_counts"]["cached"] / max(rollout["token_counts"]["prompt"], 1),
             "env_step_time_s": rollout["timing"]["env_step_s"],
         }
-        prefix = key if isinstance(key, tuple) else (key,)
-        for name, value in metrics.items():
-            self.metrics.log_value((*prefix, name), value, window=1)
-        for cause, count in rollout["lost"].items():
-            self.metrics.log_value((*prefix, "trajectories_lost_by_cause", cause), float(count), window=1)
+        metrics["trajectories_lost_by_cause"] = {cause: float(count) for cause, count in rollout["lost"].items()}
+        if key is not None:
+            prefix = key if isinstance(key, tuple) else (key,)
+            self.metrics.log_dict(metrics, key=prefix, window=1)
         return metrics
 
     # ------------------------------------------------------------------------------------------- update

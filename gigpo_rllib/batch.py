@@ -24,6 +24,8 @@ def merge_rollouts(rollouts: list[dict[str, Any]]) -> dict[str, Any]:
         if name in rollouts[0]:
             merged[name] = [row for r in rollouts for row in r[name]]
     merged["episodes"] = {k: np.concatenate([r["episodes"][k] for r in rollouts]) for k in EPISODE_COLUMNS}
+    if "transcript" in rollouts[0]["episodes"]:
+        merged["episodes"]["transcript"] = [turns for r in rollouts for turns in r["episodes"]["transcript"]]
     merged["timing"] = {k: max(r["timing"][k] for r in rollouts) for k in rollouts[0]["timing"]}
     for name in ("token_counts", "lost"):
         merged[name] = {k: sum(r[name][k] for r in rollouts) for k in rollouts[0][name]}

@@ -138,10 +138,11 @@ def resolve_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
 
 
 def evaluate(checkpoint: str | pathlib.Path, *, episodes: int | None = None,
-             num_env_runners: int | None = None, quiet: bool = True) -> dict[str, float]:
+             num_env_runners: int | None = None, quiet: bool = True, transcripts: int = 0) -> dict[str, Any]:
     """Restore ``checkpoint`` (or the newest complete checkpoint of a run directory) and run
     :meth:`GiGPO.validate` on ``episodes`` fresh episodes (default: the checkpoint's ``val_batch_size``). Returns
-    the validation metrics. A missing, partial or damaged checkpoint raises :class:`ExperimentError`."""
+    the validation metrics (with ``transcripts=N``, also the first N episodes' transcripts under
+    ``"transcripts"``). A missing, partial or damaged checkpoint raises :class:`ExperimentError`."""
     from gigpo_rllib.algorithm import GiGPO
 
     checkpoint = resolve_checkpoint(checkpoint)
@@ -160,9 +161,21 @@ def evaluate(checkpoint: str | pathlib.Path, *, episodes: int | None = None,
         raise ExperimentError(f"cannot load checkpoint {str(checkpoint)!r}: {type(error).__name__}: {error}; a "
                               "file of it is missing or cut short (an interrupted save?)") from error
     try:
-        return algo.validate()
+        return algo.validate(transcripts=transcripts)
     finally:
         algo.stop()
+
+
+def format_transcript(number: int, turns: list[dict[str, Any]]) -> str:
+    """An episode's turns as text: what the policy saw, what it replied, the parsed action and the reward."""
+    lines = [f"--- episode {number} ({len(turns)} turns, return {sum(turn['reward'] for turn in turns):+.3f})"]
+    for index, turn in enumerate(turns, 1):
+        action = turn["action"] if turn["valid"] else "invalid"
+        lines.append(f"turn {index}:")
+        lines.extend(f"  | {line}" for line in str(turn["observation"]).splitlines() or [""])
+        lines.append(f"  reply: {turn['reply']!r}")
+        lines.append(f"  action: {action} | reward {turn['reward']:+.3f}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -284,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="validation episodes (default: the checkpoint's val_batch_size)")
     evaluate_parser.add_argument("--num-env-runners", type=_non_negative_int, default=None, metavar="N",
                                  help="override num_env_runners for the evaluation")
+    evaluate_parser.add_argument("--show", type=_non_negative_int, default=0, metavar="N",
+                                 help="also print N episode transcripts (observation, reply, parsed action, reward "
+                                      "per turn)")
     evaluate_parser.add_argument("--verbose", action="store_true", help="show Ray's and RLlib's start-up notes")
     plot_parser = commands.add_parser(
         "plot", help="plot the progress.csv of one or more training runs into a PNG",
@@ -413,7 +429,10 @@ def _evaluate_command(args: argparse.Namespace) -> None:
         config_from_checkpoint(resolve_checkpoint(args.checkpoint))  # a bad checkpoint fails before Ray starts
         with _ray_session(quiet=quiet):
             metrics = evaluate(args.checkpoint, episodes=args.episodes, num_env_runners=args.num_env_runners,
-                               quiet=quiet)
+                               quiet=quiet, transcripts=args.show)
+    transcripts = metrics.pop("transcripts", [])
+    for number, turns in enumerate(transcripts, 1):
+        print(format_transcript(number, turns))
     print(json.dumps(metrics, indent=2, sort_keys=True))
 
 

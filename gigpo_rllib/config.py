@@ -438,6 +438,12 @@ class GiGPOConfig(AlgorithmConfig):
                  self.env_config)
         for name in ("num_env_runners", "num_learners"):
             _require(NON_NEGATIVE_INT.accepts(getattr(self, name)), name, NON_NEGATIVE_INT.describe(), getattr(self, name))
+        _require(self.evaluation_num_env_runners == 0, "evaluation_num_env_runners",
+                 "0: GiGPO runs its evaluation episodes on the training env runners", self.evaluation_num_env_runners)
+        _require(self.evaluation_duration == "auto" or (self.evaluation_duration_unit == "episodes"
+                                                        and POSITIVE_INT.accepts(self.evaluation_duration)),
+                 "evaluation_duration", '"auto" (val_batch_size episodes) or a number of episodes '
+                 '(evaluation_duration_unit="episodes")', self.evaluation_duration)
         lr = self.lr
         schedule_ok = isinstance(lr, (list, tuple)) and len(lr) > 0 and all(
             isinstance(point, (list, tuple)) and len(point) == 2 and NON_NEGATIVE_INT.accepts(point[0])

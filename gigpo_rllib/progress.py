@@ -44,6 +44,9 @@ _RESULT_PATHS = {
     "anchor_mean_group_size": ("learners", "__all_modules__", "anchor_mean_group_size"),
     "weight_sync_bytes": ("learners", "__all_modules__", "weight_sync_bytes"),
     "validation_success_rate": ("validation", "success_rate"),
+    "validation_pool_success_rate": ("validation", "pool", "success_rate"),
+    "validation_held_out_success_rate": ("validation", "held_out", "success_rate"),
+    "evaluation_success_rate": ("evaluation", "env_runners", "success_rate"),
 }
 COLUMNS = tuple(_RESULT_PATHS) + ("update_s",)
 # TensorBoard tag of each metric: its result path; update_s (derived) sits with the other timers.

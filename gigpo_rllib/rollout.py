@@ -72,6 +72,8 @@ class _Trajectory:
     invalid_turns: int = 0
     rows: list[dict[str, Any]] = field(default_factory=list)
     """Its step samples, added to the batch only if the trajectory finishes."""
+    turns: list[dict[str, Any]] = field(default_factory=list)
+    """Its transcript, when the collector is asked for transcripts."""
     length: int = 0
     success: bool = False
 
@@ -218,7 +220,8 @@ class StepCollector:
 
     # ------------------------------------------------------------------------------------------ public
 
-    def collect(self, groups: list[GroupSpec], group_size: int, sample_seed: int) -> dict[str, Any]:
+    def collect(self, groups: list[GroupSpec], group_size: int, sample_seed: int, transcripts: bool = False
+                ) -> dict[str, Any]:
         """Roll out ``group_size`` trajectories per group. Trajectory ids are ``group_id * group_size + k``.
 
         Returns a dict of per-sample columns (numpy arrays of length N for :data:`SAMPLE_COLUMNS`; lists of
@@ -228,11 +231,13 @@ class StepCollector:
         ``timing`` (seconds in generation and in env steps), ``token_counts`` (``prompt`` tokens sent to the
         sampler and how many of them it took from its prefix ``cached``), ``lost`` (trajectories lost, by cause of
         :data:`LOSS_CAUSES`), ``groups_dropped`` and ``first_fault`` (the first lost trajectory's error, or None).
+        With ``transcripts``, ``episodes["transcript"]`` holds each episode's turns: ``observation`` (what the
+        policy saw), ``reply``, ``action`` (the parsed action, None when invalid), ``valid`` and ``reward``.
         """
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         groups_per_wave = max(1, self.settings.max_envs // group_size)
-        batch = _Batch()
+        batch = _Batch(record_transcripts=transcripts)
         for wave_start in range(0, len(groups), groups_per_wave):
             wave = groups[wave_start:wave_start + groups_per_wave]
             self._run_wave(wave, group_size, mix_seeds(sample_seed, wave_start), batch)
@@ -345,6 +350,9 @@ class StepCollector:
                 valid = bool(info.get("action_is_valid", True))
                 trajectory.rows.append(_sample_row(trajectory, turn, float(reward), valid, was_truncated, done, prompt,
                                                    completion, allowed[k] if allowed is not None else None))
+                if batch.record_transcripts:
+                    trajectory.turns.append({"observation": trajectory.observation, "reply": reply,
+                                             "action": info.get("action"), "valid": valid, "reward": float(reward)})
                 trajectory.history.append((trajectory.observation, reply))
                 trajectory.observation, trajectory.anchor_id = observation, int(info["anchor_id"])
                 trajectory.canonical = info.get("canonical_observation")
@@ -404,6 +412,7 @@ class _Batch:
     lost: Counter = field(default_factory=Counter)
     groups_dropped: int = 0
     first_fault: str | None = None
+    record_transcripts: bool = False
 
     def add_wave(self, wave: list[GroupSpec], group_size: int, finished: list[_Trajectory]) -> None:
         """Every finished trajectory counts as an episode; its samples join the batch unless its group lost
@@ -418,6 +427,8 @@ class _Batch:
                                     ("success", trajectory.success), ("invalid_turns", trajectory.invalid_turns),
                                     ("tag", group.tag)):
                     self.episodes[name].append(value)
+                if self.record_transcripts:
+                    self.episodes["transcript"].append(trajectory.turns)
             if len(done) < group_size and len(done) < 2:
                 self.groups_dropped += 1
                 self.lost["group_dropped"] += len(done)
@@ -438,6 +449,8 @@ class _Batch:
         if settings.action_constraint:
             out["allowed_replies"] = samples["allowed_replies"]
         out["episodes"] = {name: np.asarray(self.episodes[name]) for name in EPISODE_COLUMNS}
+        if self.record_transcripts:
+            out["episodes"]["transcript"] = self.episodes["transcript"]
         out["timing"] = self.timing
         out["token_counts"] = self.token_counts
         out["lost"] = {cause: self.lost[cause] for cause in LOSS_CAUSES}

@@ -122,7 +122,8 @@ class LLMActionWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Take the LLM's raw reply as the action; step the wrapped env with the parsed action.
 
     Valid reply: the wrapped env steps with the action's index in ``action_words`` (or with the answer text for
-    free-form envs, ``action_words=None``) and ``info["action_is_valid"] = True``.
+    free-form envs, ``action_words=None``); ``info["action_is_valid"] = True`` and ``info["action"]`` is the parsed
+    action.
 
     Invalid reply: the wrapped env is not touched. The step returns the current observation again, reward
     ``invalid_action_penalty``, ``terminated=False``, and ``info["action_is_valid"] = False`` with
@@ -190,7 +191,7 @@ class LLMActionWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
         env_action = parsed.action if self.action_words is None else parsed.action_index
         observation, reward, terminated, truncated, info = self.env.step(env_action)
         self._last_observation = observation
-        info = {**info, "action_is_valid": True}
+        info = {**info, "action_is_valid": True, "action": parsed.action}
         truncated = bool(truncated or (budget_used and not terminated))
         if truncated and "success" not in info:
             info["success"] = False

@@ -213,9 +213,9 @@ def test_validation_seeds_are_held_out_and_a_pool_is_validated_separately(ray_se
     rollouts = []  # (group_size, env seeds) of every rollout
     sample = algo._rollout
 
-    def recording(groups, group_size, seed):
+    def recording(groups, group_size, seed, **kwargs):
         rollouts.append((group_size, [group.seed for group in groups]))
-        return sample(groups, group_size, seed)
+        return sample(groups, group_size, seed, **kwargs)
 
     algo._rollout = recording
     try:

@@ -238,10 +238,14 @@ def test_train_file_then_evaluate(ray_session, tmp_path, capsys):
     returns = read_tensorboard_scalars(checkpoints)["env_runners/episode_return_mean"]
     assert returns == [(1, pytest.approx(row["episode_return_mean"]))]
 
-    assert main(["evaluate", str(checkpoint), "--episodes", "3"]) == 0
-    metrics = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(checkpoint), "--episodes", "3", "--show", "2"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads(out[out.index("{"):])
     assert metrics["num_episodes"] == 3
     assert 0.0 <= metrics["success_rate"] <= 1.0 and "episode_return_mean" in metrics
+    # Two transcripts: what the policy saw (the map), its reply, the parsed action and the reward of every turn.
+    assert "--- episode 1 (" in out and "--- episode 2 (" in out and "--- episode 3" not in out
+    assert "turn 1:" in out and "reply: '<answer>" in out and "action: " in out and " | reward " in out
 
     # A copy cut short where no manifest can tell (as algo.save_to_path alone writes it): still no traceback.
     damaged = tmp_path / "damaged"

@@ -246,3 +246,14 @@ def test_a_local_gpu_learner_next_to_gpu_runners_is_refused():
     with pytest.raises(ValueError, match="num_learners=1"):
         _check_gpu_placement(config)
     _check_gpu_placement(config.copy(copy_frozen=False).learners(num_learners=1))
+
+
+def test_the_top_level_exports():
+    import gigpo_rllib
+    from gigpo_rllib import GiGPO, GiGPOConfig as Config, LLMActionWrapper
+    from gigpo_rllib.wrappers import AnchorStateWrapper
+
+    assert gigpo_rllib.AnchorStateWrapper is AnchorStateWrapper and Config is GiGPOConfig
+    assert GiGPO.get_default_config().__class__ is GiGPOConfig and LLMActionWrapper.__name__ == "LLMActionWrapper"
+    with pytest.raises(AttributeError, match="no attribute 'GiGPOTrainer'"):
+        gigpo_rllib.GiGPOTrainer
