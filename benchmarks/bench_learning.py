@@ -1,90 +1,215 @@
-"""Learning benchmark: GiGPO vs GRPO on a multi-turn task where step-level credit matters.
+"""Learning benchmark: GiGPO vs GRPO (``adv_estimator: grpo``), everything else equal, on three tasks.
 
-The env is the corridor of ``tests/learning_env.py`` (``P _ _ _ _ G``; Right moves on; 8 turns by default). Each estimator
-trains the tiny offline model from the same initial weights for several seeds; the table gives the success
-rate per iteration (mean over seeds) side by side, and the first iteration at which each reaches the target
-success rate. A PNG of the curves is written when matplotlib is installed.
+* ``frozenlake``: the CPU demo's task, a pool of eight 4x4 FrozenLake maps (``configs/frozenlake_gigpo.yaml``).
+* ``long``: a long-horizon task where states recur within a group: a pool of eight 6x6 Sokoban rooms (one box),
+  20 turns per episode, reward -0.1 per step, +1 per box on a target, +10 when solved.
+* ``corridor``: the corridor of ``tests/learning_env.py`` (``P _ _ _ _ G``, 8 turns): Right moves on, so
+  credit must go to the steps that moved right.
 
-    python3 benchmarks/bench_learning.py [--iterations 15] [--seeds 3] [--target 0.8] [--length 6]
-                                         [--max-steps 8] [--plot learning.png]
+For each task and estimator, ``--seeds`` training runs (the training seed drives sampling and the pool's order;
+the model's initial weights and the pool are the same) train the tiny offline model for the same env-step
+budget. Each run trains in one Ray task with its sampler and learner in one process (one CPU), ``--workers`` runs
+at a time. Reported per task and estimator: the final success rate (mean over the last 5 iterations, then over
+seeds, with a 95% t-interval), the env steps to first reach 50% and 80% success (mean over the seeds that did,
+and how many did), the area under the success curve (mean success over the budget) and the wall time per run.
+Writes ``learning.json`` (every run's curve and every number of the table) and ``learning.png`` (mean curves with
+95% bands) into ``--out``.
 
-About 4 minutes on a 2-core CPU with the defaults.
+    python3 benchmarks/bench_learning.py [--tasks frozenlake long corridor] [--seeds 5] [--workers 2] [--out DIR]
+    python3 benchmarks/bench_learning.py --quick    # smoke: one seed, a few iterations per task
+
+The full run (3 tasks x 2 estimators x 5 seeds) takes about 80 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import pathlib
 import statistics
 import sys
-from pathlib import Path
+import time
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ESTIMATORS = ("gigpo", "grpo")
+# Student's t quantile for a two-sided 95% interval, by degrees of freedom.
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+FINAL_WINDOW = 5
 
 
-def train_run(estimator: str, seed: int, iterations: int, length: int, max_steps: int) -> list[dict[str, float]]:
-    from gigpo_rllib import GiGPOConfig
-    from gigpo_rllib.progress import iteration_metrics
+def task_config(task: str, estimator: str, seed: int):
+    """The GiGPOConfig of one run, and its env-step budget."""
+    from gigpo_rllib.experiment import read_experiment_file
 
-    config = (GiGPOConfig().environment("tests.learning_env:Corridor-v0",
-                                        env_config={"length": length, "max_steps": max_steps})
-              .training(train_env_manager={"num_env_groups": 4, "group_size": 8}, rollout_batch_size=32,
-                        minibatch_size=64, lr=1e-3, max_new_tokens=8, action_constraint=True, history_length=0,
-                        reward_normalization={"method": "mean_std"}, adv_estimator=estimator)
-              .debugging(seed=seed))
+    if task == "frozenlake":
+        config = read_experiment_file(ROOT / "configs" / "frozenlake_gigpo.yaml").config
+        budget = 30_000
+    elif task == "long":
+        config = read_experiment_file(ROOT / "configs" / "sokoban_gigpo.yaml").config
+        config.environment(env_config={"dim_room": [6, 6], "num_boxes": 1, "max_steps": 20,
+                                       "instructions_style": "compact"})
+        config.training(train_env_manager={"seed_pool": list(range(8))})
+        budget = 60_000
+    elif task == "corridor":
+        config = read_experiment_file(ROOT / "configs" / "frozenlake_gigpo.yaml").config
+        config.environment("tests.learning_env:Corridor-v0", env_config={"length": 6, "max_steps": 8})
+        config.training(train_env_manager={"seed_pool": None}, system_prompt=None)
+        budget = 15_000
+    else:
+        raise ValueError(f"unknown task {task!r}; tasks: frozenlake, long, corridor")
+    config.training(adv_estimator=estimator, val_interval=0).env_runners(num_env_runners=0).debugging(seed=seed)
+    return config, budget
+
+
+def train_run(task: str, estimator: str, seed: int, budget_scale: float, max_iterations: int | None) -> dict:
+    """One training run until the env-step budget: its curve (env steps, success rate) and wall time."""
+    import torch
+
+    torch.set_num_threads(1)
+    config, budget = task_config(task, estimator, seed)
+    budget = int(budget * budget_scale)
+    started = time.perf_counter()
     algo = config.build_algo()
+    steps, success = [], []
     try:
-        return [iteration_metrics(algo.train()) for _ in range(iterations)]
+        while (not steps or steps[-1] < budget) and (max_iterations is None or len(steps) < max_iterations):
+            result = algo.train()["env_runners"]
+            steps.append((steps[-1] if steps else 0) + int(result["num_env_steps"]))
+            success.append(float(result["success_rate"]))
     finally:
         algo.stop()
+    return {"task": task, "estimator": estimator, "seed": seed, "env_steps": steps, "success": success,
+            "wall_s": time.perf_counter() - started, "budget": budget}
 
 
-def first_reaching(curve: list[float], target: float) -> str:
-    return next((str(i + 1) for i, value in enumerate(curve) if value >= target), "never")
+def first_reaching(run: dict, threshold: float) -> int | None:
+    return next((step for step, value in zip(run["env_steps"], run["success"]) if value >= threshold), None)
+
+
+def area_under_curve(run: dict) -> float:
+    """Mean success over the budget: the trapezoid area under success(env steps), divided by the steps covered."""
+    steps, values = [0] + run["env_steps"], [run["success"][0]] + run["success"]
+    area = sum((steps[i + 1] - steps[i]) * (values[i + 1] + values[i]) / 2 for i in range(len(steps) - 1))
+    return area / steps[-1]
+
+
+def mean_interval(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% t-interval); half-width 0 for one value."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, T_95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def summarize(runs: list[dict]) -> dict:
+    finals = [statistics.fmean(run["success"][-FINAL_WINDOW:]) for run in runs]
+    mean, half = mean_interval(finals)
+    summary = {"final_success_mean": mean, "final_success_ci95": half, "final_success_per_seed": finals,
+               "auc_mean": statistics.fmean(area_under_curve(run) for run in runs),
+               "wall_s_mean": statistics.fmean(run["wall_s"] for run in runs), "seeds": len(runs)}
+    for threshold in (0.5, 0.8):
+        reached = [step for step in (first_reaching(run, threshold) for run in runs) if step is not None]
+        summary[f"steps_to_{int(threshold * 100)}"] = statistics.fmean(reached) if reached else None
+        summary[f"reached_{int(threshold * 100)}"] = len(reached)
+    return summary
+
+
+def plot(runs: list[dict], tasks: list[str], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        for estimator, colour in zip(ESTIMATORS, ("tab:blue", "tab:orange")):
+            group = [run for run in runs if run["task"] == task and run["estimator"] == estimator]
+            if not group:
+                continue
+            grid = np.linspace(0, min(run["env_steps"][-1] for run in group), 60)
+            curves = np.array([np.interp(grid, run["env_steps"], run["success"]) for run in group])
+            mean = curves.mean(0)
+            half = (T_95.get(len(group) - 1, 1.96) * curves.std(0, ddof=1) / math.sqrt(len(group))
+                    if len(group) > 1 else np.zeros_like(mean))
+            axis.plot(grid, mean, color=colour, label=f"{estimator} ({len(group)} seeds)")
+            axis.fill_between(grid, np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1), color=colour, alpha=0.2)
+        axis.set_title(task)
+        axis.set_xlabel("env steps")
+        axis.set_ylabel("success rate")
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+        axis.legend(loc="lower right")
+    figure.suptitle("GiGPO vs GRPO: mean success with 95% interval")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def print_table(summaries: dict) -> None:
+    print(f"\n{'task':<11}| {'estimator':<9}| {'final success (95% CI)':>22} | {'steps to 50%':>14} | "
+          f"{'steps to 80%':>14} | {'AUC':>5} | {'wall s':>6}")
+    print("-" * 99)
+    for (task, estimator), summary in summaries.items():
+        def steps(threshold: int) -> str:
+            value = summary[f"steps_to_{threshold}"]
+            reached = f"({summary[f'reached_{threshold}']}/{summary['seeds']})"
+            return f"{value:>7,.0f} {reached}" if value is not None else f"{'never':>7} {reached}"
+
+        final = f"{summary['final_success_mean']:.3f} ± {summary['final_success_ci95']:.3f}"
+        print(f"{task:<11}| {estimator:<9}| {final:>22} | {steps(50):>14} | {steps(80):>14} | "
+              f"{summary['auc_mean']:>5.3f} | {summary['wall_s_mean']:>6.0f}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=15)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--target", type=float, default=0.8, help="success rate to reach")
-    parser.add_argument("--length", type=int, default=6, help="corridor cells (the goal is length - 1 moves away)")
-    parser.add_argument("--max-steps", type=int, default=8, help="turns per episode")
-    parser.add_argument("--plot", default=None, help="PNG path for the curves (needs matplotlib)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=["frozenlake", "long", "corridor"])
+    parser.add_argument("--seeds", type=int, default=5, help="training seeds per task and estimator")
+    parser.add_argument("--workers", type=int, default=2, help="runs at a time (one CPU each)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "learning"))
+    parser.add_argument("--quick", action="store_true", help="smoke mode: one seed, 2 iterations per run")
     args = parser.parse_args()
+    seeds = 1 if args.quick else args.seeds
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
 
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
+    remote_run = ray.remote(num_cpus=1)(train_run)
+    started = time.perf_counter()
     try:
-        runs = {(estimator, seed): train_run(estimator, seed, args.iterations, args.length, args.max_steps)
-                for estimator in ESTIMATORS for seed in range(args.seeds)}
+        pending = [remote_run.remote(task, estimator, seed, 1.0, 2 if args.quick else None)
+                   for task in args.tasks for seed in range(seeds) for estimator in ESTIMATORS]
+        runs = []
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            run = ray.get(done[0])
+            runs.append(run)
+            print(f"[{time.perf_counter() - started:6.0f}s] {run['task']:<10} {run['estimator']:<5} seed {run['seed']}: "
+                  f"final success {statistics.fmean(run['success'][-FINAL_WINDOW:]):.3f} after "
+                  f"{run['env_steps'][-1]:,} env steps ({run['wall_s']:.0f} s)", flush=True)
     finally:
         ray.shutdown()
-
-    curves = {estimator: [statistics.fmean(runs[estimator, seed][i]["success_rate"] for seed in range(args.seeds))
-                          for i in range(args.iterations)] for estimator in ESTIMATORS}
-    print(f"\nsuccess rate on Corridor-v0 (length {args.length}, {args.max_steps} turns), mean of {args.seeds} seeds "
-          "(32 trajectories per iteration)")
-    print(" iter |  gigpo |  grpo")
-    print("------+--------+-------")
-    for i in range(args.iterations):
-        print(f" {i + 1:4d} | {curves['gigpo'][i]:6.3f} | {curves['grpo'][i]:5.3f}")
-    for estimator in ESTIMATORS:
-        per_seed = [first_reaching([row["success_rate"] for row in runs[estimator, seed]], args.target)
-                    for seed in range(args.seeds)]
-        print(f"{estimator}: mean curve reaches {args.target} at iteration "
-              f"{first_reaching(curves[estimator], args.target)}; per seed {per_seed}; "
-              f"mean success over the last 5 iterations {statistics.fmean(curves[estimator][-5:]):.3f}")
-    if args.plot:
-        from gigpo_rllib.progress import plot_runs
-
-        mean_rows = {estimator: [{**runs[estimator, 0][i], "success_rate": curves[estimator][i],
-                                  "episode_return_mean": curves[estimator][i]} for i in range(args.iterations)]
-                     for estimator in ESTIMATORS}
-        print(f"plot written: {plot_runs(mean_rows, args.plot, title='GiGPO vs GRPO on Corridor-v0')}")
+    summaries = {(task, estimator): summarize([run for run in runs if run["task"] == task
+                                               and run["estimator"] == estimator])
+                 for task in args.tasks for estimator in ESTIMATORS}
+    print_table(summaries)
+    (out / "learning.json").write_text(json.dumps(
+        {"runs": sorted(runs, key=lambda run: (run["task"], run["estimator"], run["seed"])),
+         "summary": {f"{task}/{estimator}": summary for (task, estimator), summary in summaries.items()},
+         "total_wall_s": time.perf_counter() - started}, indent=1))
+    try:
+        plot(runs, args.tasks, out / "learning.png")
+        print(f"\nwritten: {out / 'learning.json'}, {out / 'learning.png'}")
+    except ImportError:
+        print(f"\nwritten: {out / 'learning.json'} (no plot: matplotlib is not installed)")
 
 
 if __name__ == "__main__":

@@ -205,7 +205,9 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("answer_format", "answer", "`answer`: replies are `<answer>ACTION</answer>`; `think_answer`: "
               "`<think>…</think><answer>ACTION</answer>`.", ("answer", "think_answer")),
     ConfigKey("action_constraint", False, "Restrict sampling (and the learner's log-probs, identically) to the "
-              "env's allowed answers. Needs `answer_format: answer` and envs with a fixed action set.", check=FLAG),
+              "env's allowed answers. Needs `answer_format: answer`; envs without a fixed action set stay "
+              "free-form (reported at build). Constrained prompts leave out the answer-format line: the constraint "
+              "enforces the format.", check=FLAG),
     ConfigKey("invalid_action_penalty", -0.1, "Reward of a turn whose reply is not a valid action.", check=ANY_NUMBER),
     ConfigKey("anchor_similarity_threshold", None, "Optional similarity grouping: states of one episode group whose "
               "canonical texts have a difflib ratio >= this (in (0, 1]) share one anchor. `null` keeps exact anchors. "

@@ -90,7 +90,7 @@ def probe_envs(config) -> None:
     observation. An env that cannot be used is refused here, with one message naming it and what is missing, never
     deep inside a rollout. Raises ``ValueError``."""
     from gigpo_rllib.models import load_tokenizer
-    from gigpo_rllib.rollout import PromptBuilder, allowed_reply_ids
+    from gigpo_rllib.rollout import PromptBuilder, allowed_reply_ids, prompt_instructions
 
     make = make_env_factory(config)
     tokenizer = load_tokenizer(config.model_name_or_path)
@@ -109,7 +109,8 @@ def probe_envs(config) -> None:
                 observation, _ = env.reset(seed=config.seed or 0)
             except Exception as error:  # noqa: BLE001
                 raise ValueError(f"env {tag!r} cannot be reset: {type(error).__name__}: {error}") from error
-            needed = prompts.prompt_tokens(env.get_wrapper_attr("instructions"), observation)
+            constrained = bool(config.action_constraint and getattr(env, "action_words", None))
+            needed = prompts.prompt_tokens(prompt_instructions(env, constrained), observation)
             if needed > prompts.budget:
                 raise ValueError(f"sequence_length={config.sequence_length} leaves {prompts.budget} prompt tokens after "
                                  f"max_new_tokens={config.max_new_tokens}, but env {tag!r}'s instructions and first "

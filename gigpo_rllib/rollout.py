@@ -325,9 +325,9 @@ class StepCollector:
         active = list(active)
         turn = 0
         while active:
-            prompts, truncated = zip(*(self.prompts.build(t.env.get_wrapper_attr("instructions"), t.history,
-                                                          t.observation) for t in active))
             allowed = [self._allowed_for(t) for t in active] if self.settings.action_constraint else None
+            prompts, truncated = zip(*(self.prompts.build(prompt_instructions(t.env, bool(allowed and allowed[k])),
+                                                          t.history, t.observation) for k, t in enumerate(active)))
             started = time.perf_counter()
             completions = self.sampler.generate(list(prompts), self.settings.sampling, allowed,
                                                 seed=mix_seeds(seed, turn))
@@ -367,6 +367,13 @@ class StepCollector:
             batch.timing["env_step_s"] += time.perf_counter() - started
             active = still_active
             turn += 1
+
+
+def prompt_instructions(env: gym.Env, constrained: bool) -> str:
+    """The system text of an env's prompts: its instructions with the answer-format line, or without it when its
+    replies are constrained to the allowed ones (the constraint enforces the format; the line would only cost
+    tokens)."""
+    return env.get_wrapper_attr("task_instructions" if constrained else "instructions")
 
 
 def allowed_reply_ids(tokenizer: Any, action_words: Sequence[str], max_new_tokens: int, tag: str) -> list[list[int]]:

@@ -167,11 +167,15 @@ class LLMActionWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     @property
     def instructions(self) -> str:
-        """The task text (the override, else the wrapped env's ``instructions``, else :data:`GENERIC_INSTRUCTIONS`)
-        followed by the answer format this wrapper parses."""
+        """:attr:`task_instructions` followed by the answer format this wrapper parses."""
         example = self.action_words[0] if self.action_words else "your action"
-        base = self._instructions_override or _optional_attr(self.env, "instructions") or GENERIC_INSTRUCTIONS
-        return f"{base}\n{answer_format(self.require_think, example)}"
+        return f"{self.task_instructions}\n{answer_format(self.require_think, example)}"
+
+    @property
+    def task_instructions(self) -> str:
+        """The task text alone: the override, else the wrapped env's ``instructions``, else
+        :data:`GENERIC_INSTRUCTIONS` (a sampler constrained to the allowed replies needs no answer format)."""
+        return self._instructions_override or _optional_attr(self.env, "instructions") or GENERIC_INSTRUCTIONS
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         observation, info = self.env.reset(seed=seed, options=options)
@@ -250,6 +254,11 @@ class AnchorStateWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
     def instructions(self) -> str:
         """The wrapped env's ``instructions`` (``AttributeError`` if it has none)."""
         return self.env.get_wrapper_attr("instructions")
+
+    @property
+    def task_instructions(self) -> str:
+        """The wrapped env's ``task_instructions`` (``AttributeError`` if it has none)."""
+        return self.env.get_wrapper_attr("task_instructions")
 
     @property
     def action_words(self) -> tuple[str, ...] | None:

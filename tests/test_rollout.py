@@ -106,7 +106,7 @@ def test_the_observation_loses_its_oldest_lines_never_the_instructions(sampler):
 
 def test_truncations_are_counted(sampler):
     # Room for the instructions and the map, not for two turns of history.
-    out = collector(sampler, sequence_length=280).collect(groups(1), group_size=2, sample_seed=4)
+    out = collector(sampler, sequence_length=230).collect(groups(1), group_size=2, sample_seed=4)
     assert out["prompt_truncated"][out["step_ids"] > 0].all()
 
 
@@ -377,3 +377,11 @@ def test_envs_of_a_failed_wave_are_closed(sampler):
         collector_.collect(groups(2), group_size=2, sample_seed=0)
     # Envs that finished in the first turn went back to the pool; the others, left mid-episode, were closed.
     assert len(closed) + sum(len(idle) for idle in collector_._idle_envs.values()) == 4 and closed
+
+
+def test_constrained_prompts_leave_out_the_answer_format_line(sampler):
+    for constraint in (True, False):
+        out = collector(sampler, constraint=constraint).collect(groups(1), group_size=2, sample_seed=5)
+        prompt = sampler.tokenizer.decode(out["prompt_ids"][0])
+        assert "FrozenLake" in prompt
+        assert ("Give exactly one action inside" in prompt) is not constraint
