@@ -1,11 +1,13 @@
-"""The main demo: train the tiny offline policy with GiGPO on text FrozenLake, on a CPU, in a few minutes.
+"""The main demo: GiGPO teaches the tiny offline policy a pool of eight text FrozenLake maps, on a CPU, in minutes.
 
-Each iteration rolls out 8 random 4×4 lakes × 4 attempts (32 trajectories), computes the two-level GiGPO
-advantages on the learner, updates the policy and syncs the weights back to the sampler. One progress line per
-iteration shows return, success rate and the time split (rollout / advantages / update / weight sync); a summary
-follows, then a checkpoint path you can pass to ``examples/evaluate.py`` or ``rllib evaluate``.
+Each iteration plays the eight 4×4 maps of ``configs/frozenlake_gigpo.yaml`` 16 times each (16 groups × 8
+attempts from the same start), computes the two-level GiGPO advantages on the learner, updates the policy and
+syncs the weights back to the sampler. One progress line per iteration shows return, success rate and the time
+split (rollout / advantages / update / weight sync); a summary follows, then the learning curve as a PNG and a
+checkpoint you can pass to ``examples/evaluate.py`` or ``rllib evaluate``. The success rate starts near 0.3 (a
+random walk) and passes 0.9 within about 50 iterations (two minutes on a 2-core CPU).
 
-    python3 examples/train_frozenlake.py [--iterations 20] [--config configs/frozenlake_gigpo.yaml]
+    python3 examples/train_frozenlake.py [--iterations 80] [--config configs/frozenlake_gigpo.yaml]
                                          [--num-env-runners 1] [--checkpoint-dir DIR] [--verbose]
 
 Nothing is downloaded: the policy is ``gigpo-tiny``, built offline on first use.
@@ -24,6 +26,7 @@ import ray  # noqa: E402
 
 from gigpo_rllib.cli import default_checkpoint_dir, load_experiment, train  # noqa: E402
 from gigpo_rllib.logging_utils import quiet_this_process, start_ray  # noqa: E402
+from gigpo_rllib.progress import plot_runs, read_csv  # noqa: E402
 
 
 def main() -> None:
@@ -40,12 +43,18 @@ def main() -> None:
     config, stop_iters = load_experiment(args.config)
     if args.num_env_runners is not None:
         config.env_runners(num_env_runners=args.num_env_runners)
+    run_dir = pathlib.Path(args.checkpoint_dir or default_checkpoint_dir("frozenlake_gigpo"))
     start_ray(quiet=not args.verbose)
     try:
-        train(config, args.iterations or stop_iters, quiet=not args.verbose,
-              checkpoint_dir=args.checkpoint_dir or default_checkpoint_dir("frozenlake_gigpo"))
+        summary = train(config, args.iterations or stop_iters, quiet=not args.verbose, checkpoint_dir=run_dir)
     finally:
         ray.shutdown()
+    try:
+        curve = plot_runs({"GiGPO, tiny model": read_csv(summary["progress_csv"])}, run_dir / "learning_curve.png",
+                          title="GiGPO on a pool of 8 FrozenLake maps (CPU demo)")
+        print(f"learning curve: {curve}")
+    except ImportError as error:  # matplotlib is optional
+        print(f"no learning curve: {error}")
 
 
 if __name__ == "__main__":

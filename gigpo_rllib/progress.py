@@ -252,7 +252,7 @@ def plot_runs(runs: Mapping[str, Sequence[Mapping[str, float]]], path: str | pat
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        raise ImportError("plotting needs matplotlib: pip install 'gigpo-rllib[plot]' (or pip install "
+        raise ImportError("plotting needs matplotlib, a dependency of gigpo-rllib: reinstall it (or pip install "
                           "matplotlib)") from error
     figure, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.5))
     for name, rows in runs.items():
