@@ -125,6 +125,10 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
     # ----- loss
     ConfigKey("ppo_epochs", 1, "Passes of the clipped-PPO update over each batch.", check=POSITIVE_INT),
     ConfigKey("pg_clip", 0.2, "PPO ratio clip ε: the ratio is clipped to [1 − ε, 1 + ε].", check=POSITIVE),
+    ConfigKey("pg_clip_high", None, "Upper ratio clip ε_high (\"clip-higher\", DAPO): the ratio is clipped to "
+              "[1 − `pg_clip`, 1 + ε_high]; a value above `pg_clip` (e.g. 0.28) lets rare tokens with a positive "
+              "advantage grow faster and keeps entropy from collapsing. `null` uses `pg_clip`.",
+              check=Number(low=0, low_open=True, nullable=True)),
     ConfigKey("dual_clip_loss", False, "Dual-clip PPO: bound the loss of negative-advantage tokens by "
               "`dual_clip_ratio` × |A|.", check=FLAG),
     ConfigKey("dual_clip_ratio", 3.0, "The constant c > 1 of dual-clip PPO (used when `dual_clip_loss`).", check=Number(low=1, low_open=True)),

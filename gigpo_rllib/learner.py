@@ -156,6 +156,7 @@ class GiGPOTorchLearner(TorchLearner):
         logprobs = fwd_out[TOKEN_LOGPROBS]
         loss, diagnostics = gigpo_policy_loss(
             logprobs, batch[OLD_LOGPROBS], batch[ADVANTAGES], mask, pg_clip=config.pg_clip,
+            pg_clip_high=config.pg_clip_high,
             dual_clip_ratio=config.dual_clip_ratio if config.dual_clip_loss else None, is_weights=batch.get(IS_WEIGHTS))
         entropy = masked_mean(fwd_out[TOKEN_ENTROPY], mask.float())
         metrics = {"policy_loss": loss, "entropy": entropy, **diagnostics}

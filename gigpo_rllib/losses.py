@@ -52,7 +52,8 @@ def truncated_is_weights(learner_logprobs: torch.Tensor, sampler_logprobs: torch
 
 
 def gigpo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                      response_mask: torch.Tensor, *, pg_clip: float, dual_clip_ratio: float | None = None,
+                      response_mask: torch.Tensor, *, pg_clip: float, pg_clip_high: float | None = None,
+                      dual_clip_ratio: float | None = None,
                       is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level clipped PPO surrogate (optionally dual-clipped), averaged over response tokens.
 
@@ -60,7 +61,10 @@ def gigpo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
         logprobs, old_logprobs: ``(B, S)`` token log-probs under the current and the old (pre-update) policy.
         advantages: ``(B,)`` one advantage per step sample, broadcast over its response tokens.
         response_mask: ``(B, S)`` bool.
-        pg_clip: ε of the ratio clip ``[1 − ε, 1 + ε]``.
+        pg_clip: ε of the ratio clip ``[1 − ε, 1 + ε_high]``.
+        pg_clip_high: ε_high, the upper clip ("clip-higher", Yu et al. 2025, DAPO): a larger value lets unlikely
+            tokens with a positive advantage gain more per update, which keeps the policy's entropy from collapsing.
+            None uses ``pg_clip``.
         dual_clip_ratio: c > 1; when given, the loss of a negative-advantage token is at most ``−c · A``.
         is_weights: optional ``(B, S)`` constant per-token weights of the loss (:func:`truncated_is_weights`).
 
@@ -72,7 +76,8 @@ def gigpo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = torch.exp(log_ratio)
     adv = advantages[:, None].to(logprobs.dtype)
-    token_loss = -torch.minimum(ratio * adv, ratio.clamp(1 - pg_clip, 1 + pg_clip) * adv)
+    high = pg_clip if pg_clip_high is None else pg_clip_high
+    token_loss = -torch.minimum(ratio * adv, ratio.clamp(1 - pg_clip, 1 + high) * adv)
     if dual_clip_ratio is not None:
         token_loss = torch.where(adv < 0, torch.minimum(token_loss, -dual_clip_ratio * adv), token_loss)
     if is_weights is not None:
@@ -80,7 +85,7 @@ def gigpo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     with torch.no_grad():
         diagnostics = {
             "policy_kl": masked_mean((ratio - 1) - log_ratio, mask),
-            "clip_fraction": masked_mean(((ratio - 1).abs() > pg_clip).to(mask.dtype), mask),
+            "clip_fraction": masked_mean(((ratio < 1 - pg_clip) | (ratio > 1 + high)).to(mask.dtype), mask),
         }
     return masked_mean(token_loss, mask), diagnostics
 

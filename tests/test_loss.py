@@ -94,3 +94,17 @@ def test_truncated_importance_weights_are_capped_and_finite():
     sampler = torch.tensor([[-300.0, -1.0, -0.1]])
     weights = truncated_is_weights(learner, sampler, cap=2.0)
     torch.testing.assert_close(weights, torch.tensor([[2.0, 1.0, float(torch.exp(torch.tensor(-0.4)))]]))
+
+
+def test_clip_higher_lets_a_positive_advantage_grow_further():
+    old = torch.zeros(1, 2)
+    new = torch.tensor([[0.0, 0.25]])  # ratio e^0.25 ≈ 1.28
+    mask = torch.tensor([[False, True]])
+    symmetric, _ = gigpo_policy_loss(new, old, torch.tensor([1.0]), mask, pg_clip=0.2)
+    higher, diagnostics = gigpo_policy_loss(new, old, torch.tensor([1.0]), mask, pg_clip=0.2, pg_clip_high=0.3)
+    assert torch.isclose(symmetric, torch.tensor(-1.2)) and torch.isclose(higher, -torch.exp(torch.tensor(0.25)))
+    assert diagnostics["clip_fraction"].item() == 0.0
+    # The lower side keeps pg_clip: a negative advantage at ratio 0.7 is clipped at 0.8.
+    low, _ = gigpo_policy_loss(torch.log(torch.tensor([[1.0, 0.7]])), old, torch.tensor([-1.0]), mask, pg_clip=0.2,
+                               pg_clip_high=0.3)
+    assert torch.isclose(low, torch.tensor(0.8))
