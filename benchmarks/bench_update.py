@@ -11,6 +11,11 @@ Each (shape, mode) runs in a fresh process, so its peak resident memory (``ru_ma
 gives the median update time over ``--repeats`` updates after one warm-up, the peak memory above the process's
 memory right after loading the model, and the ratios side by side.
 
+A second table gives the padding of real minibatches: FrozenLake prompts with 0-3 turns of history (the
+rollout's own prompt builder, as ``bench_rollout.py`` makes them) plus 8-token replies, shuffled into minibatches
+as the learner does, padded to the widest row of the whole batch ("before") or trimmed to each minibatch's widest
+row ("after", what the learner does now).
+
     python3 benchmarks/bench_update.py [--repeats 5] [--threads 1]
 """
 
@@ -89,6 +94,28 @@ def run_one(shape: str, response_only: bool, repeats: int, threads: int) -> dict
     return {"seconds": seconds, "peak_mib": _peak_rss_mib() - loaded}
 
 
+def padding_fractions(rows: int = 512, minibatch: int = 64, reply_tokens: int = 8, seed: int = 0
+                      ) -> tuple[float, float, float]:
+    """Padding of shuffled minibatches: as wide as the batch's widest row, trimmed to their own widest row, and
+    trimmed after ``length_bucketing``."""
+    import torch
+
+    from benchmarks.bench_rollout import frozenlake_prompts
+    from gigpo_rllib.learner import bucket_by_length
+    from gigpo_rllib.models import load_tokenizer
+
+    lengths = torch.tensor([len(prompt) + reply_tokens for prompt in frozenlake_prompts(load_tokenizer("gigpo-tiny"),
+                                                                                         rows, seed=seed)])
+    lengths = lengths[torch.randperm(rows, generator=torch.Generator().manual_seed(seed))]
+    real = float(lengths.sum())
+
+    def trimmed(order: torch.Tensor) -> float:
+        return 1 - real / sum(len(chunk) * int(chunk.max()) for chunk in lengths[order].split(minibatch))
+
+    return 1 - real / (rows * int(lengths.max())), trimmed(torch.arange(rows)), trimmed(bucket_by_length(lengths,
+                                                                                                         minibatch))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed updates per figure (median)")
@@ -116,6 +143,11 @@ def main() -> None:
         print(f"{shape:<10} | {f'{rows} x {prompt_tokens + reply_tokens}':>13} | {vocab or '~1.2k':>7} | "
               f"{before['seconds']:>8.3f} | {after['seconds']:>7.3f} | {before['seconds'] / after['seconds']:>7.1f}x | "
               f"{before['peak_mib']:>10,.0f} | {after['peak_mib']:>9,.0f}", flush=True)
+    batch_wide, trimmed, bucketed = padding_fractions()
+    print("\npadding of 512 FrozenLake rows (0-3 history turns) in shuffled minibatches of 64:")
+    print(f"  every row as wide as the batch's widest        {batch_wide:6.1%}")
+    print(f"  each minibatch cut to its widest row           {trimmed:6.1%}")
+    print(f"  cut, after length_bucketing                    {bucketed:6.1%}")
 
 
 if __name__ == "__main__":

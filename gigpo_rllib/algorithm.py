@@ -326,7 +326,9 @@ class GiGPO(Algorithm):
         batches = [MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(s)}, env_steps=len(s["rewards"])) for s in shards]
         # The sampled-step count drives RLlib's learning-rate schedules (``lr=[[step, value], ...]``).
         sampled = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
-        common = dict(minibatch_size=minibatch, num_epochs=config.ppo_epochs, shuffle_batch_per_epoch=True,
+        # RLlib's per-epoch reshuffle would undo length bucketing (the learner orders rows once per update).
+        common = dict(minibatch_size=minibatch, num_epochs=config.ppo_epochs,
+                      shuffle_batch_per_epoch=not config.length_bucketing,
                       num_total_minibatches=per_epoch * config.ppo_epochs,
                       timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: sampled})
         if config.num_learners > 1:

@@ -123,6 +123,10 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
               "the advantages are computed: `copy` duplicates, `delete` drops, `auto` picks the smaller change.",
               BATCH_ADJUST_MODES),
     # ----- loss
+    ConfigKey("length_bucketing", False, "Order each update's rows so that a minibatch holds rows of similar length "
+              "(sorted within random megabatches of 8 minibatches): each minibatch is cut to its longest row, so "
+              "this removes most padding when prompt or reply lengths vary (histories, free-form replies). The "
+              "minibatches then keep their rows over `ppo_epochs` (no per-epoch reshuffle).", check=FLAG),
     ConfigKey("ppo_epochs", 1, "Passes of the clipped-PPO update over each batch.", check=POSITIVE_INT),
     ConfigKey("pg_clip", 0.2, "PPO ratio clip ε: the ratio is clipped to [1 − ε, 1 + ε].", check=POSITIVE),
     ConfigKey("pg_clip_high", None, "Upper ratio clip ε_high (\"clip-higher\", DAPO): the ratio is clipped to "

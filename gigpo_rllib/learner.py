@@ -40,6 +40,20 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return reduced
 
 
+BUCKET_MINIBATCHES = 8
+
+
+def bucket_by_length(lengths: torch.Tensor, minibatch_size: int) -> torch.Tensor:
+    """A row order in which consecutive minibatches hold rows of similar length, so trimming each minibatch to its
+    longest row removes most padding: rows (already shuffled) are taken in megabatches of
+    :data:`BUCKET_MINIBATCHES` minibatches and sorted by length within each, longest first. Which rows share a
+    megabatch stays random. ``(N,)`` lengths -> ``(N,)`` permutation."""
+    megabatch = minibatch_size * BUCKET_MINIBATCHES
+    order = [start + torch.argsort(lengths[start:start + megabatch], descending=True, stable=True)
+             for start in range(0, len(lengths), megabatch)]
+    return torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
+
+
 class GiGPOTorchLearner(TorchLearner):
     """Learner of the GiGPO algorithm (see module docstring)."""
 
@@ -84,7 +98,11 @@ class GiGPOTorchLearner(TorchLearner):
         # Rows arrive in rollout order (runner, wave, turn) and RLlib shuffles only from a second epoch on: shuffle
         # here so every minibatch mixes turns, runners and the batch-adjust copies.
         shuffle = torch.randperm(len(keep), generator=torch.Generator().manual_seed(self._weights_seq_no))
-        keep = keep[shuffle].to(advantages.device)
+        keep = keep[shuffle]
+        if self.config.length_bucketing:
+            keep = keep[bucket_by_length(columns["attention_mask"].sum(-1)[keep.to(advantages.device)].cpu(),
+                                         self.config.minibatch_size)]
+        keep = keep.to(advantages.device)
         adjusted = {name: value[keep] for name, value in columns.items() if torch.is_tensor(value)}
         adjusted[ADVANTAGES] = advantages[keep]
         if self.config.resolved_old_logprobs_source == "learner":

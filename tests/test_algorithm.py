@@ -77,6 +77,15 @@ def test_train_with_the_local_runner(ray_session):
         algo.stop()
 
 
+def test_length_bucketing_trains(ray_session):
+    algo = tiny_config(minibatch_size=16, length_bucketing=True, ppo_epochs=2).build()
+    try:
+        policy = algo.train()["learners"]["default_policy"]
+    finally:
+        algo.stop()
+    assert math.isfinite(policy["policy_loss"]) and policy["clip_fraction"] <= 0.5
+
+
 def test_train_with_two_remote_runners(ray_session):
     config = tiny_config(train_env_manager={"num_env_groups": 4, "group_size": 2}, rollout_batch_size=8)
     algo = config.env_runners(num_env_runners=2).build()

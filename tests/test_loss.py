@@ -108,3 +108,16 @@ def test_clip_higher_lets_a_positive_advantage_grow_further():
     low, _ = gigpo_policy_loss(torch.log(torch.tensor([[1.0, 0.7]])), old, torch.tensor([-1.0]), mask, pg_clip=0.2,
                                pg_clip_high=0.3)
     assert torch.isclose(low, torch.tensor(0.8))
+
+
+def test_length_buckets_keep_every_row_and_sort_each_megabatch():
+    from gigpo_rllib.learner import BUCKET_MINIBATCHES, bucket_by_length
+
+    lengths = torch.randint(10, 300, (1000,), generator=torch.Generator().manual_seed(0))
+    order = bucket_by_length(lengths, minibatch_size=16)
+    assert sorted(order.tolist()) == list(range(1000))
+    megabatch = 16 * BUCKET_MINIBATCHES
+    for start in range(0, 1000, megabatch):
+        chunk = order[start:start + megabatch]
+        assert (chunk >= start).all() and (chunk < start + megabatch).all()  # rows stay in their megabatch
+        assert (lengths[chunk][:-1] >= lengths[chunk][1:]).all()
