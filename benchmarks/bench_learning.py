@@ -44,19 +44,19 @@ FINAL_WINDOW = 5
 
 def task_config(task: str, estimator: str, seed: int):
     """The GiGPOConfig of one run, and its env-step budget."""
-    from gigpo_rllib.experiment import read_experiment_file
+    from gigpo_rllib.cli import load_experiment
 
     if task == "frozenlake":
-        config = read_experiment_file(ROOT / "configs" / "frozenlake_gigpo.yaml").config
+        config = load_experiment(ROOT / "configs" / "frozenlake_gigpo.yaml")[0]
         budget = 30_000
     elif task == "long":
-        config = read_experiment_file(ROOT / "configs" / "frozenlake_gigpo.yaml").config
+        config = load_experiment(ROOT / "configs" / "frozenlake_gigpo.yaml")[0]
         config.environment(env_config={"size": 8, "p": 0.9, "max_steps": 30, "instructions_style": "compact"})
         # Episodes are ~4x longer than on 4x4 maps: the lr decays over ~4x the env steps.
         config.training(train_env_manager={"seed_pool": list(range(8))}, lr=[[0, 0.003], [32_000, 0.0003]])
         budget = 60_000
     elif task == "corridor":
-        config = read_experiment_file(ROOT / "configs" / "frozenlake_gigpo.yaml").config
+        config = load_experiment(ROOT / "configs" / "frozenlake_gigpo.yaml")[0]
         config.environment("tests.learning_env:Corridor-v0", env_config={"length": 6, "max_steps": 8})
         config.training(train_env_manager={"seed_pool": None}, system_prompt=None)
         budget = 15_000
