@@ -275,6 +275,13 @@ class GiGPOConfig(AlgorithmConfig):
             setattr(self, name, value)
         return self
 
+    def environment(self, env=NotProvided, *, env_config=NotProvided, **kwargs) -> "GiGPOConfig":
+        """RLlib's ``environment()``; an ``env_config`` that is not a dict is an error that says so (RLlib's merge
+        would fail with an ``AttributeError`` from deep inside)."""
+        if env_config is not NotProvided and not isinstance(env_config, dict):
+            raise ValueError(f"env_config must be a dict of keyword arguments for every env, got {env_config!r}")
+        return super().environment(env, env_config=env_config, **kwargs)
+
     def update_from_dict(self, config_dict: dict) -> "GiGPOConfig":
         """RLlib's ``update_from_dict``, but an unknown key is an error naming the closest valid key (RLlib would set
         any attribute, so a misspelt key would be ignored without a word), and nested keys merge partial dicts."""

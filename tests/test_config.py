@@ -106,6 +106,18 @@ def test_every_key_is_checked_for_type_and_range(settings, message):
         config.validate()
 
 
+@pytest.mark.parametrize("env_config", [[1, 2], None, "max_steps=3"])
+def test_environment_rejects_an_env_config_that_is_not_a_dict(env_config):
+    with pytest.raises(ValueError, match="env_config must be a dict of keyword arguments for every env"):
+        GiGPOConfig().environment("TextFrozenLake-v0", env_config=env_config)
+
+
+def test_environment_still_merges_a_dict_env_config():
+    config = GiGPOConfig().environment("TextFrozenLake-v0", env_config={"max_steps": 3})
+    config.environment(env_config={"size": 8})
+    assert config.env == "TextFrozenLake-v0" and config.env_config == {"max_steps": 3, "size": 8}
+
+
 def test_update_from_dict_names_the_closest_key():
     with pytest.raises(ValueError, match="unknown config key 'step_reward_wieght'; did you mean 'step_reward_weight'"):
         GiGPOConfig().update_from_dict({"step_reward_wieght": 0.5})
