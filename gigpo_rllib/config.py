@@ -93,6 +93,23 @@ FLAG = Flag()
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """A number >= 0, or RLlib's piecewise-linear schedule ``[[sampled env steps, value], ...]`` with values >= 0
+    (interpolated between points, held after the last)."""
+
+    def accepts(self, value: Any) -> bool:
+        return NON_NEGATIVE.accepts(value) or (isinstance(value, (list, tuple)) and len(value) > 0 and all(
+            isinstance(point, (list, tuple)) and len(point) == 2 and NON_NEGATIVE_INT.accepts(point[0])
+            and NON_NEGATIVE.accepts(point[1]) for point in value) and value[0][0] == 0)
+
+    def describe(self) -> str:
+        return "a number >= 0 or a schedule [[0, value], [sampled steps, value], ...] with values >= 0"
+
+
+SCHEDULE = Schedule()
+
+
+@dataclass(frozen=True)
 class ConfigKey:
     """One GiGPO config key: its default, what it does, and what it accepts (an enumeration of ``choices``, or a
     ``check``; nested and cross-key rules are checked in :meth:`GiGPOConfig.validate`)."""
@@ -138,7 +155,9 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("dual_clip_ratio", 3.0, "The constant c > 1 of dual-clip PPO (used when `dual_clip_loss`).", check=Number(low=1, low_open=True)),
     ConfigKey("init_kl_coef", 0.0, "Coefficient of the k3 KL penalty to the frozen initial policy. At 0 no "
               "reference model is kept in memory.", check=NON_NEGATIVE),
-    ConfigKey("entropy_loss_coef", 0.0, "Coefficient of the token-entropy bonus.", check=NON_NEGATIVE),
+    ConfigKey("entropy_loss_coef", 0.0, "Coefficient of the token-entropy bonus: a number, or a schedule by sampled "
+              "env steps like `lr`'s (`[[0, 0.05], [30000, 0.01]]`: explore widely first, then let the policy "
+              "sharpen).", check=SCHEDULE),
     ConfigKey("max_grad_norm", 1.0, "Clip the global gradient norm to this value; `null` disables clipping.", check=Number(low=0, low_open=True, nullable=True)),
     ConfigKey("max_consecutive_skipped_updates", 5, "A minibatch whose loss or gradient norm is not finite is skipped "
               "(weights and optimizer state untouched) and counted in `learners/skipped_updates`; this many skips in "
@@ -461,12 +480,7 @@ class GiGPOConfig(AlgorithmConfig):
                                                         and POSITIVE_INT.accepts(self.evaluation_duration)),
                  "evaluation_duration", '"auto" (val_batch_size episodes) or a number of episodes '
                  '(evaluation_duration_unit="episodes")', self.evaluation_duration)
-        lr = self.lr
-        schedule_ok = isinstance(lr, (list, tuple)) and len(lr) > 0 and all(
-            isinstance(point, (list, tuple)) and len(point) == 2 and NON_NEGATIVE_INT.accepts(point[0])
-            and NON_NEGATIVE.accepts(point[1]) for point in lr)
-        _require(NON_NEGATIVE.accepts(lr) or schedule_ok, "lr",
-                 "a number >= 0 or a schedule [[sampled steps, lr], ...] with lr >= 0", lr)
+        _require(SCHEDULE.accepts(self.lr), "lr", SCHEDULE.describe(), self.lr)
 
     def _validate_sampler(self) -> None:
         from gigpo_rllib.sampling.vllm import check_engine_kwargs, require_vllm

@@ -16,6 +16,8 @@ import torch
 from ray.rllib.core import ALL_MODULES, DEFAULT_MODULE_ID
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
+from ray.rllib.utils.schedules.piecewise_schedule import PiecewiseSchedule
 
 from gigpo_rllib.advantages import AnchorGroupStats, anchor_group_counts, batch_adjust, compute_gigpo_advantages
 from gigpo_rllib.logprobs import forward_token_logprobs
@@ -74,6 +76,10 @@ class GiGPOTorchLearner(TorchLearner):
             self._reference_model.requires_grad_(False)
         self._update_is_finite = True
         self._skipped_in_a_row = 0
+        coef = self.config.entropy_loss_coef
+        scheduled = isinstance(coef, (list, tuple))
+        self._entropy_schedule = PiecewiseSchedule(coef, outside_value=coef[-1][1], framework=None) if scheduled else None
+        self._entropy_coef = float(coef[0][1] if scheduled else coef)
 
     def packed_weights(self, dtype: str):
         """The policy's weights for the samplers: :func:`pack_weights` of the HF model in ``dtype`` (rank 0 only: with
@@ -85,6 +91,14 @@ class GiGPOTorchLearner(TorchLearner):
             return pack_weights(self.module[DEFAULT_MODULE_ID].unwrapped().model.state_dict(), dtype)
 
     # ------------------------------------------------------------------------ once per update, whole shard
+
+    def before_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
+        """Set this update's entropy coefficient from its schedule, by the env steps sampled so far (computed from
+        the step count, not carried as state, so a restored run continues the schedule exactly)."""
+        super().before_gradient_based_update(timesteps=timesteps)
+        if self._entropy_schedule is not None:
+            self._entropy_coef = float(self._entropy_schedule.value(timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0)))
+        self.metrics.log_value((DEFAULT_MODULE_ID, "entropy_coef"), self._entropy_coef, window=1)
 
     def _make_batch_if_necessary(self, training_data) -> MultiAgentBatch:
         batch = super()._make_batch_if_necessary(training_data)
@@ -178,8 +192,8 @@ class GiGPOTorchLearner(TorchLearner):
             dual_clip_ratio=config.dual_clip_ratio if config.dual_clip_loss else None, is_weights=batch.get(IS_WEIGHTS))
         entropy = masked_mean(fwd_out[TOKEN_ENTROPY], mask.float())
         metrics = {"policy_loss": loss, "entropy": entropy, **diagnostics}
-        if config.entropy_loss_coef:
-            loss = loss - config.entropy_loss_coef * entropy
+        if self._entropy_coef:
+            loss = loss - self._entropy_coef * entropy
         if "reference_logprobs" in batch:
             kl = masked_mean(k3_kl(logprobs, batch["reference_logprobs"]), mask.float())
             loss = loss + config.init_kl_coef * kl

@@ -269,6 +269,19 @@ def test_learning_rate_schedule_follows_sampled_steps(ray_session):
     assert rates[-1] == pytest.approx(1e-5)
 
 
+def test_entropy_coefficient_schedule_follows_sampled_steps(ray_session):
+    algo = tiny_config(entropy_loss_coef=[[0, 0.4], [100_000, 0.0]]).build()
+    try:
+        results = [algo.train() for _ in range(2)]
+    finally:
+        algo.stop()
+    sampled = results[-1]["env_runners"]["num_env_steps_sampled_lifetime"]
+    assert sampled > 0
+    coefficients = [r["learners"]["default_policy"]["entropy_coef"] for r in results]
+    assert coefficients[0] > coefficients[1]
+    assert coefficients[1] == pytest.approx(0.4 * (1 - sampled / 100_000))
+
+
 def test_seed_example_config_trains_with_fewer_groups(ray_session):
     from gigpo_rllib.cli import load_experiment
 

@@ -84,6 +84,8 @@ def test_partition_must_match_tags():
     ({"max_new_tokens": 16.5}, "max_new_tokens must be an integer >= 1, got 16.5"),
     ({"lr": -1.0}, "lr must be a number >= 0"),
     ({"lr": [[0, 1e-3], [10, -1]]}, "lr must be a number >= 0 or a schedule"),
+    ({"entropy_loss_coef": [[5, 0.05], [10, 0.0]]}, r"entropy_loss_coef must be .* schedule \[\[0, value\]"),
+    ({"entropy_loss_coef": [[0, 0.05], [100, -0.01]]}, "entropy_loss_coef must be a number >= 0 or a schedule"),
     ({"seed": "abc"}, "seed must be null or an integer >= 0, got 'abc'"),
     ({"step_reward_gamma": "0.9"}, r"step_reward_gamma must be a number in \[0, 1\], got '0.9'"),
     ({"val_batch_size": "32"}, "val_batch_size must be an integer >= 1, got '32'"),
