@@ -12,7 +12,9 @@ the model's initial weights and the pool are the same) train the tiny offline mo
 budget. Each run trains in one Ray task with its sampler and learner in one process (one CPU), ``--workers`` runs
 at a time. Reported per task and estimator: the final success rate (mean over the last 5 iterations, then over
 seeds, with a 95% t-interval), the env steps to first reach 50% and 80% success (mean over the seeds that did,
-and how many did), the area under the success curve (mean success over the budget) and the wall time per run.
+and how many did), the area under the success curve (mean success over the budget), the wall time per run, and
+whether anchor-state groups form: the mean samples per anchor group and the share of one-sample groups (mean
+over iterations and seeds).
 Writes ``learning.json`` (every run's curve and every number of the table) and ``learning.png`` (mean curves with
 95% bands) into ``--out``.
 
@@ -76,15 +78,19 @@ def train_run(task: str, estimator: str, seed: int, budget_scale: float, max_ite
     budget = int(budget * budget_scale)
     started = time.perf_counter()
     algo = config.build_algo()
-    steps, success = [], []
+    steps, success, group_size, singletons = [], [], [], []
     try:
         while (not steps or steps[-1] < budget) and (max_iterations is None or len(steps) < max_iterations):
-            result = algo.train()["env_runners"]
-            steps.append((steps[-1] if steps else 0) + int(result["num_env_steps"]))
-            success.append(float(result["success_rate"]))
+            result = algo.train()
+            runners, learners = result["env_runners"], result["learners"]["__all_modules__"]
+            steps.append((steps[-1] if steps else 0) + int(runners["num_env_steps"]))
+            success.append(float(runners["success_rate"]))
+            group_size.append(float(learners["anchor_mean_group_size"]))
+            singletons.append(float(learners["anchor_singleton_fraction"]))
     finally:
         algo.stop()
     return {"task": task, "estimator": estimator, "seed": seed, "env_steps": steps, "success": success,
+            "anchor_mean_group_size": group_size, "anchor_singleton_fraction": singletons,
             "wall_s": time.perf_counter() - started, "budget": budget}
 
 
@@ -112,7 +118,12 @@ def summarize(runs: list[dict]) -> dict:
     mean, half = mean_interval(finals)
     summary = {"final_success_mean": mean, "final_success_ci95": half, "final_success_per_seed": finals,
                "auc_mean": statistics.fmean(area_under_curve(run) for run in runs),
-               "wall_s_mean": statistics.fmean(run["wall_s"] for run in runs), "seeds": len(runs)}
+               "wall_s_mean": statistics.fmean(run["wall_s"] for run in runs), "seeds": len(runs),
+               # Whether step groups form at all: samples per anchor group, and the share of groups of one sample.
+               "anchor_mean_group_size": statistics.fmean(statistics.fmean(run["anchor_mean_group_size"])
+                                                          for run in runs),
+               "anchor_singleton_fraction": statistics.fmean(statistics.fmean(run["anchor_singleton_fraction"])
+                                                             for run in runs)}
     for threshold in (0.5, 0.8):
         reached = [step for step in (first_reaching(run, threshold) for run in runs) if step is not None]
         summary[f"steps_to_{int(threshold * 100)}"] = statistics.fmean(reached) if reached else None
@@ -154,8 +165,8 @@ def plot(runs: list[dict], tasks: list[str], path: pathlib.Path) -> None:
 
 def print_table(summaries: dict) -> None:
     print(f"\n{'task':<11}| {'estimator':<9}| {'final success (95% CI)':>22} | {'steps to 50%':>14} | "
-          f"{'steps to 80%':>14} | {'AUC':>5} | {'wall s':>6}")
-    print("-" * 99)
+          f"{'steps to 80%':>14} | {'AUC':>5} | {'wall s':>6} | {'anchor group':>12} | {'singletons':>10}")
+    print("-" * 126)
     for (task, estimator), summary in summaries.items():
         def steps(threshold: int) -> str:
             value = summary[f"steps_to_{threshold}"]
@@ -164,7 +175,8 @@ def print_table(summaries: dict) -> None:
 
         final = f"{summary['final_success_mean']:.3f} ± {summary['final_success_ci95']:.3f}"
         print(f"{task:<11}| {estimator:<9}| {final:>22} | {steps(50):>14} | {steps(80):>14} | "
-              f"{summary['auc_mean']:>5.3f} | {summary['wall_s_mean']:>6.0f}")
+              f"{summary['auc_mean']:>5.3f} | {summary['wall_s_mean']:>6.0f} | "
+              f"{summary['anchor_mean_group_size']:>12.1f} | {summary['anchor_singleton_fraction']:>10.2f}")
 
 
 def main() -> None:

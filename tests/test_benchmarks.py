@@ -29,6 +29,8 @@ def test_bench_learning_quick_covers_every_task_and_estimator(tmp_path):
     assert sorted(report["summary"]) == sorted(f"{task}/{estimator}" for task in ("corridor", "frozenlake", "long")
                                                for estimator in ("gigpo", "grpo"))
     assert all(len(run["success"]) == 2 and run["env_steps"][-1] > 0 for run in report["runs"])
+    # Step groups form on every task: more than one sample per anchor group on average.
+    assert all(summary["anchor_mean_group_size"] > 1 for summary in report["summary"].values())
     assert (tmp_path / "learning.png").stat().st_size > 0
     assert "final success (95% CI)" in out
 
