@@ -48,7 +48,7 @@ def pack_weights(named_tensors: Mapping[str, torch.Tensor], dtype: str) -> Packe
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     distinct: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    entries, aliases, parts, offset = [], {}, [], 0
+    entries, aliases, tensors, offset = [], {}, [], 0
     for name, tensor in named_tensors.items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if key in distinct:
@@ -56,10 +56,14 @@ def pack_weights(named_tensors: Mapping[str, torch.Tensor], dtype: str) -> Packe
             continue
         distinct[key] = name
         entries.append((name, tuple(tensor.shape), offset))
-        parts.append(tensor.detach().reshape(-1).to(DTYPES[dtype]))
+        tensors.append(tensor.detach())
         offset += tensor.numel()
-    # One concatenation on the tensors' device, then one copy to the host (not one per tensor).
-    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=DTYPES[dtype])
+    # Each tensor is cast while it is copied into one preallocated buffer on its device (one pass, no per-tensor
+    # temporaries), then the buffer goes to the host in one copy (none on CPU), not tensor by tensor.
+    device = tensors[0].device if tensors else torch.device("cpu")
+    flat = torch.empty(offset, dtype=DTYPES[dtype], device=device)
+    for (_, _, start), tensor in zip(entries, tensors):
+        flat[start:start + tensor.numel()].copy_(tensor.reshape(-1))
     buffer = flat.cpu().view(torch.uint8).numpy()
     return PackedWeights(buffer=buffer, dtype=dtype, entries=tuple(entries), aliases=dict(aliases))
 
