@@ -1,6 +1,7 @@
 """Learning benchmark: GiGPO vs GRPO (``adv_estimator: grpo``), everything else equal, on three tasks.
 
-* ``frozenlake``: the CPU demo's task, a pool of eight 4x4 FrozenLake maps (``configs/frozenlake_gigpo.yaml``).
+* ``frozenlake``: the CPU demo's task, a pool of eight 4x4 FrozenLake maps (``configs/frozenlake_gigpo.yaml``),
+  with an entropy bonus that starts wide and decays (0.05 to 0.005 over 20k env steps) over a longer budget.
 * ``long``: a long-horizon task where states recur within a group: a pool of eight 8x8 FrozenLake maps (seeds
   0-7, 10% holes), 30 turns per episode, reward 1 at the goal only. A random walk reaches the goal in about 12%
   of episodes (0-57% by map) and revisits cells often, so many steps share an anchor state.
@@ -50,7 +51,10 @@ def task_config(task: str, estimator: str, seed: int):
 
     if task == "frozenlake":
         config = load_experiment(ROOT / "configs" / "frozenlake_gigpo.yaml")[0]
-        budget = 30_000
+        # The demo's fixed 0.03 bonus leaves some seeds on 7 of 8 maps for good (a collapsed move on the last map);
+        # a wide bonus first, then sharpening, got 5 of 6 tuning seeds above 0.95.
+        config.training(entropy_loss_coef=[[0, 0.05], [20_000, 0.005]])
+        budget = 45_000
     elif task == "long":
         config = load_experiment(ROOT / "configs" / "frozenlake_gigpo.yaml")[0]
         config.environment(env_config={"size": 8, "p": 0.9, "max_steps": 30, "instructions_style": "compact"})
