@@ -116,3 +116,28 @@ def test_load_model_and_tokenizer_and_errors(monkeypatch, tiny_dir):
     with pytest.raises(ValueError, match="gigpo-tiny") as info:
         load_model_and_tokenizer("nobody-xyz/not-a-model")
     assert "nobody-xyz/not-a-model" in str(info.value)
+
+
+def test_a_checkpoint_with_dropout_is_loaded_without_it(tiny_dir, tmp_path):
+    # The learner scores in training mode (gradient checkpointing needs it); with the checkpoint's dropout left on,
+    # its log-probs would differ from the sampler's (eval mode) and between two forwards: the PPO ratio would not
+    # start at 1.
+    import json
+    import shutil
+
+    dropout_dir = tmp_path / "with_dropout"
+    shutil.copytree(tiny_dir, dropout_dir)
+    config = json.loads((dropout_dir / "config.json").read_text())
+    (dropout_dir / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.5}))
+    input_ids = torch.arange(3, 40).unsqueeze(0)
+
+    torch.manual_seed(0)
+    raw = AutoModelForCausalLM.from_pretrained(dropout_dir, attn_implementation="eager").train()
+    assert not torch.equal(raw(input_ids).logits, raw(input_ids).logits)  # the control: dropout is really on
+
+    model, _ = load_model_and_tokenizer(str(dropout_dir))
+    assert model.config.attention_dropout == 0.0
+    model.train()
+    training_logits = model(input_ids).logits
+    assert torch.equal(training_logits, model(input_ids).logits)
+    assert torch.allclose(training_logits, model.eval()(input_ids).logits, atol=1e-6)
