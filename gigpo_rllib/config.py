@@ -107,6 +107,7 @@ class Schedule:
 
 
 SCHEDULE = Schedule()
+ENV_CONFIG_EXPECTED = "a dict of keyword arguments for every env"
 
 
 @dataclass(frozen=True)
@@ -297,8 +298,8 @@ class GiGPOConfig(AlgorithmConfig):
     def environment(self, env=NotProvided, *, env_config=NotProvided, **kwargs) -> "GiGPOConfig":
         """RLlib's ``environment()``; an ``env_config`` that is not a dict is an error that says so (RLlib's merge
         would fail with an ``AttributeError`` from deep inside)."""
-        if env_config is not NotProvided and not isinstance(env_config, dict):
-            raise ValueError(f"env_config must be a dict of keyword arguments for every env, got {env_config!r}")
+        if env_config is not NotProvided:
+            _require(isinstance(env_config, dict), "env_config", ENV_CONFIG_EXPECTED, env_config)
         return super().environment(env, env_config=env_config, **kwargs)
 
     def update_from_dict(self, config_dict: dict) -> "GiGPOConfig":
@@ -470,8 +471,7 @@ class GiGPOConfig(AlgorithmConfig):
                  "an integer >= 1 (step samples per minibatch per learner)", self.minibatch_size)
         _require(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0),
                  "seed", "null or an integer >= 0", self.seed)
-        _require(isinstance(self.env_config, dict), "env_config", "a dict of keyword arguments for every env",
-                 self.env_config)
+        _require(isinstance(self.env_config, dict), "env_config", ENV_CONFIG_EXPECTED, self.env_config)
         for name in ("num_env_runners", "num_learners"):
             _require(NON_NEGATIVE_INT.accepts(getattr(self, name)), name, NON_NEGATIVE_INT.describe(), getattr(self, name))
         _require(self.evaluation_num_env_runners == 0, "evaluation_num_env_runners",

@@ -77,9 +77,9 @@ class GiGPOTorchLearner(TorchLearner):
         self._update_is_finite = True
         self._skipped_in_a_row = 0
         coef = self.config.entropy_loss_coef
-        scheduled = isinstance(coef, (list, tuple))
-        self._entropy_schedule = PiecewiseSchedule(coef, outside_value=coef[-1][1], framework=None) if scheduled else None
-        self._entropy_coef = float(coef[0][1] if scheduled else coef)
+        points = coef if isinstance(coef, (list, tuple)) else [[0, coef]]  # a fixed value: a one-point schedule
+        self._entropy_schedule = PiecewiseSchedule(points, outside_value=points[-1][1], framework=None)
+        self._entropy_coef = float(points[0][1])
 
     def packed_weights(self, dtype: str):
         """The policy's weights for the samplers: :func:`pack_weights` of the HF model in ``dtype`` (rank 0 only: with
@@ -96,8 +96,7 @@ class GiGPOTorchLearner(TorchLearner):
         """Set this update's entropy coefficient from its schedule, by the env steps sampled so far (computed from
         the step count, not carried as state, so a restored run continues the schedule exactly)."""
         super().before_gradient_based_update(timesteps=timesteps)
-        if self._entropy_schedule is not None:
-            self._entropy_coef = float(self._entropy_schedule.value(timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0)))
+        self._entropy_coef = float(self._entropy_schedule.value(timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0)))
         self.metrics.log_value((DEFAULT_MODULE_ID, "entropy_coef"), self._entropy_coef, window=1)
 
     def _make_batch_if_necessary(self, training_data) -> MultiAgentBatch:
@@ -114,8 +113,8 @@ class GiGPOTorchLearner(TorchLearner):
         shuffle = torch.randperm(len(keep), generator=torch.Generator().manual_seed(self._weights_seq_no))
         keep = keep[shuffle]
         if self.config.length_bucketing:
-            keep = keep[bucket_by_length(columns["attention_mask"].sum(-1)[keep.to(advantages.device)].cpu(),
-                                         self.config.minibatch_size)]
+            lengths = columns["attention_mask"].sum(-1).cpu()  # the row order is built on the host, where keep is
+            keep = keep[bucket_by_length(lengths[keep], self.config.minibatch_size)]
         keep = keep.to(advantages.device)
         adjusted = {name: value[keep] for name, value in columns.items() if torch.is_tensor(value)}
         adjusted[ADVANTAGES] = advantages[keep]
