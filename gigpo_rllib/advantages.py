@@ -90,24 +90,24 @@ class AnchorGroupStats:
 # --------------------------------------------------------------------------------------------- validation
 
 
-def _check_1d(name: str, tensor: torch.Tensor, length: int | None) -> None:
+def _check_1d(name: str, tensor: torch.Tensor, length: int | None, reference: str = "rewards") -> None:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dim() != 1:
         raise ValueError(f"{name} must be 1-D (one entry per step sample), got shape {tuple(tensor.shape)}")
     if length is not None and tensor.shape[0] != length:
         raise ValueError(
-            f"{name} has {tensor.shape[0]} entries but rewards has {length}; every input needs one entry per "
+            f"{name} has {tensor.shape[0]} entries but {reference} has {length}; every input needs one entry per "
             "step sample (nothing is broadcast)"
         )
 
 
-def _check_ids(name: str, tensor: torch.Tensor, length: int, device: torch.device) -> None:
-    _check_1d(name, tensor, length)
+def _check_ids(name: str, tensor: torch.Tensor, length: int, device: torch.device, reference: str = "rewards") -> None:
+    _check_1d(name, tensor, length, reference)
     if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got dtype {tensor.dtype}")
     if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device} but rewards is on {device}; put all inputs on one device")
+        raise ValueError(f"{name} is on {tensor.device} but {reference} is on {device}; put all inputs on one device")
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -475,6 +475,39 @@ def _per_trajectory(values: torch.Tensor, layout: _TrajectoryLayout, name: str) 
         k = int(mismatch.nonzero()[0])
         raise ValueError(f"{name} must be constant within a trajectory; sample {k} disagrees with its trajectory's other samples")
     return per_traj
+
+
+def stalled_groups(episode_returns: torch.Tensor, group_ids: torch.Tensor, episode_success: torch.Tensor
+                   ) -> torch.Tensor:
+    """Which episode groups are stuck: no episode succeeded and every episode earned the same return.
+
+    Such a group gets zero advantage at both levels (Eq. 3's returns have no spread, and neither have the step
+    returns of Eq. 7 when every try failed without reward), so nothing in the policy gradient moves the policy
+    on its states. A group whose episodes all succeeded is not stalled: it has nothing left to find.
+
+    Args:
+        episode_returns: ``(N,)`` float, each sample's episode return ``R_τ(i)``
+            (:attr:`GiGPOAdvantages.episode_returns`).
+        group_ids: ``(N,)`` integer episode-group id.
+        episode_success: ``(N,)`` bool (or 0/1), whether the sample's episode succeeded.
+
+    Returns:
+        ``(G,)`` bool, one entry per episode group in increasing id order.
+    """
+    n = episode_returns.shape[0]
+    _check_1d("episode_returns", episode_returns, None)
+    _check_ids("group_ids", group_ids, n, episode_returns.device, "episode_returns")
+    _check_1d("episode_success", episode_success, n, "episode_returns")
+    labels, num_groups = _dense_labels(group_ids)
+    returns = episode_returns.to(_STATS_DTYPE)
+    fill = torch.full((num_groups,), math.inf, dtype=_STATS_DTYPE, device=returns.device)
+    low = fill.scatter_reduce(0, labels, returns, "amin")
+    high = (-fill).scatter_reduce(0, labels, returns, "amax")
+    solved = torch.zeros(num_groups, dtype=torch.bool, device=returns.device).index_put_(
+        (labels,), episode_success.bool(), accumulate=True)
+    # segment_normalize's spread threshold: a group it gives zero advantage counts as flat.
+    flat = (high - low) <= high.abs().add(1.0).mul(_ZERO_STD_RELATIVE)
+    return flat & ~solved
 
 
 # -------------------------------------------------------------------------------------------- batch adjust

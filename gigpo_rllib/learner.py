@@ -19,7 +19,8 @@ from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 from ray.rllib.utils.schedules.piecewise_schedule import PiecewiseSchedule
 
-from gigpo_rllib.advantages import AnchorGroupStats, anchor_group_counts, batch_adjust, compute_gigpo_advantages
+from gigpo_rllib.advantages import (AnchorGroupStats, anchor_group_counts, batch_adjust, compute_gigpo_advantages,
+                                    stalled_groups)
 from gigpo_rllib.logprobs import forward_token_logprobs
 from gigpo_rllib.losses import gigpo_policy_loss, k3_kl, masked_mean, shape_advantages, truncated_is_weights
 from gigpo_rllib.rl_module import TOKEN_ENTROPY, TOKEN_LOGPROBS
@@ -144,7 +145,7 @@ class GiGPOTorchLearner(TorchLearner):
 
     def compute_advantages(self, columns: dict[str, torch.Tensor]) -> torch.Tensor:
         """Final per-sample advantages ``(N,)`` of this learner's shard (device tensors), before batch_adjust.
-        With several learners every learner must call it at once (whitening all-reduces its statistics)."""
+        With several learners every learner must call it at once (whitening and the group counts all-reduce)."""
         config = self.config
         norm = config.reward_normalization
         out = compute_gigpo_advantages(
@@ -158,6 +159,14 @@ class GiGPOTorchLearner(TorchLearner):
             counts = _all_reduce_sum(counts.to(out.advantages.device)).cpu()
         for name, value in AnchorGroupStats.from_counts(counts).as_dict().items():
             self.metrics.log_value((ALL_MODULES, name), value, window=1)
+        # Groups where every try failed alike teach nothing at either level: the share says how much of the batch
+        # is stuck (e.g. one pool map the policy never solves).
+        stalled = stalled_groups(out.episode_returns, columns["group_ids"], columns["episode_success"])
+        group_counts = torch.tensor([float(stalled.sum()), float(len(stalled))])
+        if distributed:  # as above: groups never span shards
+            group_counts = _all_reduce_sum(group_counts.to(out.advantages.device)).cpu()
+        self.metrics.log_value((ALL_MODULES, "stalled_group_fraction"),
+                               float(group_counts[0] / group_counts[1].clamp(min=1)), window=1)
         self.metrics.log_value((ALL_MODULES, "episode_advantage_abs_mean"), float(out.episode_advantages.abs().mean()), window=1)
         self.metrics.log_value((ALL_MODULES, "step_advantage_abs_mean"), float(out.step_advantages.abs().mean()), window=1)
         lengths = columns["response_mask"].sum(-1)

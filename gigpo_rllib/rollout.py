@@ -121,7 +121,7 @@ def mix_seeds(*seeds: int) -> int:
 
 EPISODE_COLUMNS = ("return", "length", "success", "invalid_turns", "tag")
 SAMPLE_COLUMNS = ("rewards", "traj_ids", "step_ids", "group_ids", "tag_ids", "anchor_ids", "action_is_valid",
-                  "prompt_truncated", "episode_ends")
+                  "prompt_truncated", "episode_ends", "episode_success")
 
 
 def merge_similar_anchors(anchor_ids: np.ndarray, group_ids: np.ndarray, canonical_texts: list[str | None],
@@ -444,6 +444,8 @@ class _Batch:
                 for row in trajectory.rows:
                     for name, value in row.items():
                         self.samples[name].append(value)
+                    # Known only once the episode ended: every turn carries its episode's outcome.
+                    self.samples["episode_success"].append(trajectory.success)
 
     def columns(self, settings: RolloutSettings) -> dict[str, Any]:
         samples = self.samples

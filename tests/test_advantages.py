@@ -15,6 +15,7 @@ from gigpo_rllib.advantages import (
     compute_gigpo_advantages,
     discounted_step_returns,
     segment_normalize,
+    stalled_groups,
 )
 from tests.loop_reference import loop_gigpo
 
@@ -394,6 +395,29 @@ def test_anchor_group_stats():
     assert stats.singleton_fraction == pytest.approx(1 / 3)
     assert stats.mean_group_size == pytest.approx(2.0)
     assert stats.as_dict()["anchor_num_groups"] == 3.0
+
+
+def test_stalled_groups_are_unsolved_groups_without_advantage():
+    # Group 7: every try failed alike (stalled). Group 3: every try succeeded (solved, not stalled). Group 5: one try
+    # scored more (it has a learning signal). Group 9: returns equal up to rounding (0.3 vs 0.1 + 0.2), no success
+    # (stalled).
+    groups = torch.tensor([7, 7, 7, 3, 3, 5, 5, 9, 9])
+    returns = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.5, 0.3, 0.1 + 0.2], dtype=torch.float64)
+    success = torch.tensor([0, 0, 0, 1, 1, 0, 0, 0, 0], dtype=torch.bool)
+    stalled = stalled_groups(returns, groups, success)
+    assert stalled.tolist() == [False, False, True, True]  # groups 3, 5, 7, 9
+    # Exactly the groups whose advantages are zero and that did not succeed.
+    rows = [(float(r), i, 0, int(g), i) for i, (r, g) in enumerate(zip(returns, groups))]
+    zero = compute_gigpo_advantages(*batch(rows)).advantages.abs() < 1e-12
+    labels = torch.unique(groups, return_inverse=True)[1]
+    assert stalled[labels].tolist() == (zero & ~success).tolist()
+
+
+def test_stalled_groups_name_mismatched_inputs():
+    with pytest.raises(ValueError, match="episode_success has 2 entries but episode_returns has 3"):
+        stalled_groups(torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="group_ids must be an integer tensor"):
+        stalled_groups(torch.zeros(3), torch.zeros(3), torch.zeros(3, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("n, divisor, mode, expected_len", [

@@ -282,6 +282,21 @@ def test_entropy_coefficient_schedule_follows_sampled_steps(ray_session):
     assert coefficients[1] == pytest.approx(0.4 * (1 - sampled / 100_000))
 
 
+def test_learner_counts_stalled_groups(ray_session):
+    # Every try earns 0; the first group's episodes are marked successful (solved), the second's are not (stalled).
+    algo = tiny_config().build()
+    try:
+        rollout = algo._rollout(algo._groups([2], seeds=[11, 12]), group_size=2, seed=0)
+        batch = pad_token_batch(rollout, pad_token_id=0, allowed_replies=rollout["allowed_replies"])
+        batch["rewards"][:] = 0.0
+        batch["episode_success"][:] = batch["group_ids"] == batch["group_ids"].min()
+        fraction = algo._update(batch)[0]["__all_modules__"]["stalled_group_fraction"].peek()
+        assert algo.train()["learners"]["__all_modules__"]["stalled_group_fraction"] in (0.0, 0.5, 1.0)
+    finally:
+        algo.stop()
+    assert fraction == 0.5
+
+
 def test_seed_example_config_trains_with_fewer_groups(ray_session):
     from gigpo_rllib.cli import load_experiment
 

@@ -42,8 +42,10 @@ def test_every_turn_becomes_one_sample(sampler):
         steps = out["step_ids"][out["traj_ids"] == traj]
         assert steps.tolist() == list(range(len(steps)))
         assert (out["group_ids"][out["traj_ids"] == traj] == traj // 3).all()
-    # Every trajectory ends exactly once, on its last step.
+    # Every trajectory ends exactly once, on its last step, and each of its turns carries the episode's outcome.
     assert out["episode_ends"].sum() == 6
+    for traj in range(6):
+        assert (out["episode_success"][out["traj_ids"] == traj] == episodes["success"][traj]).all()
     assert np.isclose(out["rewards"].sum(), episodes["return"].sum())
     assert len(out["prompt_ids"]) == len(out["response_ids"]) == len(out["response_logprobs"]) == len(out["rewards"])
 
