@@ -154,19 +154,19 @@ class GiGPOTorchLearner(TorchLearner):
             step_weight=config.effective_step_reward_weight, method=norm["method"], grouping=norm["grouping"],
             tag_ids=columns["tag_ids"], episode_stats=config.episode_advantage_stats)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        counts = anchor_group_counts(out.anchor_group_ids)
+        # Episode groups where every try failed alike teach nothing at either level: their share says how much of
+        # the batch is stuck (e.g. one pool map the policy never solves). One row per trajectory (its last) is enough.
+        last_rows = columns["episode_ends"].nonzero().squeeze(1)
+        stalled = stalled_groups(out.episode_returns[last_rows], columns["group_ids"][last_rows],
+                                 columns["episode_success"][last_rows])
+        counts = torch.cat([anchor_group_counts(out.anchor_group_ids),
+                            torch.tensor([float(stalled.sum()), float(len(stalled))], dtype=torch.float64)])
         if distributed:  # groups never span shards, so summed counts are the whole batch's
             counts = _all_reduce_sum(counts.to(out.advantages.device)).cpu()
-        for name, value in AnchorGroupStats.from_counts(counts).as_dict().items():
+        for name, value in AnchorGroupStats.from_counts(counts[:3]).as_dict().items():
             self.metrics.log_value((ALL_MODULES, name), value, window=1)
-        # Groups where every try failed alike teach nothing at either level: the share says how much of the batch
-        # is stuck (e.g. one pool map the policy never solves).
-        stalled = stalled_groups(out.episode_returns, columns["group_ids"], columns["episode_success"])
-        group_counts = torch.tensor([float(stalled.sum()), float(len(stalled))])
-        if distributed:  # as above: groups never span shards
-            group_counts = _all_reduce_sum(group_counts.to(out.advantages.device)).cpu()
-        self.metrics.log_value((ALL_MODULES, "stalled_group_fraction"),
-                               float(group_counts[0] / group_counts[1].clamp(min=1)), window=1)
+        self.metrics.log_value((ALL_MODULES, "stalled_group_fraction"), float(counts[3] / counts[4].clamp(min=1)),
+                               window=1)
         self.metrics.log_value((ALL_MODULES, "episode_advantage_abs_mean"), float(out.episode_advantages.abs().mean()), window=1)
         self.metrics.log_value((ALL_MODULES, "step_advantage_abs_mean"), float(out.step_advantages.abs().mean()), window=1)
         lengths = columns["response_mask"].sum(-1)
