@@ -98,13 +98,17 @@ def iteration_split(backend: str, model: str, iterations: int) -> dict[str, floa
         for result in results:
             value = result
             for key in path:
-                value = value.get(key, {}) if isinstance(value, dict) else {}
-            values.append(float(value) if isinstance(value, (int, float)) else 0.0)
+                if not isinstance(value, dict) or key not in value:
+                    raise KeyError(f"result has no {'/'.join(path)}: a renamed metric must not read as 0 s")
+                value = value[key]
+            values.append(float(value))
         return statistics.median(values)
 
     learner_update = median("timers", "learner_update_timer")
-    old_logprobs = median("learners", "old_logprobs_time_s")
-    advantages = median("learners", "advantages_time_s")
+    # Only a learner that recomputes the old log-probs (vLLM sampling) times that pass.
+    learner_side = config.resolved_old_logprobs_source == "learner"
+    old_logprobs = median("learners", "__all_modules__", "old_logprobs_time_s") if learner_side else 0.0
+    advantages = median("learners", "__all_modules__", "advantages_time_s")
     return {"rollout": median("timers", "env_runner_sampling_timer"), "old log-probs": old_logprobs,
             "advantages": advantages, "update": learner_update - old_logprobs - advantages,
             "weight sync": median("timers", "synch_weights"), "iteration": median("time_this_iter_s")}

@@ -50,3 +50,6 @@ def test_bench_rollout_compares_both_backends():
     out = run_benchmark("bench_rollout.py", "--models", "gigpo-tiny", "--prompts", "8", "--max-new-tokens", "8",
                         "--repeats", "1", "--iterations", "2")
     assert "vllm / hf" in out and "weight sync" in out
+    # vLLM sampling makes the learner recompute the old log-probs: that pass must show up, not read as 0 s.
+    old_logprobs = next(line for line in out.splitlines() if line.startswith("old log-probs"))
+    assert float(old_logprobs.split("|")[-1]) > 0
