@@ -16,8 +16,8 @@ seeds, with a 95% t-interval), the env steps to first reach 50% and 80% success 
 and how many did), the area under the success curve (mean success over the budget), the wall time per run, and
 whether anchor-state groups form: the mean samples per anchor group and the share of one-sample groups (mean
 over iterations and seeds).
-Writes ``learning.json`` (every run's curve and every number of the table) and ``learning.png`` (mean curves with
-95% bands) into ``--out``.
+Writes ``learning.json`` (every run's curve, each pool map's curve, and every number of the table) and
+``learning.png`` (mean curves with 95% bands) into ``--out``.
 
     python3 benchmarks/bench_learning.py [--tasks frozenlake long corridor] [--seeds 5] [--workers 2] [--out DIR]
     python3 benchmarks/bench_learning.py --quick    # smoke: one seed, a few iterations per task
@@ -82,7 +82,7 @@ def train_run(task: str, estimator: str, seed: int, budget_scale: float, max_ite
     budget = int(budget * budget_scale)
     started = time.perf_counter()
     algo = config.build_algo()
-    steps, success, group_size, singletons = [], [], [], []
+    steps, success, group_size, singletons, per_seed = [], [], [], [], []
     try:
         while (not steps or steps[-1] < budget) and (max_iterations is None or len(steps) < max_iterations):
             result = algo.train()
@@ -91,11 +91,23 @@ def train_run(task: str, estimator: str, seed: int, budget_scale: float, max_ite
             success.append(float(runners["success_rate"]))
             group_size.append(float(learners["anchor_mean_group_size"]))
             singletons.append(float(learners["anchor_singleton_fraction"]))
+            per_seed.append(runners.get("pool_seed_success", {}))
     finally:
         algo.stop()
     return {"task": task, "estimator": estimator, "seed": seed, "env_steps": steps, "success": success,
-            "anchor_mean_group_size": group_size, "anchor_singleton_fraction": singletons,
-            "wall_s": time.perf_counter() - started, "budget": budget}
+            "pool_seed_success": pool_curves(per_seed), "anchor_mean_group_size": group_size,
+            "anchor_singleton_fraction": singletons, "wall_s": time.perf_counter() - started, "budget": budget}
+
+
+def pool_curves(per_iteration: list[dict[str, float]]) -> dict[str, list[float | None]]:
+    """Each pool map's success per iteration, None where the iteration did not draw it (RLlib reports NaN there):
+    it shows which map a run leaves unsolved."""
+    seeds = sorted({seed for iteration in per_iteration for seed in iteration}, key=lambda seed: (len(seed), seed))
+    curves = {}
+    for seed in seeds:
+        values = [float(iteration.get(seed, math.nan)) for iteration in per_iteration]
+        curves[seed] = [None if math.isnan(value) else value for value in values]
+    return curves
 
 
 def first_reaching(run: dict, threshold: float) -> int | None:

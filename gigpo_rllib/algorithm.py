@@ -26,7 +26,7 @@ from ray.rllib.utils.metrics import (
 )
 
 from gigpo_rllib.batch import merge_rollouts, minibatches_per_shard, pad_token_batch, shard_rows, take_rows
-from gigpo_rllib.config import POOL_SEED_LIMIT, GiGPOConfig
+from gigpo_rllib.config import PER_SEED_METRICS_MAX_POOL, POOL_SEED_LIMIT, GiGPOConfig
 from gigpo_rllib.rollout import GroupSpec, mix_seeds
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,19 @@ VALIDATION_SEED_OFFSET = POOL_SEED_LIMIT
 WEIGHT_SYNC_TIMEOUT_S = 600.0
 # Timers report this iteration's seconds (RLlib's default is a slow moving average).
 THIS_ITERATION = {"reduce": "mean", "window": 1}
+
+
+def success_by_seed(rollout: dict[str, Any], groups: Sequence[GroupSpec]) -> dict[str, float]:
+    """The success rate of each env seed's episodes in ``rollout`` (collected for ``groups``), keyed by the seed,
+    or by ``"tag/seed"`` when the groups span several env tags. A seed whose episodes were all lost is absent."""
+    ends = np.flatnonzero(rollout["episode_ends"])  # one row per episode: its last step
+    by_group = {group.group_id: group for group in groups}
+    several_tags = len({group.tag for group in groups}) > 1
+    wins: dict[str, list[float]] = {}
+    for group_id, success in zip(rollout["group_ids"][ends].tolist(), rollout["episode_success"][ends].tolist()):
+        group = by_group[group_id]
+        wins.setdefault(f"{group.tag}/{group.seed}" if several_tags else str(group.seed), []).append(success)
+    return {seed: float(np.mean(values)) for seed, values in wins.items()}
 
 
 def _check_gpu_placement(config: GiGPOConfig) -> None:
@@ -122,7 +135,7 @@ class GiGPO(Algorithm):
             started = time.perf_counter()
             rollout = self._rollout(groups, group_size, seed=sampling_seed)
             sample_seconds = time.perf_counter() - started
-        self._log_rollout(rollout, ENV_RUNNER_RESULTS, sample_seconds)
+        self._log_rollout(rollout, ENV_RUNNER_RESULTS, sample_seconds, groups if self._per_seed_metrics else None)
         self.metrics.log_value((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), len(rollout["rewards"]),
                                reduce="lifetime_sum")
 
@@ -176,7 +189,8 @@ class GiGPO(Algorithm):
         if pool is None:
             return self._validation_rollout(per_tag, held_out, log_under and (log_under,), transcripts)
         results = {"pool": self._validation_rollout(per_tag, [pool[i % len(pool)] for i in range(count)],
-                                                    log_under and (log_under, "pool"), 0),
+                                                    log_under and (log_under, "pool"), 0,
+                                                    per_seed=self._per_seed_metrics),
                    "held_out": self._validation_rollout(per_tag, held_out, log_under and (log_under, "held_out"),
                                                         transcripts)}
         if transcripts:
@@ -184,13 +198,14 @@ class GiGPO(Algorithm):
         return results
 
     def _validation_rollout(self, per_tag: np.ndarray, seeds: list[int], key: tuple[str, ...] | None,
-                            transcripts: int) -> dict[str, Any]:
+                            transcripts: int, per_seed: bool = False) -> dict[str, Any]:
         groups = self._groups(per_tag.tolist(), seeds)
         sampling_seed = self._base_seed + VALIDATION_SEED_OFFSET + self._val_draws
         self._val_draws += len(groups)
         started = time.perf_counter()
         rollout = self._rollout(groups, group_size=1, seed=sampling_seed, transcripts=transcripts > 0)
-        metrics: dict[str, Any] = self._log_rollout(rollout, key, time.perf_counter() - started)
+        metrics: dict[str, Any] = self._log_rollout(rollout, key, time.perf_counter() - started,
+                                                    groups if per_seed else None)
         if transcripts:
             metrics["transcripts"] = list(rollout["episodes"]["transcript"][:transcripts])
         return metrics
@@ -205,6 +220,11 @@ class GiGPO(Algorithm):
                                "learners); build a new one, or restore a checkpoint, to train or validate again")
 
     # ----------------------------------------------------------------------------------------- sampling
+
+    @property
+    def _per_seed_metrics(self) -> bool:
+        pool = self.config.pool_seeds
+        return pool is not None and len(pool) <= PER_SEED_METRICS_MAX_POOL
 
     @property
     def _base_seed(self) -> int:
@@ -284,9 +304,10 @@ class GiGPO(Algorithm):
         ray.kill(manager.actors()[index], no_restart=False)
         manager.set_actor_state(index, healthy=False)
 
-    def _log_rollout(self, rollout: dict[str, Any], key: str | tuple[str, ...] | None, seconds: float
-                     ) -> dict[str, float]:
-        """The rollout's metrics, logged under ``key`` (not logged when ``key`` is None)."""
+    def _log_rollout(self, rollout: dict[str, Any], key: str | tuple[str, ...] | None, seconds: float,
+                     per_seed_groups: Sequence[GroupSpec] | None = None) -> dict[str, Any]:
+        """The rollout's metrics, logged under ``key`` (not logged when ``key`` is None); with ``per_seed_groups``
+        (the rollout's groups) also ``pool_seed_success``, the success rate of each seed."""
         episodes = rollout["episodes"]
         steps = len(rollout["rewards"])
         response_tokens = sum(len(r) for r in rollout["response_ids"])
@@ -307,6 +328,8 @@ class GiGPO(Algorithm):
             "env_step_time_s": rollout["timing"]["env_step_s"],
         }
         metrics["trajectories_lost_by_cause"] = {cause: float(count) for cause, count in rollout["lost"].items()}
+        if per_seed_groups is not None:
+            metrics["pool_seed_success"] = success_by_seed(rollout, per_seed_groups)
         if key is not None:
             prefix = key if isinstance(key, tuple) else (key,)
             self.metrics.log_dict(metrics, key=prefix, window=1)

@@ -108,6 +108,9 @@ class Schedule:
 
 SCHEDULE = Schedule()
 ENV_CONFIG_EXPECTED = "a dict of keyword arguments for every env"
+# A seed pool of at most this many seeds gets a success rate per seed (one metric key each); a larger pool would
+# flood the results, and its stuck seeds show in `stalled_group_fraction` instead.
+PER_SEED_METRICS_MAX_POOL = 64
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,8 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
               "fresh seed (a new map or puzzle every time); an integer N draws the group seeds from the fixed pool "
               "0 .. N − 1, a list from exactly those seeds (each used equally often, in an order that `seed` "
               "shuffles); validation then reports the pool and held-out seeds separately (`validation/pool/`, "
-              "`validation/held_out/`)."),
+              "`validation/held_out/`). A pool of at most "
+              f"{PER_SEED_METRICS_MAX_POOL} seeds also gets each seed's success rate (`pool_seed_success/<seed>`)."),
     ConfigKey("env_step_timeout_s", 60.0, "An env `reset` or `step` that takes longer loses its trajectory (the env "
               "is replaced, the loss counted under `trajectories_lost_by_cause/step_timeout`); `null` waits forever.", check=Number(low=0, low_open=True, nullable=True)),
     ConfigKey("sample_timeout_s", 3600.0, "A remote env runner that has not returned its share of a batch after this "

@@ -216,7 +216,9 @@ def test_tune_runs_gigpo_by_name(ray_session, tmp_path):
 
 
 @pytest.mark.parametrize("pool", [None, 3])
-def test_validation_seeds_are_held_out_and_a_pool_is_validated_separately(ray_session, pool):
+def test_validation_seeds_are_held_out_and_a_pool_is_validated_separately(ray_session, pool, monkeypatch):
+    from gigpo_rllib import algorithm as algorithm_module
+
     algo = tiny_config(val_batch_size=3, val_interval=1,
                       train_env_manager={"num_env_groups": 2, "group_size": 2, "seed_pool": pool}).build()
     rollouts = []  # (group_size, env seeds) of every rollout
@@ -229,8 +231,22 @@ def test_validation_seeds_are_held_out_and_a_pool_is_validated_separately(ray_se
     algo._rollout = recording
     try:
         results = [algo.train() for _ in range(2)]
+        algo._rollout = sample
+        monkeypatch.setattr(algorithm_module, "PER_SEED_METRICS_MAX_POOL", 2)  # a pool too large for per-seed keys
+        over_limit = algo.validate()
     finally:
         algo.stop()
+    if pool is None:
+        assert "pool_seed_success" not in results[0]["env_runners"]
+    else:
+        # Each seed's success rate; both first-batch seeds played 2 episodes, so their mean is the batch's rate.
+        per_seed = results[0]["env_runners"]["pool_seed_success"]
+        assert sorted(per_seed) == sorted(str(seed) for seed in rollouts[0][1])
+        assert np.mean(list(per_seed.values())) == pytest.approx(results[0]["env_runners"]["success_rate"])
+        validated = results[-1]["validation"]["pool"]
+        assert sorted(validated["pool_seed_success"]) == ["0", "1", "2"]
+        assert np.mean(list(validated["pool_seed_success"].values())) == pytest.approx(validated["success_rate"])
+        assert "pool_seed_success" not in over_limit["pool"]
     train_seeds = {seed for size, seeds in rollouts if size == 2 for seed in seeds}
     validation = [seeds for size, seeds in rollouts if size == 1]
     if pool is None:

@@ -29,6 +29,11 @@ def test_bench_learning_quick_covers_every_task_and_estimator(tmp_path):
     assert sorted(report["summary"]) == sorted(f"{task}/{estimator}" for task in ("corridor", "frozenlake", "long")
                                                for estimator in ("gigpo", "grpo"))
     assert all(len(run["success"]) == 2 and run["env_steps"][-1] > 0 for run in report["runs"])
+    # Each pool map's curve is kept (the pool tasks play all eight maps every iteration); the corridor has no pool.
+    pools = {"frozenlake": range(1, 9), "long": range(8), "corridor": []}
+    for run in report["runs"]:
+        assert list(run["pool_seed_success"]) == [str(seed) for seed in pools[run["task"]]]
+        assert all(len(curve) == 2 and None not in curve for curve in run["pool_seed_success"].values())
     # Step groups form on every task: more than one sample per anchor group on average.
     assert all(summary["anchor_mean_group_size"] > 1 for summary in report["summary"].values())
     assert (tmp_path / "learning.png").stat().st_size > 0

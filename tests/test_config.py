@@ -237,6 +237,26 @@ def test_seed_pool_draws_every_seed_equally_often_without_repeats_in_a_pass():
     assert config.pool_seeds == [0, 1, 2]
 
 
+def test_success_by_seed_averages_each_seeds_episodes_across_its_groups():
+    import numpy as np
+
+    from gigpo_rllib.algorithm import success_by_seed
+    from gigpo_rllib.rollout import GroupSpec
+
+    groups = [GroupSpec(group_id=0, tag="Lake", tag_id=0, seed=5), GroupSpec(group_id=1, tag="Lake", tag_id=0, seed=7),
+              GroupSpec(group_id=2, tag="Lake", tag_id=0, seed=5), GroupSpec(group_id=3, tag="Lake", tag_id=0, seed=9)]
+    # Rows are steps; an episode counts once, at its last step. Seed 5: groups 0 and 2 win 1 + 2 of 4 episodes; seed 7
+    # wins 0 of 2 (its first step rows say success=1 but are not episode ends); seed 9's episodes were all lost.
+    group_ids = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    episode_ends = np.array([0, 1, 1, 0, 1, 1, 1, 1, 0], dtype=bool)
+    success = np.array([0, 1, 0, 1, 0, 0, 1, 1, 1], dtype=bool)
+    rollout = {"group_ids": group_ids, "episode_ends": episode_ends, "episode_success": success}
+    assert success_by_seed(rollout, groups) == {"5": 0.75, "7": 0.0}
+    # With several env tags a seed names a different map in each, so the key says which.
+    groups[1] = GroupSpec(group_id=1, tag="Boxes", tag_id=1, seed=5)
+    assert success_by_seed(rollout, groups) == {"Lake/5": 0.75, "Boxes/5": 0.0}
+
+
 def test_float16_training_is_refused_with_the_way_out():
     with pytest.raises(ValueError, match="model_dtype='bfloat16'.*sampler_dtype='float16'"):
         valid_config(model_dtype="float16").validate()
