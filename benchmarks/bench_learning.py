@@ -19,7 +19,8 @@ over iterations and seeds).
 Writes ``learning.json`` (every run's curve, each pool map's curve, and every number of the table) and
 ``learning.png`` (mean curves with 95% bands) into ``--out``.
 
-    python3 benchmarks/bench_learning.py [--tasks frozenlake long corridor] [--seeds 5] [--workers 2] [--out DIR]
+    python3 benchmarks/bench_learning.py [--tasks frozenlake long corridor] [--seeds 5] [--first-seed 0] [--workers 2]
+                                         [--out DIR]
     python3 benchmarks/bench_learning.py --quick    # smoke: one seed, a few iterations per task
 
 The full run (3 tasks x 2 estimators x 5 seeds) took 54 minutes on a 2-core CPU (README "Results").
@@ -199,6 +200,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["frozenlake", "long", "corridor"])
     parser.add_argument("--seeds", type=int, default=5, help="training seeds per task and estimator")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="the training seeds are first-seed .. first-seed + seeds - 1 (e.g. 10 for seeds that "
+                             "no setting was tuned on)")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (one CPU each)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "learning"))
     parser.add_argument("--quick", action="store_true", help="smoke mode: one seed, 2 iterations per run")
@@ -216,7 +220,8 @@ def main() -> None:
     started = time.perf_counter()
     try:
         pending = [remote_run.remote(task, estimator, seed, 1.0, 2 if args.quick else None)
-                   for task in args.tasks for seed in range(seeds) for estimator in ESTIMATORS]
+                   for task in args.tasks for seed in range(args.first_seed, args.first_seed + seeds)
+                   for estimator in ESTIMATORS]
         runs = []
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
