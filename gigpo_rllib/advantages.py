@@ -4,7 +4,7 @@ Every function takes flat 1-D tensors with one entry per *step sample* (one turn
 order, and returns tensors in that same order on the inputs' device. There is no Python loop over samples,
 trajectories or groups. Counter-like ids are relabelled through lookup tables and only wide ones (anchor hashes)
 are sorted; on CPU tensors the sorts and range scans run in numpy on zero-copy views, on other devices in torch.
-Notation (DESIGN.md "The math"):
+Notation (docs/design.md "The math"):
 
 * ``τ(i)`` trajectory, ``g(i)`` episode group, ``t(i)`` step index, ``r_i`` reward, ``a(i)`` anchor state id.
 * Episode return ``R_τ = Σ_t r_t``; episode advantage ``A^E_i = norm(R_τ(i); {R_τ' : τ' ∈ g(i)})`` (Eq. 3),
@@ -208,7 +208,7 @@ def _dense_labels(ids: torch.Tensor, span: int | None = None) -> tuple[torch.Ten
 
 
 def segment_normalize(values: torch.Tensor, segments: torch.Tensor, num_segments: int, method: str) -> torch.Tensor:
-    """Normalise ``values`` within their segment: the ``norm`` of Eqs. 3 and 7 (DESIGN.md) for every group at once.
+    """The ``norm`` of Eqs. 3 and 7 (docs/design.md "The math") of ``values`` within their segments, all at once.
 
     Args:
         values: ``(N,)`` float.

@@ -126,7 +126,7 @@ class ConfigKey:
 
 
 GIGPO_KEYS: tuple[ConfigKey, ...] = (
-    # ----- advantage estimation (DESIGN.md "The math")
+    # ----- advantage estimation (docs/design.md "The math")
     ConfigKey("adv_estimator", "gigpo", "`gigpo`: episode + anchor-state step advantages. `grpo`: the same "
               "pipeline with `step_reward_weight` forced to 0 (the ablation baseline).", ("gigpo", "grpo")),
     ConfigKey("episode_reward_weight", 1.0, "Weight w_E of the episode-level advantage (Eq. 8).", check=ANY_NUMBER),

@@ -3,7 +3,7 @@
 Once per update, on the learner's whole shard (device tensors): :func:`compute_gigpo_advantages`, optional
 whitening over response tokens and clamping, and only then :func:`batch_adjust` so the shard splits into full
 minibatches; then, with ``old_logprobs_source="learner"``, the old log-probs are recomputed with the pre-update
-weights (DESIGN.md "Off-policy correction"). Each minibatch then gets :func:`gigpo_policy_loss`.
+weights (docs/design.md "Off-policy correction"). Each minibatch then gets :func:`gigpo_policy_loss`.
 """
 
 from __future__ import annotations

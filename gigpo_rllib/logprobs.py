@@ -247,7 +247,7 @@ def forward_token_logprobs(
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the model under ``torch.autocast`` in that dtype (the
     learner keeps float32 weights and computes in bfloat16); log-probs are always taken in float32.
 
-    Only the logits that are used are computed (DESIGN.md "Scoring only what is trained"): the decoder runs to
+    Only the logits that are used are computed (docs/design.md "Scoring only what is trained"): the decoder runs to
     hidden states, the hidden state before each response token is gathered, and the output layer is applied there,
     in chunks of :data:`LOGIT_CHUNK_ELEMENTS`; with gradients on, each chunk is recomputed in the backward pass
     instead of being kept. Memory is then O(response tokens x vocabulary) per chunk instead of

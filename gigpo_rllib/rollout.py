@@ -1,10 +1,10 @@
-"""Turn-by-turn rollout of episode groups into GiGPO step samples (DESIGN.md data flow, step 2).
+"""Turn-by-turn rollout of episode groups into GiGPO step samples (docs/design.md "Data flow", step 2).
 
 No RLlib here: the env runner wraps :class:`StepCollector`, and tests drive it directly. Every env of a wave
 acts once per turn; all prompts of the turn go to the sampler in one call. Every turn of every trajectory, valid
 or not, becomes one step sample, and the prompt history records every turn.
 
-A misbehaving env costs its own trajectory, never the batch (DESIGN.md "Lost trajectories"): a ``reset`` or
+A misbehaving env costs its own trajectory, never the batch (docs/design.md "Lost trajectories"): a ``reset`` or
 ``step`` that raises, takes longer than ``step_timeout_s`` or returns a non-finite reward ends that trajectory.
 Its samples are dropped (never filled in), the env is replaced, the fault is logged once per kind and counted by
 cause. A group left with fewer than two finished trajectories has no baseline: it is dropped from the samples
@@ -126,8 +126,8 @@ SAMPLE_COLUMNS = ("rewards", "traj_ids", "step_ids", "group_ids", "tag_ids", "an
 
 def merge_similar_anchors(anchor_ids: np.ndarray, group_ids: np.ndarray, canonical_texts: list[str | None],
                           threshold: float) -> None:
-    """Give near-duplicate states of one episode group one anchor id, in place (DESIGN.md's optional similarity
-    grouping). Within each group the distinct canonical texts are clustered in sorted order, so the result does
+    """Give near-duplicate states of one episode group one anchor id, in place (docs/design.md
+    "Anchor-state ids"). Within each group the distinct canonical texts are clustered in sorted order, so the result does
     not depend on the order of trajectories; each text takes the anchor of its cluster's representative."""
     if any(text is None for text in canonical_texts):
         raise ValueError("anchor similarity grouping needs the canonical observation of every sample "

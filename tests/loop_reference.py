@@ -1,6 +1,6 @@
 """A plain Python-loop GiGPO reference: one dictionary pass per quantity, the way the public implementations
 compute it. Deliberately written independently of ``gigpo_rllib.advantages`` (lists and dicts, no torch ops),
-so the tests compare two derivations of DESIGN.md's math; the benchmark times it as the baseline."""
+so the tests compare two derivations of docs/design.md "The math"; the benchmark times it as the baseline."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The seed configuration's keys and values (DESIGN.md "Seed configuration keys"), checked against both the
+"""The seed configuration's keys and values (docs/design.md "Seed configuration keys"), checked against both the
 config defaults and configs/example_gigpo.yaml."""
 
 SEED_VALUES = {

@@ -1,4 +1,4 @@
-"""One bad env, one hang or one NaN never costs a run (DESIGN.md "Lost trajectories"), end to end through Ray."""
+"""One bad env, one hang or one NaN never costs a run (docs/design.md "Lost trajectories"), end to end through Ray."""
 
 import math
 
