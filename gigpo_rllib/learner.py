@@ -89,7 +89,12 @@ class GiGPOTorchLearner(TorchLearner):
         if distributed and torch.distributed.get_rank() != 0:
             return None
         with torch.no_grad():
-            return pack_weights(self.module[DEFAULT_MODULE_ID].unwrapped().model.state_dict(), dtype)
+            return pack_weights(self.module[DEFAULT_MODULE_ID].unwrapped().sampler_state_dict(), dtype)
+
+    def get_parameters(self, module) -> list[torch.nn.Parameter]:
+        """The parameters the optimizer updates: the trainable ones (with LoRA the adapters alone, so the optimizer
+        keeps state for them only; otherwise every weight)."""
+        return [parameter for parameter in module.parameters() if parameter.requires_grad]
 
     # ------------------------------------------------------------------------ once per update, whole shard
 

@@ -18,8 +18,10 @@ Batch format for ``forward_train`` (all tensors on the module's device, one row 
 Output: ``{"token_logprobs": (B, S) float32, "token_entropy": (B, S) float32}``, 0 off the response.
 
 ``model_config`` keys: ``"model"`` (name or path, default ``"gigpo-tiny"``), ``"compute_dtype"``
-(``"float32"`` or ``"bfloat16"``), ``"temperature"`` (1.0, must equal the sampler's) and
-``"gradient_checkpointing"`` (False). :class:`~gigpo_rllib.config.GiGPOConfig` fills them from its own keys. The
+(``"float32"`` or ``"bfloat16"``), ``"temperature"`` (1.0, must equal the sampler's), ``"gradient_checkpointing"``
+(False) and ``"lora"`` (None, or LoRA settings: see :mod:`gigpo_rllib.lora`; then only the adapters train, the
+module's state is the adapters alone, and its inference-only state and ``sampler_state_dict`` are the merged weights
+under the base model's names, which is what the samplers load). :class:`~gigpo_rllib.config.GiGPOConfig` fills them from its own keys. The
 observation/action spaces are unused placeholders (e.g. ``Box(0, 1, (1,))`` and ``Discrete(1)``).
 
 Mixed precision: the weights (and so the optimizer state) are always float32; with ``compute_dtype="bfloat16"``
@@ -39,6 +41,7 @@ import torch
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
 from gigpo_rllib.logprobs import forward_token_logprobs
+from gigpo_rllib.lora import add_lora_adapters, adapter_state_dict, is_lora_model, merged_state_dict
 from gigpo_rllib.models import TINY_MODEL_NAME, load_model_and_tokenizer
 
 MODEL_ATTR = "model"
@@ -47,7 +50,8 @@ MODULE_PREFIX = MODEL_ATTR + "."
 TOKEN_LOGPROBS = "token_logprobs"
 TOKEN_ENTROPY = "token_entropy"
 
-_DEFAULTS = {"model": TINY_MODEL_NAME, "compute_dtype": "float32", "temperature": 1.0, "gradient_checkpointing": False}
+_DEFAULTS = {"model": TINY_MODEL_NAME, "compute_dtype": "float32", "temperature": 1.0, "gradient_checkpointing": False,
+             "lora": None}
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -88,6 +92,8 @@ class LLMRLModule(TorchRLModule):
         if cfg["gradient_checkpointing"]:
             # Non-reentrant checkpointing is the kind DistributedDataParallel supports.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg["lora"] is not None:
+            model = add_lora_adapters(model, cfg["lora"])
         self.model = model
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
@@ -135,17 +141,24 @@ class LLMRLModule(TorchRLModule):
         )
 
     def get_state(self, components=None, *, not_components=None, inference_only: bool = False, **kwargs):
-        """The weights as numpy arrays (the whole model is needed for inference, so ``inference_only`` keeps
-        everything); see :func:`state_dict_to_numpy` for bfloat16."""
-        return state_dict_to_numpy(self.state_dict())
+        """The weights as numpy arrays (see :func:`state_dict_to_numpy` for bfloat16): the whole model (inference
+        needs all of it). With LoRA, the trainable adapters alone (the frozen base is rebuilt from the model name),
+        or with ``inference_only`` (what RLlib hands env runners) the merged weights under the base model's
+        names."""
+        if not is_lora_model(self.model):
+            return state_dict_to_numpy(self.state_dict())
+        weights = merged_state_dict(self.model) if inference_only else adapter_state_dict(self.model)
+        return state_dict_to_numpy({MODULE_PREFIX + name: tensor for name, tensor in weights.items()})
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        """Load a (numpy or torch) state dict in place. Tied parameters may appear under one name or
-        both; unknown keys and shape mismatches raise ValueError instead of being skipped silently."""
+        """Load a (numpy or torch) state dict in place; it may hold a part of the weights (a LoRA module's state is
+        its adapters). Tied parameters may appear under one name or both; unknown keys and shape mismatches raise
+        ValueError instead of being skipped silently."""
         own = self.state_dict(keep_vars=True)
         unknown = sorted(set(state) - set(own))
         if unknown:
-            raise ValueError(f"LLMRLModule.set_state got keys the module lacks: {unknown[:5]}")
+            lora = " (a LoRA module takes its adapters, not merged weights)" if is_lora_model(self.model) else ""
+            raise ValueError(f"LLMRLModule.set_state got keys the module lacks{lora}: {unknown[:5]}")
         with torch.no_grad():
             for name, value in state.items():
                 target = own[name]
@@ -157,6 +170,8 @@ class LLMRLModule(TorchRLModule):
                 target.data.copy_(src.to(device=target.device, dtype=target.dtype))
 
     def sampler_state_dict(self) -> dict[str, torch.Tensor]:
-        """The HF model's own state dict (keys without the ``"model."`` prefix), for ``Sampler.load_weights``
-        when learner and sampler share a process. Across processes use :func:`to_sampler_state_dict`."""
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
+        """The weights a sampler loads: the HF model's own state dict (keys without the ``"model."`` prefix; with
+        LoRA the merged weights under the base model's names). Across processes use :func:`to_sampler_state_dict`
+        of the inference-only state."""
+        weights = merged_state_dict(self.model) if is_lora_model(self.model) else self.model.state_dict()
+        return {name: tensor.detach() for name, tensor in weights.items()}

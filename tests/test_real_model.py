@@ -26,6 +26,7 @@ from gigpo_rllib.rl_module import TOKEN_LOGPROBS
 from gigpo_rllib.rollout import PromptBuilder, allowed_reply_ids
 from gigpo_rllib.sampling import SamplingParams
 from gigpo_rllib.sampling.hf import pad_allowed_responses
+from tests.test_rl_module import assert_learner_recomputes_sampler_logprobs
 
 pytestmark = pytest.mark.slow
 MODEL = SMOLLM2_MODEL_NAME
@@ -147,10 +148,7 @@ def test_hf_sampler_logprobs_equal_the_learners_at_step_0_under_the_constraint(s
                 assert completion.token_ids in replies and completion.finish_reason == "stop"
         batch = right_padded_batch(prompts, [c.token_ids for c in completions], tokenizer.pad_token_id,
                                    allowed=[a or [[-1]] for a in allowed])
-        with torch.no_grad():
-            new = learner.forward_train(batch)[TOKEN_LOGPROBS][batch["response_mask"]]
-        old = torch.tensor([logprob for c in completions for logprob in c.logprobs])
-        torch.testing.assert_close(new, old, atol=1e-4, rtol=0)
+        assert_learner_recomputes_sampler_logprobs(learner, batch, completions, atol=1e-4)
     finally:
         sampler.close()
 

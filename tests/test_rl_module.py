@@ -114,6 +114,17 @@ def test_forward_train_shapes_and_gradient(module):
         module.forward_train({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
 
 
+def assert_learner_recomputes_sampler_logprobs(learner, batch, completions, *, atol: float) -> dict:
+    """The learner module's log-probs of the sampled replies in ``batch`` equal the sampler's recorded ones (the PPO
+    ratio is 1 before any update); returns the module's output."""
+    with torch.no_grad():
+        out = learner.forward_train(batch)
+    new = out[TOKEN_LOGPROBS][batch["response_mask"]]
+    old = torch.tensor([logprob for completion in completions for logprob in completion.logprobs])
+    torch.testing.assert_close(new, old, atol=atol, rtol=0)
+    return out
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampler_logprobs_equal_learner_logprobs(module, temperature):
     """THE KEY TEST: same weights -> old (sampler) and new (learner) log-probs agree, ratio == 1."""
@@ -142,12 +153,7 @@ def test_sampler_logprobs_equal_learner_logprobs(module, temperature):
                                  allowed_responses=allowed, seed=0)
         batch = _right_padded_batch(prompts, comps, tok.pad_token_id,
                                     allowed=[a if a else [[-1]] for a in allowed])
-        out = learner.forward_train(batch)
-        new = out[TOKEN_LOGPROBS][batch["response_mask"]]
-        old = torch.tensor([lp for c in comps for lp in c.logprobs])
-        torch.testing.assert_close(new.detach(), old, atol=1e-5, rtol=0)
-        ratio = torch.exp(new.detach() - old)
-        assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
+        out = assert_learner_recomputes_sampler_logprobs(learner, batch, comps, atol=1e-5)
         assert (out[TOKEN_ENTROPY][batch["response_mask"]] >= -1e-6).all()
     finally:
         sampler.close()
