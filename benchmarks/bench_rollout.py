@@ -87,6 +87,12 @@ def iteration_split(backend: str, model: str, iterations: int) -> dict[str, floa
                         history_length=1, sequence_length=512, lr=1e-4, sampler_backend=backend,
                         model_name_or_path=model)
               .env_runners(num_env_runners=1).debugging(seed=0))
+    return config_iteration_split(config, iterations)[0]
+
+
+def config_iteration_split(config, iterations: int) -> tuple[dict[str, float], list[dict]]:
+    """``(median seconds per part of an iteration, the results)`` of ``iterations`` training iterations of
+    ``config`` (the first, which warms up, is not counted)."""
     algo = config.build_algo()
     try:
         results = [algo.train() for _ in range(iterations)][1:]
@@ -94,15 +100,7 @@ def iteration_split(backend: str, model: str, iterations: int) -> dict[str, floa
         algo.stop()
 
     def median(*path: str) -> float:
-        values = []
-        for result in results:
-            value = result
-            for key in path:
-                if not isinstance(value, dict) or key not in value:
-                    raise KeyError(f"result has no {'/'.join(path)}: a renamed metric must not read as 0 s")
-                value = value[key]
-            values.append(float(value))
-        return statistics.median(values)
+        return statistics.median(result_value(result, *path) for result in results)
 
     learner_update = median("timers", "learner_update_timer")
     # Only a learner that recomputes the old log-probs (vLLM sampling) times that pass.
@@ -111,7 +109,17 @@ def iteration_split(backend: str, model: str, iterations: int) -> dict[str, floa
     advantages = median("learners", "__all_modules__", "advantages_time_s")
     return {"rollout": median("timers", "env_runner_sampling_timer"), "old log-probs": old_logprobs,
             "advantages": advantages, "update": learner_update - old_logprobs - advantages,
-            "weight sync": median("timers", "synch_weights"), "iteration": median("time_this_iter_s")}
+            "weight sync": median("timers", "synch_weights"), "iteration": median("time_this_iter_s")}, results
+
+
+def result_value(result: dict, *path: str) -> float:
+    """``result[path[0]][path[1]]...`` as a float; a missing key is an error (a renamed metric must not read as 0)."""
+    value = result
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            raise KeyError(f"result has no {'/'.join(path)}: a renamed metric must not read as 0 s")
+        value = value[key]
+    return float(value)
 
 
 def main() -> None:

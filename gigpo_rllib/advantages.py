@@ -477,6 +477,29 @@ def _per_trajectory(values: torch.Tensor, layout: _TrajectoryLayout, name: str) 
     return per_traj
 
 
+def groups_without_spread(episode_returns: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Which episode groups have no return spread: every episode earned the same return ``R``, so the
+    episode-level advantage of Eq. 3 is zero for every member (``segment_normalize``'s spread threshold decides
+    "the same"). Dynamic sampling leaves such groups out of the batch.
+
+    Args:
+        episode_returns: ``(N,)`` float, each sample's episode return (one row per trajectory is enough).
+        group_ids: ``(N,)`` integer episode-group id.
+
+    Returns:
+        ``(G,)`` bool, one entry per episode group in increasing id order.
+    """
+    n = episode_returns.shape[0]
+    _check_1d("episode_returns", episode_returns, None)
+    _check_ids("group_ids", group_ids, n, episode_returns.device, "episode_returns")
+    labels, num_groups = _dense_labels(group_ids)
+    returns = episode_returns.to(_STATS_DTYPE)
+    fill = torch.full((num_groups,), math.inf, dtype=_STATS_DTYPE, device=returns.device)
+    low = fill.scatter_reduce(0, labels, returns, "amin")
+    high = (-fill).scatter_reduce(0, labels, returns, "amax")
+    return (high - low) <= high.abs().add(1.0).mul(_ZERO_STD_RELATIVE)
+
+
 def stalled_groups(episode_returns: torch.Tensor, group_ids: torch.Tensor, episode_success: torch.Tensor
                    ) -> torch.Tensor:
     """Which episode groups are stuck: no episode succeeded and every episode earned the same return.
@@ -494,23 +517,12 @@ def stalled_groups(episode_returns: torch.Tensor, group_ids: torch.Tensor, episo
     Returns:
         ``(G,)`` bool, one entry per episode group in increasing id order.
     """
-    n = episode_returns.shape[0]
-    _check_1d("episode_returns", episode_returns, None)
-    _check_ids("group_ids", group_ids, n, episode_returns.device, "episode_returns")
-    _check_1d("episode_success", episode_success, n, "episode_returns")
+    flat = groups_without_spread(episode_returns, group_ids)
+    _check_1d("episode_success", episode_success, episode_returns.shape[0], "episode_returns")
     labels, num_groups = _dense_labels(group_ids)
-    returns = episode_returns.to(_STATS_DTYPE)
-    fill = torch.full((num_groups,), math.inf, dtype=_STATS_DTYPE, device=returns.device)
-    low = fill.scatter_reduce(0, labels, returns, "amin")
-    high = (-fill).scatter_reduce(0, labels, returns, "amax")
-    solved = torch.zeros(num_groups, dtype=torch.bool, device=returns.device).index_put_(
+    solved = torch.zeros(num_groups, dtype=torch.bool, device=episode_returns.device).index_put_(
         (labels,), episode_success.bool(), accumulate=True)
-    # segment_normalize's spread threshold: a group it gives zero advantage counts as flat.
-    flat = (high - low) <= high.abs().add(1.0).mul(_ZERO_STD_RELATIVE)
     return flat & ~solved
-
-
-# -------------------------------------------------------------------------------------------- batch adjust
 
 
 def batch_adjust(num_samples: int, divisor: int, mode: str, seed: int = 0) -> torch.Tensor:

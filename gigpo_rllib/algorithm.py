@@ -7,6 +7,7 @@ Each block is timed under RLlib's ``timers``; rollout metrics go under ``env_run
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Sequence
 
@@ -25,7 +26,8 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
-from gigpo_rllib.batch import merge_rollouts, minibatches_per_shard, pad_token_batch, shard_rows, take_rows
+from gigpo_rllib.batch import (groups_with_signal, merge_rollouts, minibatches_per_shard, pad_token_batch, shard_rows,
+                               take_groups, take_rows)
 from gigpo_rllib.config import PER_SEED_METRICS_MAX_POOL, POOL_SEED_LIMIT, GiGPOConfig
 from gigpo_rllib.rollout import GroupSpec, mix_seeds
 
@@ -51,6 +53,15 @@ def success_by_seed(rollout: dict[str, Any], groups: Sequence[GroupSpec]) -> dic
         group = by_group[group_id]
         wins.setdefault(f"{group.tag}/{group.seed}" if several_tags else str(group.seed), []).append(success)
     return {seed: float(np.mean(values)) for seed, values in wins.items()}
+
+
+def split_by_tag(groups_per_tag: Sequence[int], count: int) -> list[int]:
+    """``count`` episode groups split over the env tags in the proportions of ``groups_per_tag`` (rounded down,
+    the remainder to the first tag)."""
+    weights = np.asarray(groups_per_tag, dtype=np.float64)
+    per_tag = np.floor(weights / weights.sum() * count).astype(int)
+    per_tag[0] += count - per_tag.sum()
+    return per_tag.tolist()
 
 
 def _check_gpu_placement(config: GiGPOConfig) -> None:
@@ -124,22 +135,15 @@ class GiGPO(Algorithm):
     def training_step(self) -> None:
         self._check_not_stopped()
         config = self.config
-        group_size = config.train_env_manager["group_size"]
-        count = sum(config.groups_per_tag)
-        seeds = episode_group_seeds(self._train_draws, count, self._base_seed, config.pool_seeds)
-        groups = self._groups(config.groups_per_tag, seeds)
-        sampling_seed = self._base_seed + self._train_draws
-        self._train_draws += count
-
         with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER), **THIS_ITERATION):
             started = time.perf_counter()
-            rollout = self._rollout(groups, group_size, seed=sampling_seed)
+            sampled, groups, training = self._sample_training_batch()
             sample_seconds = time.perf_counter() - started
-        self._log_rollout(rollout, ENV_RUNNER_RESULTS, sample_seconds, groups if self._per_seed_metrics else None)
-        self.metrics.log_value((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), len(rollout["rewards"]),
+        self._log_rollout(sampled, ENV_RUNNER_RESULTS, sample_seconds, groups if self._per_seed_metrics else None)
+        self.metrics.log_value((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), len(sampled["rewards"]),
                                reduce="lifetime_sum")
 
-        batch = pad_token_batch(rollout, self._pad_token_id, rollout.get("allowed_replies"))
+        batch = pad_token_batch(training, self._pad_token_id, training.get("allowed_replies"))
         with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER), **THIS_ITERATION):
             started = time.perf_counter()
             learner_results = self._update(batch)
@@ -154,6 +158,44 @@ class GiGPO(Algorithm):
 
         if config.val_interval and (self.iteration + 1) % config.val_interval == 0:
             self.validate()
+
+    def _sample_training_batch(self) -> tuple[dict[str, Any], list[GroupSpec], dict[str, Any]]:
+        """``(everything sampled, its groups, the rollout to train on)``. Without ``dynamic_sampling`` one round of
+        ``num_env_groups`` groups, all trained on. With it, groups without return spread are left out and further
+        rounds (each about the expected shortfall, at the signal rate seen so far) sample more, until
+        ``num_env_groups`` groups with signal are in or ``dynamic_sampling_max_rounds`` extra rounds are spent;
+        the batch then takes the first ``num_env_groups`` groups with signal (all of the first round when none has
+        any). Each round draws fresh env seeds, so a resumed run continues exactly."""
+        config = self.config
+        group_size = config.train_env_manager["group_size"]
+        wanted = sum(config.groups_per_tag)
+        rounds = 1 + (config.dynamic_sampling_max_rounds if config.dynamic_sampling else 0)
+        rollouts: list[dict[str, Any]] = []
+        groups: list[GroupSpec] = []
+        with_signal: list[np.ndarray] = []
+        per_tag = config.groups_per_tag
+        for round_number in range(rounds):
+            found = sum(len(ids) for ids in with_signal)
+            if round_number:
+                if found >= wanted:
+                    break
+                rate = max(found, 1) / len(groups)
+                per_tag = split_by_tag(config.groups_per_tag, min(wanted, math.ceil((wanted - found) / rate)))
+            count = sum(per_tag)
+            seeds = episode_group_seeds(self._train_draws, count, self._base_seed, config.pool_seeds)
+            new_groups = self._groups(per_tag, seeds, first_group_id=len(groups))
+            sampling_seed = self._base_seed + self._train_draws
+            self._train_draws += count
+            rollouts.append(self._rollout(new_groups, group_size, seed=sampling_seed))
+            groups += new_groups
+            with_signal.append(groups_with_signal(rollouts[-1]))
+        sampled = merge_rollouts(rollouts, sequential=True)
+        signal = np.concatenate(with_signal)
+        self.metrics.log_dict({"groups_with_signal_fraction": len(signal) / len(groups),
+                               "dynamic_sampling_rounds": float(len(rollouts) - 1)}, key=ENV_RUNNER_RESULTS, window=1)
+        if not config.dynamic_sampling:
+            return sampled, groups, sampled
+        return sampled, groups, take_groups(sampled, signal[:wanted]) if len(signal) else rollouts[0]
 
     def validate(self, episodes: int | None = None, transcripts: int = 0) -> dict[str, Any]:
         """Roll out ``episodes`` (default ``val_batch_size``) single episodes on held-out seeds (never used in
@@ -181,9 +223,7 @@ class GiGPO(Algorithm):
         self._check_not_stopped()
         config = self.config
         count = episodes or config.val_batch_size
-        weights = np.asarray(config.groups_per_tag, dtype=np.float64)
-        per_tag = np.floor(weights / weights.sum() * count).astype(int)
-        per_tag[0] += count - per_tag.sum()
+        per_tag = split_by_tag(config.groups_per_tag, count)
         pool = config.pool_seeds
         held_out = [self._base_seed + VALIDATION_SEED_OFFSET + self._val_draws + i for i in range(count)]
         if pool is None:
@@ -197,9 +237,9 @@ class GiGPO(Algorithm):
             results["transcripts"] = results["held_out"].pop("transcripts")
         return results
 
-    def _validation_rollout(self, per_tag: np.ndarray, seeds: list[int], key: tuple[str, ...] | None,
+    def _validation_rollout(self, per_tag: list[int], seeds: list[int], key: tuple[str, ...] | None,
                             transcripts: int, per_seed: bool = False) -> dict[str, Any]:
-        groups = self._groups(per_tag.tolist(), seeds)
+        groups = self._groups(per_tag, seeds)
         sampling_seed = self._base_seed + VALIDATION_SEED_OFFSET + self._val_draws
         self._val_draws += len(groups)
         started = time.perf_counter()
@@ -230,12 +270,14 @@ class GiGPO(Algorithm):
     def _base_seed(self) -> int:
         return self.config.seed if self.config.seed is not None else 0
 
-    def _groups(self, groups_per_tag: list[int], seeds: Sequence[int]) -> list[GroupSpec]:
-        """Episode groups of each tag, in tag order, taking their env seeds from ``seeds`` in order."""
+    def _groups(self, groups_per_tag: list[int], seeds: Sequence[int], first_group_id: int = 0) -> list[GroupSpec]:
+        """Episode groups of each tag, in tag order, taking their env seeds from ``seeds`` in order; group ids count
+        from ``first_group_id`` (a batch sampled in several rounds keeps them distinct)."""
         groups = []
         for tag_id, (tag, count) in enumerate(zip(self.config.env_tags, groups_per_tag)):
             for _ in range(count):
-                groups.append(GroupSpec(group_id=len(groups), tag=tag, tag_id=tag_id, seed=int(seeds[len(groups)])))
+                groups.append(GroupSpec(group_id=first_group_id + len(groups), tag=tag, tag_id=tag_id,
+                                        seed=int(seeds[len(groups)])))
         return groups
 
     def _rollout(self, groups: list[GroupSpec], group_size: int, seed: int, transcripts: bool = False

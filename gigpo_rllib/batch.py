@@ -11,27 +11,60 @@ from typing import Any
 
 import numpy as np
 
-from gigpo_rllib.advantages import batch_adjust
+from gigpo_rllib.advantages import batch_adjust, groups_without_spread
 from gigpo_rllib.logprobs import PAD_REPLY_ID
 from gigpo_rllib.rollout import EPISODE_COLUMNS, SAMPLE_COLUMNS
 
 
-def merge_rollouts(rollouts: list[dict[str, Any]]) -> dict[str, Any]:
+# Per-sample columns held as lists of variable-length rows (token ids, log-probs, allowed replies).
+ROW_LIST_COLUMNS = ("prompt_ids", "response_ids", "response_logprobs", "allowed_replies")
+
+
+def merge_rollouts(rollouts: list[dict[str, Any]], sequential: bool = False) -> dict[str, Any]:
     """Concatenate the outputs of several :meth:`StepCollector.collect` calls (counts add up; the first fault is
-    kept)."""
+    kept). Timings are those of the slowest rollout (runners sample side by side), or their sum when the rollouts
+    ran one after another (``sequential``)."""
     merged: dict[str, Any] = {name: np.concatenate([r[name] for r in rollouts]) for name in SAMPLE_COLUMNS}
-    for name in ("prompt_ids", "response_ids", "response_logprobs", "allowed_replies"):
+    for name in ROW_LIST_COLUMNS:
         if name in rollouts[0]:
             merged[name] = [row for r in rollouts for row in r[name]]
     merged["episodes"] = {k: np.concatenate([r["episodes"][k] for r in rollouts]) for k in EPISODE_COLUMNS}
     if "transcript" in rollouts[0]["episodes"]:
         merged["episodes"]["transcript"] = [turns for r in rollouts for turns in r["episodes"]["transcript"]]
-    merged["timing"] = {k: max(r["timing"][k] for r in rollouts) for k in rollouts[0]["timing"]}
+    combine = sum if sequential else max
+    merged["timing"] = {k: combine(r["timing"][k] for r in rollouts) for k in rollouts[0]["timing"]}
     for name in ("token_counts", "lost"):
         merged[name] = {k: sum(r[name][k] for r in rollouts) for k in rollouts[0][name]}
     merged["groups_dropped"] = sum(r["groups_dropped"] for r in rollouts)
     merged["first_fault"] = next((r["first_fault"] for r in rollouts if r["first_fault"]), None)
     return merged
+
+
+def groups_with_signal(rollout: dict[str, Any]) -> np.ndarray:
+    """Ids of the rollout's episode groups whose episode returns differ (the others get zero episode-level advantage,
+    :func:`~gigpo_rllib.advantages.groups_without_spread`), in increasing order."""
+    import torch
+
+    # A runner whose trajectories were all lost sends empty (float) columns: ids are cast back to integers.
+    _, traj_labels = np.unique(rollout["traj_ids"].astype(np.int64), return_inverse=True)
+    returns = np.bincount(traj_labels, weights=rollout["rewards"].astype(np.float64))
+    ends = np.flatnonzero(rollout["episode_ends"])  # one row per trajectory
+    group_ids = rollout["group_ids"][ends].astype(np.int64)
+    flat = groups_without_spread(torch.from_numpy(returns[traj_labels[ends]]), torch.from_numpy(group_ids)).numpy()
+    return np.unique(group_ids)[~flat]
+
+
+def take_groups(rollout: dict[str, Any], group_ids: np.ndarray) -> dict[str, Any]:
+    """The step samples of ``rollout`` whose episode group is in ``group_ids`` (the per-episode records, counts and
+    timings stay whole: they describe what was sampled)."""
+    rows = np.flatnonzero(np.isin(rollout["group_ids"], group_ids))
+    taken = dict(rollout)
+    for name in SAMPLE_COLUMNS:
+        taken[name] = rollout[name][rows]
+    for name in ROW_LIST_COLUMNS:
+        if name in rollout:
+            taken[name] = [rollout[name][row] for row in rows]
+    return taken
 
 
 def pad_token_batch(samples: dict[str, Any], pad_token_id: int, allowed_replies: list[list[list[int]]] | None = None

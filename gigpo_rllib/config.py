@@ -170,6 +170,17 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
     # ----- batch shape
     ConfigKey("rollout_batch_size", 1024, "Trajectories per training batch; must equal "
               "`train_env_manager.num_env_groups × group_size`.", check=POSITIVE_INT),
+    ConfigKey("dynamic_sampling", False, "Train only on episode groups whose episode returns differ (DAPO's dynamic "
+              "sampling): groups where every try ended alike (all lost, or all won with one return) get zero "
+              "episode-level advantage and are left out, and more groups are sampled, in extra rounds of about the "
+              "expected shortfall, until the batch holds `num_env_groups` groups with signal or "
+              "`dynamic_sampling_max_rounds` extra rounds are spent (then it trains on the groups it has; with "
+              "none, on the first round's batch). Every sampled episode counts in the rollout metrics and the "
+              "env-step count; `env_runners/groups_with_signal_fraction` and `env_runners/dynamic_sampling_rounds` "
+              "say how it went. Helps a peaked pretrained policy whose groups are mostly all-won or all-lost.",
+              check=FLAG),
+    ConfigKey("dynamic_sampling_max_rounds", 3, "The most extra sampling rounds per iteration with "
+              "`dynamic_sampling`.", check=POSITIVE_INT),
     ConfigKey("val_batch_size", 1024, "Episodes per validation run (group size 1, seeds disjoint from training).", check=POSITIVE_INT),
     ConfigKey("val_interval", 0, "Validate every this many iterations; 0 never validates.", check=NON_NEGATIVE_INT),
     ConfigKey("sequence_length", 1024, "Token budget of prompt + reply per turn; the oldest history turns are "

