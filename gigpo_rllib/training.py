@@ -122,9 +122,11 @@ class _Session:
         self._announce_plan()
         clear_leftovers(self.plan)
         self.algo = self._build()
-        logs = RunLogs(self.run_dir, resume_after=self.plan.iteration if self.plan.resume else None)
+        logs = None
         try:
             self._restore()
+            # Only now that the checkpoint has loaded: a resume that fails keeps every progress row it had.
+            logs = RunLogs(self.run_dir, resume_after=self.plan.iteration if self.plan.resume else None)
             self.say(f"built GiGPO in {time.perf_counter() - started:.1f}s (env {self.config.env_tags}, "
                      f"{self.config.rollout_batch_size} trajectories per iteration, {self.config.num_env_runners} "
                      f"env runner(s)); {self._stop_text()}; run directory {self.run_dir} (progress.csv, "
@@ -138,7 +140,8 @@ class _Session:
         except BaseException as error:  # noqa: BLE001 - reported with the run's whereabouts, then re-raised
             raise self._failure(error) from error
         finally:
-            logs.close()
+            if logs is not None:
+                logs.close()
             self.algo.stop()
         summary = _summary(self.rows, time.perf_counter() - started, self.checkpoint, logs.csv.path)
         summary.update(run_dir=str(self.run_dir), stopped_by=self.stopped_by)

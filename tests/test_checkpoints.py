@@ -1,7 +1,9 @@
 """Checkpoints written atomically, damaged ones recognised, run directories refused or resumed, and training
 failures that still leave a checkpoint when the state is sound."""
 
+import io
 import json
+import os
 import pickle
 import re
 from types import SimpleNamespace
@@ -153,3 +155,49 @@ def test_a_failed_run_exits_1_and_keeps_a_final_checkpoint(ray_session, tmp_path
     checkpoint = (run_dir / "checkpoint_000001").resolve()
     assert f"rllib: last checkpoint: {checkpoint}" in err and checkpoint_problem(checkpoint) is None
     assert "the lake froze over" in (run_dir / "error.txt").read_text()
+
+
+def test_a_replacement_killed_between_its_renames_keeps_the_checkpoint(tmp_path, monkeypatch):
+    first = save_checkpoint(FakeAlgo(2), tmp_path)
+    rename = os.rename
+
+    def killed_before_the_second_rename(source, target):
+        if ".partial-" in str(source):
+            raise KeyboardInterrupt  # the old checkpoint is already aside, the new one not yet in place
+        rename(source, target)
+
+    monkeypatch.setattr(os, "rename", killed_before_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(FakeAlgo(2), tmp_path)
+    monkeypatch.setattr(os, "rename", rename)
+    assert list_checkpoints(tmp_path) == [] and len(staging_leftovers(tmp_path)) == 2
+
+    plan = plan_run(tmp_path, resume=True)
+    clear_leftovers(plan)
+    assert plan.checkpoint == first and plan.iteration == 2
+    assert checkpoint_problem(first) is None and staging_leftovers(tmp_path) == []
+
+
+def test_a_resume_that_cannot_restore_keeps_every_progress_row(tmp_path, monkeypatch):
+    from gigpo_rllib import training
+    from gigpo_rllib.experiment import ExperimentError
+    from gigpo_rllib.progress import CsvLog, read_csv
+
+    save_checkpoint(FakeAlgo(1), tmp_path)
+    progress = CsvLog(tmp_path / "progress.csv")
+    for iteration in (1, 2, 3):
+        progress.append({"iteration": iteration})
+
+    class UnloadableAlgo:
+        iteration = 0
+
+        def restore_from_path(self, path):
+            raise OSError("the checkpoint's learner state cannot be read")
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(training._Session, "_build", lambda session: UnloadableAlgo())
+    with pytest.raises(ExperimentError, match="cannot resume from"):
+        training.train(None, 5, checkpoint_dir=tmp_path, resume=True, out=io.StringIO())
+    assert [row["iteration"] for row in read_csv(tmp_path / "progress.csv")] == [1.0, 2.0, 3.0]
