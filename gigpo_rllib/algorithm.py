@@ -118,6 +118,22 @@ class GiGPO(Algorithm):
         # episode_group_seeds) and seed the sampling, so a resumed run continues where it stopped.
         self._train_draws = 0
         self._val_draws = 0
+        self._update_started = False
+
+    @property
+    def checkpoint_is_consistent(self) -> bool:
+        """Whether a checkpoint taken now holds the state of ``iteration``. False from the start of an iteration's
+        learner update until that iteration ends: the weights, optimizer state and seed counters are then already
+        the next iteration's (a failure in validation or evaluation would otherwise save them under the old
+        iteration, and a resume would apply the update twice). A failure while sampling leaves the state consistent:
+        it only uses up that batch's env seeds."""
+        return not self._update_started
+
+    def step(self) -> dict[str, Any]:
+        results = super().step()
+        # The iteration is over: Algorithm.train counts it as soon as this returns.
+        self._update_started = False
+        return results
 
     # ------------------------------------------------------------------------------------ the iteration
 
@@ -140,6 +156,7 @@ class GiGPO(Algorithm):
                                reduce="lifetime_sum")
 
         batch = pad_token_batch(rollout, self._pad_token_id, rollout.get("allowed_replies"))
+        self._update_started = True
         with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER), **THIS_ITERATION):
             started = time.perf_counter()
             learner_results = self._update(batch)
