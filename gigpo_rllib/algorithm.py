@@ -70,11 +70,18 @@ def _check_gpu_placement(config: GiGPOConfig) -> None:
 
 
 def _pack_for_samplers(learner, dtype: str, put_in_object_store: bool):
-    """Runs on a learner: ``(packed weights or an ObjectRef to them, bytes)``, or None on ranks other than 0."""
+    """Runs on a learner: ``(packed weights or an ObjectRef to them, bytes, their sequence number)``, or None on
+    ranks other than 0."""
     packed = learner.packed_weights(dtype)
     if packed is None:
         return None
-    return (ray.put(packed) if put_in_object_store else packed), packed.nbytes
+    return (ray.put(packed) if put_in_object_store else packed), packed.nbytes, learner_weights_seq_no(learner)
+
+
+def learner_weights_seq_no(learner) -> int:
+    """The sequence number of the learner's weights: RLlib's learner counts its updates, and every RLlib weight sync
+    (a restore, a restarted runner, ``evaluate``) hands the runners that number, so GiGPO's own sync does too."""
+    return learner._weights_seq_no
 
 
 def episode_group_seeds(first_draw: int, count: int, base: int, pool: Sequence[int] | None) -> list[int]:
@@ -119,6 +126,9 @@ class GiGPO(Algorithm):
         self._train_draws = 0
         self._val_draws = 0
         self._update_started = False
+        # The sequence number of the weights every sampler must hold (see learner_weights_seq_no); None: ask the
+        # learner (after a restore).
+        self._weights_seq_no: int | None = 0
 
     @property
     def checkpoint_is_consistent(self) -> bool:
@@ -271,9 +281,11 @@ class GiGPO(Algorithm):
         indices = self._healthy_runner_indices() if remote else [0]
         # Round-robin keeps each runner's share of every tag about equal.
         shares = {index: groups[position::len(indices)] for position, index in enumerate(indices)}
+        weights_seq_no = self._current_weights_seq_no()
         outputs = runners.foreach_env_runner(
             lambda runner: runner.sample(groups=shares[runner.worker_index], group_size=group_size,
-                                         seed=mix_seeds(seed, runner.worker_index), transcripts=transcripts),
+                                         seed=mix_seeds(seed, runner.worker_index), transcripts=transcripts,
+                                         weights_seq_no=weights_seq_no),
             local_env_runner=not remote, timeout_seconds=config.sample_timeout_s if remote else None)
         answered = [out for out in outputs if "error" not in out]
         runner_lost = {"runner_failed": 0, "runner_timeout": 0}
@@ -382,14 +394,19 @@ class GiGPO(Algorithm):
         remote = self.config.num_learners > 0
         results = [call.get() for call in self.learner_group.foreach_learner(
             lambda learner: _pack_for_samplers(learner, dtype, put_in_object_store=remote))]
-        packed, nbytes = next(result for result in results if result is not None)
+        packed, nbytes, weights_seq_no = next(result for result in results if result is not None)
         reference = packed if remote else ray.put(packed)
         self.metrics.log_value((LEARNER_RESULTS, ALL_MODULES, "weight_sync_bytes"), float(nbytes), window=1)
-        sync_number = self.iteration + 1
         runners = self.env_runner_group
-        runners.foreach_env_runner(lambda runner: runner.load_packed_weights(reference, sync_number),
+        runners.foreach_env_runner(lambda runner: runner.load_packed_weights(reference, weights_seq_no),
                                    local_env_runner=runners.num_remote_env_runners() == 0,
                                    timeout_seconds=WEIGHT_SYNC_TIMEOUT_S)
+        self._weights_seq_no = weights_seq_no
+
+    def _current_weights_seq_no(self) -> int:
+        if self._weights_seq_no is None:
+            self._weights_seq_no = next(iter(self.learner_group.foreach_learner(learner_weights_seq_no))).get()
+        return self._weights_seq_no
 
     # -------------------------------------------------------------------------------------- checkpoints
 
@@ -400,6 +417,7 @@ class GiGPO(Algorithm):
 
     def set_state(self, state: dict[str, Any]) -> None:
         super().set_state(state)
+        self._weights_seq_no = None  # the restored learner's number, which RLlib's restore has synced to the runners
         counters = state.get("seed_counters")
         if counters:
             self._train_draws, self._val_draws = counters["train"], counters["validation"]

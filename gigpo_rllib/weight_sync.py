@@ -4,7 +4,8 @@ RLlib's generic sync ships the module's state dict as float32 numpy arrays, one 
 (for a 1.5B model: 339 tensors, 7.1 GB). :func:`pack_weights` instead copies each distinct tensor once, cast to
 the sampler's dtype, into one contiguous byte buffer (bfloat16 travels as raw 16-bit words: numpy has no
 bfloat16), so a sync is one device-to-host copy, one object in Ray's object store and, on the runner,
-:func:`unpack_weights` views into that buffer that the sampler copies in place.
+:func:`unpack_weights` views into that buffer that the sampler copies in place. Integer tensors (buffers such as
+position ids) travel apart, unchanged: bfloat16 holds integers exactly only up to 256.
 
 Pure torch and numpy: no Ray here (the algorithm puts the packed weights into the object store once per iteration).
 """
@@ -30,12 +31,14 @@ class PackedWeights:
         dtype: the tensors' dtype name (a key of :data:`DTYPES`).
         entries: ``(name, shape, element offset)`` of each distinct tensor, in buffer order.
         aliases: names that share storage with an entry (tied weights): ``alias -> entry name``.
+        exact: the non-floating tensors (integer or bool buffers), as numpy arrays of their own dtype.
     """
 
     buffer: np.ndarray
     dtype: str
     entries: tuple[tuple[str, tuple[int, ...], int], ...]
     aliases: Mapping[str, str]
+    exact: Mapping[str, np.ndarray]
 
     @property
     def nbytes(self) -> int:
@@ -44,12 +47,17 @@ class PackedWeights:
 
 def pack_weights(named_tensors: Mapping[str, torch.Tensor], dtype: str) -> PackedWeights:
     """Pack ``named_tensors`` (a state dict, on any device) into one buffer of ``dtype``; tensors that share
-    storage (tied embeddings) are packed once and recorded as aliases."""
+    storage (tied embeddings) are packed once and recorded as aliases, and non-floating tensors are kept apart in
+    their own dtype (``exact``)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     distinct: dict[tuple[int, int, tuple[int, ...]], str] = {}
     entries, aliases, tensors, offset = [], {}, [], 0
+    exact = {name: tensor.detach().cpu().numpy() for name, tensor in named_tensors.items()
+             if not tensor.is_floating_point()}
     for name, tensor in named_tensors.items():
+        if name in exact:
+            continue
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if key in distinct:
             aliases[name] = distinct[key]
@@ -65,14 +73,15 @@ def pack_weights(named_tensors: Mapping[str, torch.Tensor], dtype: str) -> Packe
     for (_, _, start), tensor in zip(entries, tensors):
         flat[start:start + tensor.numel()].copy_(tensor.reshape(-1))
     buffer = flat.cpu().view(torch.uint8).numpy()
-    return PackedWeights(buffer=buffer, dtype=dtype, entries=tuple(entries), aliases=dict(aliases))
+    return PackedWeights(buffer=buffer, dtype=dtype, entries=tuple(entries), aliases=dict(aliases), exact=exact)
 
 
 def unpack_weights(packed: PackedWeights) -> dict[str, torch.Tensor]:
     """Name -> tensor views into ``packed.buffer`` (no copy), one per distinct tensor (aliases left out: a
-    sampler fills tied weights from their entry)."""
+    sampler fills tied weights from their entry), plus the ``exact`` tensors in their own dtype."""
     with warnings.catch_warnings():  # buffers from Ray's object store are read-only; samplers only read them
         warnings.simplefilter("ignore", UserWarning)
         flat = torch.from_numpy(packed.buffer).view(DTYPES[packed.dtype])
-    return {name: flat[offset:offset + int(np.prod(shape, dtype=np.int64))].view(shape)
-            for name, shape, offset in packed.entries}
+        exact = {name: torch.from_numpy(array) for name, array in packed.exact.items()}
+    return {**{name: flat[offset:offset + int(np.prod(shape, dtype=np.int64))].view(shape)
+               for name, shape, offset in packed.entries}, **exact}

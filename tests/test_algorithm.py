@@ -431,3 +431,17 @@ def test_a_runner_failing_as_a_whole_reaches_the_driver(ray_session):
             algo.train()
     finally:
         algo.stop()
+
+
+def test_a_runner_whose_weights_are_stale_does_not_sample(ray_session):
+    algo = tiny_config().build()
+    try:
+        algo.train()
+        runner = algo.env_runner_group.local_env_runner
+        assert runner.weights_seq_no == 1  # the learner's first update, synced
+        runner.weights_seq_no = 0  # as if the last sync had never arrived
+        with pytest.raises(RuntimeError, match="(?s)runner_failed': 4.*holds weights number 0, but the learner's are "
+                                               "number 1"):
+            algo.train()
+    finally:
+        algo.stop()
