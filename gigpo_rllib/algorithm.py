@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import ray
+import torch
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.core import ALL_MODULES, DEFAULT_MODULE_ID
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
@@ -28,6 +29,7 @@ from ray.rllib.utils.metrics import (
 from gigpo_rllib.batch import merge_rollouts, minibatches_per_shard, pad_token_batch, shard_rows, take_rows
 from gigpo_rllib.config import PER_SEED_METRICS_MAX_POOL, POOL_SEED_LIMIT, GiGPOConfig
 from gigpo_rllib.rollout import GroupSpec, mix_seeds
+from gigpo_rllib.weight_sync import distinct_tensors, synced_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,16 @@ def _pack_for_samplers(learner, dtype: str, put_in_object_store: bool):
     if packed is None:
         return None
     return (ray.put(packed) if put_in_object_store else packed), packed.nbytes, learner_weights_seq_no(learner)
+
+
+def _copy_to_sampler_in_process(learner, runner, dtype: str) -> tuple[int, int]:
+    """Runs on a learner that shares its process (and device) with ``runner``: copies the HF model's weights into
+    the runner's sampler directly, device to device; returns ``(bytes written, the weights' sequence number)``."""
+    with torch.no_grad():
+        weights, _ = distinct_tensors(learner.module[DEFAULT_MODULE_ID].unwrapped().sampler_state_dict())
+        weights_seq_no = learner_weights_seq_no(learner)
+        runner.load_weights(weights, weights_seq_no)
+    return synced_bytes(weights, dtype), weights_seq_no
 
 
 def learner_weights_seq_no(learner) -> int:
@@ -388,19 +400,26 @@ class GiGPO(Algorithm):
         return self.learner_group.update(batch=batches[0], **common)
 
     def _sync_weights(self) -> None:
-        """The learner's weights into every sampler, in place: packed once in the samplers' dtype, put into the object
-        store once (by the learner that packed them), fetched by each runner (see :mod:`gigpo_rllib.weight_sync`)."""
+        """The learner's weights into every sampler, in place. When learner and sampler share the driver process
+        (``num_learners=0``, ``num_env_runners=0``: the one-GPU layout) they are copied device to device. Otherwise
+        they are packed once in the samplers' dtype, put into the object store once (by the learner that packed
+        them) and fetched by each runner (see :mod:`gigpo_rllib.weight_sync`)."""
         dtype = self.config.resolved_sampler_dtype
         remote = self.config.num_learners > 0
-        results = [call.get() for call in self.learner_group.foreach_learner(
-            lambda learner: _pack_for_samplers(learner, dtype, put_in_object_store=remote))]
-        packed, nbytes, weights_seq_no = next(result for result in results if result is not None)
-        reference = packed if remote else ray.put(packed)
-        self.metrics.log_value((LEARNER_RESULTS, ALL_MODULES, "weight_sync_bytes"), float(nbytes), window=1)
         runners = self.env_runner_group
-        runners.foreach_env_runner(lambda runner: runner.load_packed_weights(reference, weights_seq_no),
-                                   local_env_runner=runners.num_remote_env_runners() == 0,
-                                   timeout_seconds=WEIGHT_SYNC_TIMEOUT_S)
+        if not remote and runners.num_remote_env_runners() == 0:
+            local_runner = runners.local_env_runner
+            nbytes, weights_seq_no = next(call.get() for call in self.learner_group.foreach_learner(
+                lambda learner: _copy_to_sampler_in_process(learner, local_runner, dtype)))
+        else:
+            results = [call.get() for call in self.learner_group.foreach_learner(
+                lambda learner: _pack_for_samplers(learner, dtype, put_in_object_store=remote))]
+            packed, nbytes, weights_seq_no = next(result for result in results if result is not None)
+            reference = packed if remote else ray.put(packed)
+            runners.foreach_env_runner(lambda runner: runner.load_packed_weights(reference, weights_seq_no),
+                                       local_env_runner=runners.num_remote_env_runners() == 0,
+                                       timeout_seconds=WEIGHT_SYNC_TIMEOUT_S)
+        self.metrics.log_value((LEARNER_RESULTS, ALL_MODULES, "weight_sync_bytes"), float(nbytes), window=1)
         self._weights_seq_no = weights_seq_no
 
     def _current_weights_seq_no(self) -> int:

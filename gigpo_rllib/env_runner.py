@@ -205,7 +205,12 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
         to them) into the sampler in place."""
         if isinstance(packed, ray.ObjectRef):
             packed = ray.get(packed)
-        self.sampler.load_weights(unpack_weights(packed))
+        self.load_weights(unpack_weights(packed), weights_seq_no)
+
+    def load_weights(self, weights, weights_seq_no: int) -> None:
+        """Copy ``weights`` (HF names -> tensors on any device: the learner's own when it shares this process) into
+        the sampler in place."""
+        self.sampler.load_weights(weights)
         self.weights_seq_no = weights_seq_no
 
     def get_ctor_args_and_kwargs(self):

@@ -45,35 +45,47 @@ class PackedWeights:
         return int(self.buffer.nbytes)
 
 
+def distinct_tensors(named_tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(name -> tensor, alias -> name)``: each tensor of ``named_tensors`` once (detached), and the names that share
+    storage with an earlier one (tied embeddings)."""
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    tensors, aliases = {}, {}
+    for name, tensor in named_tensors.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            tensors[name] = tensor.detach()
+    return tensors, aliases
+
+
+def synced_bytes(tensors: Mapping[str, torch.Tensor], dtype: str) -> int:
+    """Bytes of the floating tensors of ``tensors`` in ``dtype``: what one sync writes into a sampler."""
+    return sum(tensor.numel() for tensor in tensors.values() if tensor.is_floating_point()) * DTYPES[dtype].itemsize
+
+
 def pack_weights(named_tensors: Mapping[str, torch.Tensor], dtype: str) -> PackedWeights:
     """Pack ``named_tensors`` (a state dict, on any device) into one buffer of ``dtype``; tensors that share
     storage (tied embeddings) are packed once and recorded as aliases, and non-floating tensors are kept apart in
     their own dtype (``exact``)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    distinct: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    entries, aliases, tensors, offset = [], {}, [], 0
-    exact = {name: tensor.detach().cpu().numpy() for name, tensor in named_tensors.items()
-             if not tensor.is_floating_point()}
-    for name, tensor in named_tensors.items():
-        if name in exact:
-            continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in distinct:
-            aliases[name] = distinct[key]
-            continue
-        distinct[key] = name
-        entries.append((name, tuple(tensor.shape), offset))
-        tensors.append(tensor.detach())
-        offset += tensor.numel()
+    tensors, aliases = distinct_tensors(named_tensors)
+    exact = {name: tensor.cpu().numpy() for name, tensor in tensors.items() if not tensor.is_floating_point()}
+    entries, offset = [], 0
+    for name, tensor in tensors.items():
+        if name not in exact:
+            entries.append((name, tuple(tensor.shape), offset))
+            offset += tensor.numel()
     # Each tensor is cast while it is copied into one preallocated buffer on its device (one pass, no per-tensor
     # temporaries), then the buffer goes to the host in one copy (none on CPU), not tensor by tensor.
-    device = tensors[0].device if tensors else torch.device("cpu")
+    device = tensors[entries[0][0]].device if entries else torch.device("cpu")
     flat = torch.empty(offset, dtype=DTYPES[dtype], device=device)
-    for (_, _, start), tensor in zip(entries, tensors):
-        flat[start:start + tensor.numel()].copy_(tensor.reshape(-1))
+    for name, _, start in entries:
+        flat[start:start + tensors[name].numel()].copy_(tensors[name].reshape(-1))
     buffer = flat.cpu().view(torch.uint8).numpy()
-    return PackedWeights(buffer=buffer, dtype=dtype, entries=tuple(entries), aliases=dict(aliases), exact=exact)
+    return PackedWeights(buffer=buffer, dtype=dtype, entries=tuple(entries), aliases=aliases, exact=exact)
 
 
 def unpack_weights(packed: PackedWeights) -> dict[str, torch.Tensor]:
