@@ -39,7 +39,7 @@ import torch
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
 from gigpo_rllib.logprobs import forward_token_logprobs
-from gigpo_rllib.models import TINY_MODEL_NAME, load_model_and_tokenizer
+from gigpo_rllib.models import TINY_MODEL_NAME, load_model_and_tokenizer, prepare_for_training
 
 MODEL_ATTR = "model"
 MODULE_PREFIX = MODEL_ATTR + "."
@@ -85,10 +85,9 @@ class LLMRLModule(TorchRLModule):
         self.temperature = float(temperature)
         self.model_name = cfg["model"]
         model, tokenizer = load_model_and_tokenizer(cfg["model"], dtype="float32", device="cpu")
-        if cfg["gradient_checkpointing"]:
-            # Non-reentrant checkpointing is the kind DistributedDataParallel supports.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = model
+        # Explicitly, not only through RLlib's forward_train (which calls train()): every pass with gradients over
+        # this model, whoever runs it, must recompute activations when checkpointing is on.
+        self.model = prepare_for_training(model, gradient_checkpointing=cfg["gradient_checkpointing"])
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
         # Tokenizer is not a torch module; keep it out of the state dict.
