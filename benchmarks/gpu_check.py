@@ -2,10 +2,11 @@
 
 1. **Advantages**: ``compute_gigpo_advantages`` on the GPU equals the CPU result on a shuffled batch of 1,024
    trajectories of up to 50 steps, for every normalisation method and grouping (max |difference|).
-2. **Learner update** of a model of Qwen2.5-0.5B's shape with random weights, built in memory: float32 master
-   weights and AdamW state, forward passes under bfloat16 autocast, the clipped-PPO loss on response positions
-   only. Median time and peak GPU memory per update, with and without gradient checkpointing, and the
-   full-vocabulary forward for comparison.
+2. **Learner update** of a model of Qwen2.5-0.5B's shape with random weights, built in memory and prepared for
+   training as the learner's module prepares its own (``prepare_for_training``): float32 master weights and AdamW
+   state, forward passes under bfloat16 autocast, the clipped-PPO loss on response positions only. Median time and
+   peak GPU memory per update, with and without gradient checkpointing, and the full-vocabulary forward for
+   comparison; and decoder-layer calls per update, twice the layer count when checkpointing recomputes.
 3. **Log-prob agreement** between what a sampler records (bfloat16 weights, left-padded rows, eval mode) and what
    the learner computes (float32 master weights under bfloat16 autocast, right-padded rows): mean and max
    |difference| over response tokens; and the same pair in float32, which should agree to ~1e-6 (TF32 off).
@@ -33,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gigpo_rllib.advantages import EPISODE_GROUPINGS, NORMALIZATION_METHODS, compute_gigpo_advantages  # noqa: E402
 from gigpo_rllib.logprobs import forward_token_logprobs  # noqa: E402
 from gigpo_rllib.losses import gigpo_policy_loss  # noqa: E402
-from gigpo_rllib.models import _without_dropout, build_tokenizer, offline_model_config  # noqa: E402
+from gigpo_rllib.models import (_without_dropout, build_tokenizer, offline_model_config,  # noqa: E402
+                                prepare_for_training)
 
 
 def advantage_batch(trajectories: int = 1024, max_steps: int = 50, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -99,15 +101,16 @@ def synchronize(device: torch.device) -> None:
 
 def check_update(name: str, device: torch.device, rows: int, prompt: int, response: int, repeats: int
                  ) -> dict[str, dict[str, float]]:
-    """Median seconds and peak memory of one bfloat16-autocast update, three ways."""
+    """Median seconds, peak memory and decoder-layer calls of one bfloat16-autocast update, three ways."""
     results = {}
     for label, checkpointing, response_only in (("response logits", False, True),
                                                 ("response logits + checkpointing", True, True),
                                                 ("full-vocabulary logits", False, False)):
-        model = make_model(name, device, torch.float32)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
+        model = prepare_for_training(make_model(name, device, torch.float32), gradient_checkpointing=checkpointing)
+        # Pre-hooks count recomputed layers too (a checkpointed recompute stops before forward hooks would run).
+        layer_calls = []
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(lambda *args: layer_calls.append(1))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
         ids, attention, responses = token_batch(rows, prompt, response, model.config.vocab_size, device, True)
         with torch.no_grad():
@@ -130,10 +133,13 @@ def check_update(name: str, device: torch.device, rows: int, prompt: int, respon
             return time.perf_counter() - started
 
         try:
+            layer_calls.clear()
             update()  # warm-up: kernels, allocator, AdamW state
+            calls = len(layer_calls)
             seconds = statistics.median(update() for _ in range(repeats))
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-            results[label] = {"seconds": seconds, "peak_gib": peak}
+            results[label] = {"seconds": seconds, "peak_gib": peak, "decoder_layer_calls": calls,
+                              "decoder_layers": len(model.model.layers)}
         except torch.OutOfMemoryError:
             results[label] = {"seconds": float("nan"), "peak_gib": float("inf")}
         del model, optimizer
@@ -146,7 +152,7 @@ def logprob_gap(name: str, device: torch.device, rows: int, prompt: int, respons
                 ) -> dict[str, float]:
     """Sampler (weights in ``compute``, left padding, eval) vs learner (float32 weights under autocast, right
     padding) on the same rows."""
-    learner_model = make_model(name, device, torch.float32).train()
+    learner_model = prepare_for_training(make_model(name, device, torch.float32), gradient_checkpointing=False)
     sampler_model = make_model(name, device, torch.float32).to(compute).eval()
     sampler_model.load_state_dict(learner_model.state_dict())
     right = token_batch(rows, prompt, response, learner_model.config.vocab_size, device, True)
@@ -189,7 +195,9 @@ def main() -> None:
           f"{report['advantages']['samples']} samples", flush=True)
     report["update"] = check_update(args.model, device, args.rows, args.prompt, args.response, args.repeats)
     for label, values in report["update"].items():
-        print(f"update ({label}): {values['seconds']:.3f} s, peak {values['peak_gib']:.2f} GiB", flush=True)
+        calls = (f", {values['decoder_layer_calls']} decoder-layer calls for {values['decoder_layers']} layers"
+                 if "decoder_layer_calls" in values else "")
+        print(f"update ({label}): {values['seconds']:.3f} s, peak {values['peak_gib']:.2f} GiB{calls}", flush=True)
     report["logprob_gap"] = {dtype: logprob_gap(args.model, device, args.rows, args.prompt, args.response,
                                                 getattr(torch, dtype))
                              for dtype in ("bfloat16", "float32")}

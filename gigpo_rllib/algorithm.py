@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import ray
+import torch
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.core import ALL_MODULES, DEFAULT_MODULE_ID
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
@@ -30,6 +31,7 @@ from gigpo_rllib.batch import (groups_with_signal, merge_rollouts, minibatches_p
                                take_groups, take_rows)
 from gigpo_rllib.config import PER_SEED_METRICS_MAX_POOL, POOL_SEED_LIMIT, GiGPOConfig
 from gigpo_rllib.rollout import GroupSpec, mix_seeds
+from gigpo_rllib.weight_sync import distinct_tensors, synced_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +83,28 @@ def _check_gpu_placement(config: GiGPOConfig) -> None:
 
 
 def _pack_for_samplers(learner, dtype: str, put_in_object_store: bool):
-    """Runs on a learner: ``(packed weights or an ObjectRef to them, bytes)``, or None on ranks other than 0."""
+    """Runs on a learner: ``(packed weights or an ObjectRef to them, bytes, their sequence number)``, or None on
+    ranks other than 0."""
     packed = learner.packed_weights(dtype)
     if packed is None:
         return None
-    return (ray.put(packed) if put_in_object_store else packed), packed.nbytes
+    return (ray.put(packed) if put_in_object_store else packed), packed.nbytes, learner_weights_seq_no(learner)
+
+
+def _copy_to_sampler_in_process(learner, runner, dtype: str) -> tuple[int, int]:
+    """Runs on a learner that shares its process (and device) with ``runner``: copies the HF model's weights into
+    the runner's sampler directly, device to device; returns ``(bytes written, the weights' sequence number)``."""
+    with torch.no_grad():
+        weights, _ = distinct_tensors(learner.module[DEFAULT_MODULE_ID].unwrapped().sampler_state_dict())
+        weights_seq_no = learner_weights_seq_no(learner)
+        runner.load_weights(weights, weights_seq_no)
+    return synced_bytes(weights, dtype), weights_seq_no
+
+
+def learner_weights_seq_no(learner) -> int:
+    """The sequence number of the learner's weights: RLlib's learner counts its updates, and every RLlib weight sync
+    (a restore, a restarted runner, ``evaluate``) hands the runners that number, so GiGPO's own sync does too."""
+    return learner._weights_seq_no
 
 
 def episode_group_seeds(first_draw: int, count: int, base: int, pool: Sequence[int] | None) -> list[int]:
@@ -129,6 +148,25 @@ class GiGPO(Algorithm):
         # episode_group_seeds) and seed the sampling, so a resumed run continues where it stopped.
         self._train_draws = 0
         self._val_draws = 0
+        self._update_started = False
+        # The sequence number of the weights every sampler must hold (see learner_weights_seq_no); None: ask the
+        # learner (after a restore).
+        self._weights_seq_no: int | None = 0
+
+    @property
+    def checkpoint_is_consistent(self) -> bool:
+        """Whether a checkpoint taken now holds the state of ``iteration``. False from the start of an iteration's
+        learner update until that iteration ends: the weights, optimizer state and seed counters are then already
+        the next iteration's (a failure in validation or evaluation would otherwise save them under the old
+        iteration, and a resume would apply the update twice). A failure while sampling leaves the state consistent:
+        it only uses up that batch's env seeds."""
+        return not self._update_started
+
+    def step(self) -> dict[str, Any]:
+        results = super().step()
+        # The iteration is over: Algorithm.train counts it as soon as this returns.
+        self._update_started = False
+        return results
 
     # ------------------------------------------------------------------------------------ the iteration
 
@@ -144,6 +182,7 @@ class GiGPO(Algorithm):
                                reduce="lifetime_sum")
 
         batch = pad_token_batch(training, self._pad_token_id, training.get("allowed_replies"))
+        self._update_started = True
         with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER), **THIS_ITERATION):
             started = time.perf_counter()
             learner_results = self._update(batch)
@@ -296,9 +335,11 @@ class GiGPO(Algorithm):
         indices = self._healthy_runner_indices() if remote else [0]
         # Round-robin keeps each runner's share of every tag about equal.
         shares = {index: groups[position::len(indices)] for position, index in enumerate(indices)}
+        weights_seq_no = self._current_weights_seq_no()
         outputs = runners.foreach_env_runner(
             lambda runner: runner.sample(groups=shares[runner.worker_index], group_size=group_size,
-                                         seed=mix_seeds(seed, runner.worker_index), transcripts=transcripts),
+                                         seed=mix_seeds(seed, runner.worker_index), transcripts=transcripts,
+                                         weights_seq_no=weights_seq_no),
             local_env_runner=not remote, timeout_seconds=config.sample_timeout_s if remote else None)
         answered = [out for out in outputs if "error" not in out]
         runner_lost = {"runner_failed": 0, "runner_timeout": 0}
@@ -401,20 +442,32 @@ class GiGPO(Algorithm):
         return self.learner_group.update(batch=batches[0], **common)
 
     def _sync_weights(self) -> None:
-        """The learner's weights into every sampler, in place: packed once in the samplers' dtype, put into the object
-        store once (by the learner that packed them), fetched by each runner (see :mod:`gigpo_rllib.weight_sync`)."""
+        """The learner's weights into every sampler, in place. When learner and sampler share the driver process
+        (``num_learners=0``, ``num_env_runners=0``: the one-GPU layout) they are copied device to device. Otherwise
+        they are packed once in the samplers' dtype, put into the object store once (by the learner that packed
+        them) and fetched by each runner (see :mod:`gigpo_rllib.weight_sync`)."""
         dtype = self.config.resolved_sampler_dtype
         remote = self.config.num_learners > 0
-        results = [call.get() for call in self.learner_group.foreach_learner(
-            lambda learner: _pack_for_samplers(learner, dtype, put_in_object_store=remote))]
-        packed, nbytes = next(result for result in results if result is not None)
-        reference = packed if remote else ray.put(packed)
-        self.metrics.log_value((LEARNER_RESULTS, ALL_MODULES, "weight_sync_bytes"), float(nbytes), window=1)
-        sync_number = self.iteration + 1
         runners = self.env_runner_group
-        runners.foreach_env_runner(lambda runner: runner.load_packed_weights(reference, sync_number),
-                                   local_env_runner=runners.num_remote_env_runners() == 0,
-                                   timeout_seconds=WEIGHT_SYNC_TIMEOUT_S)
+        if not remote and runners.num_remote_env_runners() == 0:
+            local_runner = runners.local_env_runner
+            nbytes, weights_seq_no = next(call.get() for call in self.learner_group.foreach_learner(
+                lambda learner: _copy_to_sampler_in_process(learner, local_runner, dtype)))
+        else:
+            results = [call.get() for call in self.learner_group.foreach_learner(
+                lambda learner: _pack_for_samplers(learner, dtype, put_in_object_store=remote))]
+            packed, nbytes, weights_seq_no = next(result for result in results if result is not None)
+            reference = packed if remote else ray.put(packed)
+            runners.foreach_env_runner(lambda runner: runner.load_packed_weights(reference, weights_seq_no),
+                                       local_env_runner=runners.num_remote_env_runners() == 0,
+                                       timeout_seconds=WEIGHT_SYNC_TIMEOUT_S)
+        self.metrics.log_value((LEARNER_RESULTS, ALL_MODULES, "weight_sync_bytes"), float(nbytes), window=1)
+        self._weights_seq_no = weights_seq_no
+
+    def _current_weights_seq_no(self) -> int:
+        if self._weights_seq_no is None:
+            self._weights_seq_no = next(iter(self.learner_group.foreach_learner(learner_weights_seq_no))).get()
+        return self._weights_seq_no
 
     # -------------------------------------------------------------------------------------- checkpoints
 
@@ -425,6 +478,7 @@ class GiGPO(Algorithm):
 
     def set_state(self, state: dict[str, Any]) -> None:
         super().set_state(state)
+        self._weights_seq_no = None  # the restored learner's number, which RLlib's restore has synced to the runners
         counters = state.get("seed_counters")
         if counters:
             self._train_draws, self._val_draws = counters["train"], counters["validation"]

@@ -4,7 +4,9 @@ A checkpoint is written into a hidden staging directory next to its target (``.c
 then a manifest of its files and their sizes is added (:data:`MANIFEST_NAME`), then the directory is renamed to
 ``checkpoint_000002``. A rename within one file system is atomic, so a process killed at any moment leaves either
 a complete ``checkpoint_*`` or a staging directory that nothing mistakes for a checkpoint (``--resume`` deletes
-it). The manifest lets :func:`checkpoint_problem` tell a complete checkpoint from a damaged one without
+it). Replacing an existing checkpoint moves the old one aside to a backup first; a kill between the two renames
+leaves no ``checkpoint_*`` of that iteration, and ``--resume`` puts the backup back before anything is deleted
+(:func:`plan_run`). The manifest lets :func:`checkpoint_problem` tell a complete checkpoint from a damaged one without
 unpickling gigabytes.
 
 A run directory holds ``progress.csv``, TensorBoard event files, ``checkpoint_*`` directories and, after a
@@ -25,6 +27,7 @@ from gigpo_rllib.experiment import ExperimentError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)$")
 STAGING_PATTERN = re.compile(r"^\.checkpoint_\d+\.(partial|replaced)-\d+$")
+BACKUP_PATTERN = re.compile(r"^\.(checkpoint_\d+)\.replaced-\d+$")
 MANIFEST_NAME = "gigpo_checkpoint.json"
 ERROR_FILE = "error.txt"
 PROGRESS_FILE = "progress.csv"
@@ -213,7 +216,8 @@ def existing_run_files(run_dir: pathlib.Path) -> list[str]:
 
 
 def plan_run(run_dir: str | pathlib.Path, *, resume: bool) -> RunPlan:
-    """Decide how a run in ``run_dir`` starts, changing nothing on disk.
+    """Decide how a run in ``run_dir`` starts. The only change on disk: with ``resume``, a checkpoint whose
+    replacement was killed half-way (see :func:`_publish`) is put back first, so it is never taken for a leftover.
 
     Without ``resume`` the directory must not hold a run already (:class:`RunDirError`). With ``resume`` the
     run continues from the newest complete checkpoint; damaged ones are passed over (listed in ``skipped``) and
@@ -227,6 +231,7 @@ def plan_run(run_dir: str | pathlib.Path, *, resume: bool) -> RunPlan:
             raise RunDirError(f"{str(run_dir)!r} already holds a training run ({shown}); pass --resume to continue "
                               "it from its last checkpoint, or choose another --checkpoint-dir / --storage-path")
         return RunPlan(run_dir)
+    restore_interrupted_replacements(run_dir)
     plan = RunPlan(run_dir, resume=True, leftovers=staging_leftovers(run_dir))
     for checkpoint in reversed(list_checkpoints(run_dir)):
         problem = checkpoint_problem(checkpoint)
@@ -237,8 +242,18 @@ def plan_run(run_dir: str | pathlib.Path, *, resume: bool) -> RunPlan:
     return plan
 
 
+def restore_interrupted_replacements(run_dir: pathlib.Path) -> None:
+    """Rename each backup of a replaced checkpoint back when the checkpoint itself is missing: the save that
+    replaced it was killed between its two renames, and the backup is the only complete copy."""
+    for leftover in staging_leftovers(run_dir):
+        backup = BACKUP_PATTERN.match(leftover.name)
+        if backup and not (run_dir / backup.group(1)).exists():
+            os.rename(leftover, run_dir / backup.group(1))
+
+
 def clear_leftovers(plan: RunPlan) -> None:
-    """Delete the staging directories of unfinished saves (they never became checkpoints)."""
+    """Delete the staging directories of unfinished saves (they never became checkpoints) and the backups of
+    replaced checkpoints (:func:`plan_run` has put back any backup that was the only complete copy)."""
     for leftover in plan.leftovers:
         shutil.rmtree(leftover, ignore_errors=True)
 

@@ -239,7 +239,8 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
               "sampling; exact when sampler and learner share numerics), `learner` (recomputed with the pre-update "
               "weights in one no-grad pass over the shard before the first minibatch), or `auto`: `learner` with "
               "vLLM, on GPUs and in bfloat16, `sampler` for the HF sampler in float32 on CPU. With `learner` the "
-              "sampler-vs-learner gap is logged (`logprob_gap_mean`, `logprob_gap_max`).",
+              "sampler-vs-learner gap is logged (`logprob_gap_mean`, `logprob_gap_max`). `sampler` is refused with vLLM "
+              "and `top_p` < 1 or `top_k` > 0 (vLLM records the truncated distribution's log-probs).",
               ("auto", "sampler", "learner")),
     ConfigKey("truncated_is_cap", None, "Truncated importance sampling for the sampler-vs-learner mismatch (Yao et "
               "al. 2025, \"Your efficient RL framework secretly brings you off-policy RL training\"): each token's "
@@ -527,6 +528,14 @@ class GiGPOConfig(AlgorithmConfig):
             raise ValueError("truncated_is_cap corrects the gap between the sampler's and the learner's old "
                              "log-probs, so it needs old_logprobs_source='learner' (or 'auto' resolving to it); "
                              f"got old_logprobs_source={self.old_logprobs_source!r}, which resolves to 'sampler'")
+        truncated = self.top_p < 1 or self.top_k > 0
+        if truncated and self.resolved_sampler_backend == "vllm" and self.resolved_old_logprobs_source == "sampler":
+            # vLLM records log-probs after its top-p/top-k truncation, the learner scores the full distribution: the
+            # PPO ratio would be below 1 before any update.
+            raise ValueError(f"old_logprobs_source='sampler' cannot be used with the vLLM sampler and top_p={self.top_p}"
+                             f", top_k={self.top_k}: vLLM records the log-probs of the truncated distribution, which "
+                             "the learner does not reproduce. Use old_logprobs_source='learner' (or 'auto'), or "
+                             "top_p=1 and top_k=-1")
 
     def _validate_env_manager(self) -> None:
         manager = self.train_env_manager

@@ -148,12 +148,17 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
         self.weights_seq_no = 0
 
     def sample(self, *, groups: list[GroupSpec] | None = None, group_size: int | None = None, seed: int = 0,
-               transcripts: bool = False, **kwargs) -> dict[str, Any]:
+               transcripts: bool = False, weights_seq_no: int | None = None, **kwargs) -> dict[str, Any]:
         """Roll out ``groups`` (``group_size`` trajectories each) and return their step samples (with this runner's
-        ``worker_index``), or ``{"error": traceback, "worker_index": i}`` when the rollout failed as a whole."""
+        ``worker_index``), or ``{"error": traceback, "worker_index": i}`` when the rollout failed as a whole, or
+        when the sampler does not hold the weights numbered ``weights_seq_no`` (a sync that never arrived)."""
         if groups is None or group_size is None:
             raise ValueError("GiGPOEnvRunner.sample needs groups=[GroupSpec, ...] and group_size=int; the GiGPO "
                              "algorithm assigns them (RLlib's generic sampling does not apply to text envs)")
+        if weights_seq_no is not None and weights_seq_no != self.weights_seq_no:
+            return {"error": f"env runner {self.worker_index} holds weights number {self.weights_seq_no}, but the "
+                             f"learner's are number {weights_seq_no}: a weight sync did not reach it, and its "
+                             "samples would come from another policy", "worker_index": self.worker_index}
         try:
             out = self.collector.collect(groups, group_size, seed, transcripts=transcripts)
         except Exception:  # noqa: BLE001 - reported to the driver, which raises it or counts the lost share
@@ -200,7 +205,12 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
         to them) into the sampler in place."""
         if isinstance(packed, ray.ObjectRef):
             packed = ray.get(packed)
-        self.sampler.load_weights(unpack_weights(packed))
+        self.load_weights(unpack_weights(packed), weights_seq_no)
+
+    def load_weights(self, weights, weights_seq_no: int) -> None:
+        """Copy ``weights`` (HF names -> tensors on any device: the learner's own when it shares this process) into
+        the sampler in place."""
+        self.sampler.load_weights(weights)
         self.weights_seq_no = weights_seq_no
 
     def get_ctor_args_and_kwargs(self):

@@ -465,7 +465,8 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype: str = "float32", devic
 
     The model is in eval mode on ``device`` with ``dtype`` and every dropout probability of its config set to 0:
     the sampler scores tokens without dropout, so the learner must too (in training mode, which gradient
-    checkpointing needs), or the PPO ratio would not start at 1. The tokenizer is :func:`load_tokenizer`'s.
+    checkpointing needs: see :func:`prepare_for_training`), or the PPO ratio would not start at 1. The tokenizer is
+    :func:`load_tokenizer`'s.
     Padding side is left to the caller. Raises ``ValueError`` naming the value, with a hint, when the model cannot
     be found.
     """
@@ -484,3 +485,12 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype: str = "float32", devic
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def prepare_for_training(model, *, gradient_checkpointing: bool):
+    """Put a model of :func:`load_model_and_tokenizer` in training mode, with non-reentrant gradient checkpointing
+    (the kind DistributedDataParallel supports) when asked. Its dropout is 0, so training mode changes only what
+    checkpointing needs: Hugging Face recomputes the activations only when the model is in training mode."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()

@@ -42,7 +42,7 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 
 from gigpo_rllib.logprobs import forward_token_logprobs
 from gigpo_rllib.lora import add_lora_adapters, adapter_state_dict, is_lora_model, merged_state_dict
-from gigpo_rllib.models import TINY_MODEL_NAME, load_model_and_tokenizer
+from gigpo_rllib.models import TINY_MODEL_NAME, load_model_and_tokenizer, prepare_for_training
 
 MODEL_ATTR = "model"
 MODULE_PREFIX = MODEL_ATTR + "."
@@ -89,9 +89,9 @@ class LLMRLModule(TorchRLModule):
         self.temperature = float(temperature)
         self.model_name = cfg["model"]
         model, tokenizer = load_model_and_tokenizer(cfg["model"], dtype="float32", device="cpu")
-        if cfg["gradient_checkpointing"]:
-            # Non-reentrant checkpointing is the kind DistributedDataParallel supports.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Explicitly, not only through RLlib's forward_train (which calls train()): every pass with gradients over
+        # this model, whoever runs it, must recompute activations when checkpointing is on.
+        model = prepare_for_training(model, gradient_checkpointing=cfg["gradient_checkpointing"])
         if cfg["lora"] is not None:
             model = add_lora_adapters(model, cfg["lora"])
         self.model = model

@@ -109,8 +109,6 @@ class _Session:
         self.checkpointed_iteration = plan.iteration if plan.checkpoint else None
         self.stopped_by: list[str] = []
         self.algo = None
-        # False only while algo.train() runs: an exception there may leave a half-applied update.
-        self.state_sound = True
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -122,9 +120,11 @@ class _Session:
         self._announce_plan()
         clear_leftovers(self.plan)
         self.algo = self._build()
-        logs = RunLogs(self.run_dir, resume_after=self.plan.iteration if self.plan.resume else None)
+        logs = None
         try:
             self._restore()
+            # Only now that the checkpoint has loaded: a resume that fails keeps every progress row it had.
+            logs = RunLogs(self.run_dir, resume_after=self.plan.iteration if self.plan.resume else None)
             self.say(f"built GiGPO in {time.perf_counter() - started:.1f}s (env {self.config.env_tags}, "
                      f"{self.config.rollout_batch_size} trajectories per iteration, {self.config.num_env_runners} "
                      f"env runner(s)); {self._stop_text()}; run directory {self.run_dir} (progress.csv, "
@@ -138,7 +138,8 @@ class _Session:
         except BaseException as error:  # noqa: BLE001 - reported with the run's whereabouts, then re-raised
             raise self._failure(error) from error
         finally:
-            logs.close()
+            if logs is not None:
+                logs.close()
             self.algo.stop()
         summary = _summary(self.rows, time.perf_counter() - started, self.checkpoint, logs.csv.path)
         summary.update(run_dir=str(self.run_dir), stopped_by=self.stopped_by)
@@ -177,9 +178,7 @@ class _Session:
             self.say(f"already at iteration {self.algo.iteration}: nothing to train")
             return
         while not self.stopped_by:
-            self.state_sound = False
             result = self.algo.train()
-            self.state_sound = True
             self.criteria.check_keys(result)
             row = iteration_metrics(result)
             logs.append(row)
@@ -202,11 +201,12 @@ class _Session:
     # ------------------------------------------------------------------------------------------ failures
 
     def _failure(self, error: BaseException, phase: str | None = None) -> TrainingFailed:
-        """Save a final checkpoint if the state is sound, write error.txt, and describe the failure."""
+        """Save a final checkpoint if the algorithm's state is that of its iteration (``checkpoint_is_consistent``),
+        write error.txt, and describe the failure."""
         interrupted = isinstance(error, KeyboardInterrupt)
         iteration = self.algo.iteration + 1 if self.algo is not None else 1
         phase = phase or f"iteration {iteration}"
-        if self.algo is not None and self.checkpoint_at_end and self._state_is_sound(error):
+        if self.algo is not None and self.checkpoint_at_end and self.algo.checkpoint_is_consistent:
             self._save_after_failure()
         error_file = write_error_file(self.run_dir, "".join(traceback.format_exception(error)))
         what = "interrupted" if interrupted else "failed"
@@ -215,12 +215,6 @@ class _Session:
             message += f": {type(error).__name__}: {error}"
         return TrainingFailed(message, run_dir=self.run_dir, checkpoint=self.checkpoint, error_file=error_file,
                               interrupted=interrupted)
-
-    def _state_is_sound(self, error: BaseException) -> bool:
-        """True when the algorithm holds the state of a finished iteration: the error came between iterations,
-        or while sampling (before the learner update touched the weights; only the failed batch's env seeds are
-        used up). A failure during the update or the weight sync leaves the weights half-changed."""
-        return self.state_sound or _raised_while_sampling(error)
 
     def _save_after_failure(self) -> None:
         if self.algo.iteration == 0:
@@ -266,17 +260,6 @@ class _Session:
             self.say(f"mean time per iteration: rollout {mean['rollout_s']:.2f}s | advantages "
                      f"{mean['advantages_s'] * 1e3:.1f}ms | update {mean['update_s']:.2f}s | weight sync "
                      f"{mean['sync_s'] * 1e3:.1f}ms")
-
-
-def _raised_while_sampling(error: BaseException) -> bool:
-    """Whether ``error`` was raised inside ``GiGPO._rollout`` and never reached ``GiGPO._update``. When either
-    method is renamed this answers False: no checkpoint rather than a doubtful one."""
-    from gigpo_rllib.algorithm import GiGPO
-
-    rollout = getattr(getattr(GiGPO, "_rollout", None), "__code__", None)
-    update = getattr(getattr(GiGPO, "_update", None), "__code__", None)
-    codes = {frame.f_code for frame, _ in traceback.walk_tb(error.__traceback__)}
-    return rollout is not None and rollout in codes and update not in codes
 
 
 def _summary(rows: list[dict[str, float]], seconds: float, checkpoint, csv_path) -> dict[str, Any]:

@@ -431,3 +431,44 @@ def test_a_runner_failing_as_a_whole_reaches_the_driver(ray_session):
             algo.train()
     finally:
         algo.stop()
+
+
+def test_a_runner_whose_weights_are_stale_does_not_sample(ray_session):
+    algo = tiny_config().build()
+    try:
+        algo.train()
+        runner = algo.env_runner_group.local_env_runner
+        assert runner.weights_seq_no == 1  # the learner's first update, synced
+        runner.weights_seq_no = 0  # as if the last sync had never arrived
+        with pytest.raises(RuntimeError, match="(?s)runner_failed': 4.*holds weights number 0, but the learner's are "
+                                               "number 1"):
+            algo.train()
+    finally:
+        algo.stop()
+
+
+def test_one_process_layout_syncs_on_the_device(ray_session, monkeypatch):
+    # num_learners=0 and num_env_runners=0: learner and sampler share the driver, so the sync copies the module's
+    # tensors into the sampler directly, with no packed host buffer and nothing put into the object store.
+    from gigpo_rllib.env_runner import GiGPOEnvRunner
+    from gigpo_rllib.learner import GiGPOTorchLearner
+
+    def no_host_round_trip(*args, **kwargs):
+        raise AssertionError("the one-process sync went through packed weights")
+
+    monkeypatch.setattr(GiGPOTorchLearner, "packed_weights", no_host_round_trip)
+    monkeypatch.setattr(GiGPOEnvRunner, "load_packed_weights", no_host_round_trip)
+    algo = tiny_config().build()
+    try:
+        sampler_tensors = {name: value.data_ptr() for name, value in
+                           algo.env_runner_group.local_env_runner.sampler.state_dict().items()}
+        before = {k: v.copy() for k, v in module_weights(algo).items()}
+        algo.train()
+        after = module_weights(algo)
+        assert any(not np.array_equal(before[k], after[k]) for k in before), "the update changed nothing"
+        assert_same_weights(runner_weights(algo)[0], after)
+        sampler = algo.env_runner_group.local_env_runner.sampler
+        assert {name: value.data_ptr() for name, value in sampler.state_dict().items()} == sampler_tensors  # in place
+        assert algo.env_runner_group.local_env_runner.weights_seq_no == 1
+    finally:
+        algo.stop()

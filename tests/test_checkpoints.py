@@ -1,18 +1,17 @@
 """Checkpoints written atomically, damaged ones recognised, run directories refused or resumed, and training
 failures that still leave a checkpoint when the state is sound."""
 
+import io
 import json
+import os
 import pickle
 import re
-from types import SimpleNamespace
 
 import pytest
 
-from gigpo_rllib.algorithm import GiGPO
 from gigpo_rllib.checkpoints import (MANIFEST_NAME, RunDirError, checkpoint_problem, clear_leftovers,
                                      list_checkpoints, plan_run, save_checkpoint, staging_leftovers)
 from gigpo_rllib.cli import main
-from gigpo_rllib.training import _raised_while_sampling
 from tests.test_cli import TINY, write_yaml
 
 
@@ -120,18 +119,33 @@ def test_evaluate_says_what_is_wrong_with_a_checkpoint(tmp_path, capsys):
     assert "class_and_ctor_args.pkl cannot be read" in err and "Traceback" not in err
 
 
-def test_a_failure_while_sampling_leaves_a_sound_state():
-    def raise_from(method, fake_self, *args):
-        try:
-            method(fake_self, *args)
-        except Exception as error:  # noqa: BLE001
-            return error
-        raise AssertionError("expected an error")
+@pytest.mark.slow
+def test_a_validation_failure_after_the_update_saves_no_checkpoint_ahead_of_its_iteration(ray_session, tmp_path,
+                                                                                         capsys, monkeypatch):
+    # Iteration 2's update and weight sync are done when its validation rollout fails: a checkpoint now would hold
+    # iteration 2's weights and seed counters labelled iteration 1, and --resume would apply that update again.
+    from gigpo_rllib.env_runner import GiGPOEnvRunner
 
-    no_runners = SimpleNamespace(env_runner_group=None)
-    assert _raised_while_sampling(raise_from(GiGPO._rollout, no_runners, [], 2, 0))
-    assert not _raised_while_sampling(raise_from(GiGPO._update, SimpleNamespace(config=None), {}))
-    assert not _raised_while_sampling(RuntimeError("raised anywhere else"))
+    sample = GiGPOEnvRunner.sample
+    validations = []
+
+    def sample_failing_the_second_validation(self, *, groups=None, group_size=None, **kwargs):
+        if group_size == 1:
+            validations.append(len(groups))
+            if len(validations) == 2:
+                return {"error": "Traceback: the validation env broke", "worker_index": self.worker_index}
+        return sample(self, groups=groups, group_size=group_size, **kwargs)
+
+    monkeypatch.setattr(GiGPOEnvRunner, "sample", sample_failing_the_second_validation)
+    settings = {**TINY, "val_interval": 1, "stop": {"training_iteration": 3}}
+    run_dir = tmp_path / "run"
+    assert main(["train", "file", str(write_yaml(tmp_path, settings)), "--checkpoint-dir", str(run_dir)]) == 1
+    assert "training failed in iteration 2" in capsys.readouterr().err
+    groups_per_iteration = TINY["train_env_manager"]["num_env_groups"]
+    for checkpoint in list_checkpoints(run_dir):
+        state = pickle.loads((checkpoint / "algorithm_state.pkl").read_bytes())
+        iteration = int(checkpoint.name.split("_")[1])
+        assert state["seed_counters"]["train"] == iteration * groups_per_iteration, checkpoint.name
 
 
 @pytest.mark.slow
@@ -153,3 +167,49 @@ def test_a_failed_run_exits_1_and_keeps_a_final_checkpoint(ray_session, tmp_path
     checkpoint = (run_dir / "checkpoint_000001").resolve()
     assert f"rllib: last checkpoint: {checkpoint}" in err and checkpoint_problem(checkpoint) is None
     assert "the lake froze over" in (run_dir / "error.txt").read_text()
+
+
+def test_a_replacement_killed_between_its_renames_keeps_the_checkpoint(tmp_path, monkeypatch):
+    first = save_checkpoint(FakeAlgo(2), tmp_path)
+    rename = os.rename
+
+    def killed_before_the_second_rename(source, target):
+        if ".partial-" in str(source):
+            raise KeyboardInterrupt  # the old checkpoint is already aside, the new one not yet in place
+        rename(source, target)
+
+    monkeypatch.setattr(os, "rename", killed_before_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(FakeAlgo(2), tmp_path)
+    monkeypatch.setattr(os, "rename", rename)
+    assert list_checkpoints(tmp_path) == [] and len(staging_leftovers(tmp_path)) == 2
+
+    plan = plan_run(tmp_path, resume=True)
+    clear_leftovers(plan)
+    assert plan.checkpoint == first and plan.iteration == 2
+    assert checkpoint_problem(first) is None and staging_leftovers(tmp_path) == []
+
+
+def test_a_resume_that_cannot_restore_keeps_every_progress_row(tmp_path, monkeypatch):
+    from gigpo_rllib import training
+    from gigpo_rllib.experiment import ExperimentError
+    from gigpo_rllib.progress import CsvLog, read_csv
+
+    save_checkpoint(FakeAlgo(1), tmp_path)
+    progress = CsvLog(tmp_path / "progress.csv")
+    for iteration in (1, 2, 3):
+        progress.append({"iteration": iteration})
+
+    class UnloadableAlgo:
+        iteration = 0
+
+        def restore_from_path(self, path):
+            raise OSError("the checkpoint's learner state cannot be read")
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(training._Session, "_build", lambda session: UnloadableAlgo())
+    with pytest.raises(ExperimentError, match="cannot resume from"):
+        training.train(None, 5, checkpoint_dir=tmp_path, resume=True, out=io.StringIO())
+    assert [row["iteration"] for row in read_csv(tmp_path / "progress.csv")] == [1.0, 2.0, 3.0]

@@ -291,3 +291,16 @@ def test_the_top_level_exports():
     assert GiGPO.get_default_config().__class__ is GiGPOConfig and LLMActionWrapper.__name__ == "LLMActionWrapper"
     with pytest.raises(AttributeError, match="no attribute 'GiGPOTrainer'"):
         gigpo_rllib.GiGPOTrainer
+
+
+@pytest.mark.parametrize("truncation", [dict(top_p=0.9), dict(top_k=20)])
+def test_vllm_sampler_log_probs_are_refused_with_a_truncated_distribution(truncation):
+    # vLLM records log-probs after top-p/top-k truncation; the learner scores the full distribution, so the ratio
+    # would start below 1.
+    config = valid_config(sampler_backend="vllm", old_logprobs_source="sampler", **truncation)
+    with pytest.raises(ValueError, match=r"old_logprobs_source='sampler' cannot be used with the vLLM sampler"):
+        config.validate()
+    config.training(old_logprobs_source="auto")
+    config.validate()  # resolves to the learner's own log-probs
+    config.training(old_logprobs_source="sampler", top_p=1.0, top_k=-1)
+    config.validate()

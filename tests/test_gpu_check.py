@@ -33,4 +33,7 @@ def test_gpu_check_runs_without_ray_vllm_or_gymnasium(tmp_path):
     report = json.loads(out.read_text())
     assert report["advantages"]["max_abs_difference"] == 0.0  # cpu vs cpu
     assert set(report["update"]) == {"response logits", "response logits + checkpointing", "full-vocabulary logits"}
+    for label, update in report["update"].items():  # checkpointing recomputes every decoder layer
+        recomputes = 2 if label == "response logits + checkpointing" else 1
+        assert update["decoder_layer_calls"] == recomputes * update["decoder_layers"], label
     assert report["logprob_gap"]["float32"]["max_abs"] < 1e-5

@@ -157,3 +157,39 @@ def test_sampler_logprobs_equal_learner_logprobs(module, temperature):
         assert (out[TOKEN_ENTROPY][batch["response_mask"]] >= -1e-6).all()
     finally:
         sampler.close()
+
+
+def _decoder_layer_calls(module, train_step) -> int:
+    """Decoder-layer forward calls during ``train_step(module)``: one per layer, plus one per recomputed layer.
+    Pre-hooks, because a checkpointed recompute stops early, before forward hooks would run."""
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda *args: calls.append(1)) for layer in module.model.model.layers]
+    try:
+        train_step(module)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return len(calls)
+
+
+@pytest.mark.parametrize("through", ["forward_train", "scoring function"])
+def test_gradient_checkpointing_recomputes_every_decoder_layer(through):
+    from gigpo_rllib.logprobs import forward_token_logprobs
+
+    ids = torch.randint(3, 200, (2, 12))
+    attention, response = torch.ones_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+    response[:, 8:] = True
+
+    def train_step(module):
+        if through == "forward_train":  # the learner's update
+            logprobs = module.forward_train({"input_ids": ids, "attention_mask": attention,
+                                             "response_mask": response})[TOKEN_LOGPROBS]
+        else:  # anything else that trains the module's model (benchmarks/gpu_check.py, benchmarks/bench_update.py)
+            logprobs, _ = forward_token_logprobs(module.model, ids, attention, response)
+        logprobs.sum().backward()
+
+    plain = _spec().build()
+    layers = len(plain.model.model.layers)
+    assert _decoder_layer_calls(plain, train_step) == layers
+    checkpointed = _spec(gradient_checkpointing=True).build()
+    assert _decoder_layer_calls(checkpointed, train_step) == 2 * layers

@@ -175,6 +175,21 @@ def test_engine_kwargs_are_checked():
         check_engine_kwargs({"gpu_memory_utilizaton": 0.5})
     with pytest.raises(ValueError, match="sequence_length"):
         check_engine_kwargs({"max_model_len": 128})
+    with pytest.raises(ValueError, match="async_scheduling.*action-constraint processor"):
+        check_engine_kwargs({"async_scheduling": True})
+
+
+def test_the_engine_schedules_synchronously(sampler):
+    # The constraint processor reads each request's live list of generated tokens: asynchronous scheduling would
+    # hand it a list one token behind.
+    assert sampler.llm.llm_engine.vllm_config.scheduler_config.async_scheduling is False
+
+
+def test_a_sync_whose_prefix_cache_is_not_cleared_fails(sampler, learner_model, monkeypatch):
+    model, _ = learner_model
+    monkeypatch.setattr(sampler.llm, "reset_prefix_cache", lambda: False)  # what vLLM answers with requests running
+    with pytest.raises(RuntimeError, match="did not clear its prefix cache"):
+        sync(sampler, model)
 
 
 @pytest.mark.parametrize("runners,constrained", [(0, True), (0, False), (1, True), (1, False)])

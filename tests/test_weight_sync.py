@@ -39,3 +39,12 @@ def test_unpacked_weights_load_into_a_sampler_in_place(model):
     for name, value in sampler.model.state_dict().items():
         assert value.data_ptr() == target[name].data_ptr()  # copied into the same storage
         torch.testing.assert_close(value, source[name].to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_integer_buffers_travel_exactly(model):
+    # bfloat16 has 8 significant bits: 257 would arrive as 256.
+    state = {**model.state_dict(), "model.position_ids": torch.arange(1024).unsqueeze(0)}
+    unpacked = unpack_weights(pack_weights(state, "bfloat16"))
+    assert unpacked["model.position_ids"].dtype == torch.int64
+    assert torch.equal(unpacked["model.position_ids"], state["model.position_ids"])
+    assert unpacked["model.norm.weight"].dtype == torch.bfloat16

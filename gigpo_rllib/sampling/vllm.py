@@ -40,6 +40,8 @@ _OWNED_ENGINE_KEYS = {
     "logprobs_mode": "(fixed: processed_logprobs, the log-probs the learner can reproduce)",
     "logits_processors": "(fixed: the action-constraint processor)",
     "generation_config": "(fixed: 'vllm', so a checkpoint's generation_config.json cannot add sampling processors)",
+    "async_scheduling": "(fixed: off, because the action-constraint processor reads each request's generated tokens "
+                        "so far, which asynchronous scheduling updates one step late)",
 }
 
 
@@ -163,7 +165,7 @@ class VLLMSampler(Sampler):
         threads = torch.get_num_threads()
         try:
             self.llm = LLM(model=path, tokenizer=path, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                           logprobs_mode="processed_logprobs", generation_config="vllm",
+                           logprobs_mode="processed_logprobs", generation_config="vllm", async_scheduling=False,
                            logits_processors=[_allowed_replies_processor_class()], **engine_kwargs)
         finally:
             torch.set_num_threads = set_num_threads
@@ -229,7 +231,9 @@ class VLLMSampler(Sampler):
             if missing:
                 raise ValueError(f"state_dict is missing keys of the engine's model: {missing[:5]}")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
-        self.llm.reset_prefix_cache()
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM did not clear its prefix cache after the weight sync (it refuses while requests "
+                               "are running), so later prompts would reuse KV computed with the old weights")
 
     def state_dict(self) -> Mapping[str, torch.Tensor]:
         raise NotImplementedError("the vLLM engine keeps its weights in kernel formats (repacked, fused); compare "
