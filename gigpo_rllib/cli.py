@@ -12,13 +12,15 @@ Usage::
                      --checkpoint-dir RUN_DIR] [--checkpoint-freq K] [--no-checkpoint-at-end] [--resume] [--verbose]
     rllib train --algo GiGPO|GRPO --env ENV --config JSON [same flags]
     rllib evaluate CHECKPOINT_OR_RUN_DIR [--episodes N] [--num-env-runners N]
+    rllib export CHECKPOINT_OR_RUN_DIR --out DIR [--force]
     rllib plot RUN_DIR [RUN_DIR ...] [--out progress.png]
 
 Exit status: 0 done; 1 training failed (the run directory, ``error.txt`` with the traceback and the last
 checkpoint are named); 2 bad arguments, config, experiment file or checkpoint (one line ``rllib: error: ...``);
 130 interrupted (Ctrl-C).
 
-The reusable pieces are :func:`load_experiment`, :func:`config_from_dict`, :func:`train` and :func:`evaluate`;
+The reusable pieces are :func:`load_experiment`, :func:`config_from_dict`, :func:`train`, :func:`evaluate` and
+:func:`gigpo_rllib.export.export_checkpoint`;
 the layouts of experiment files are described in :mod:`gigpo_rllib.experiment`.
 """
 
@@ -35,8 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from gigpo_rllib.checkpoints import (PROGRESS_FILE, REQUIRED_ENTRIES, checkpoint_problem, list_checkpoints,
-                                     plan_run)
+from gigpo_rllib.checkpoints import PROGRESS_FILE, plan_run, resolve_checkpoint
 from gigpo_rllib.checkpoints import config_from_checkpoint as _read_checkpoint_config
 from gigpo_rllib.experiment import (DEFAULT_STOP_ITERS, Experiment, ExperimentError, build_config,
                                     build_stop, check_envs, experiment_from_mapping, normalize_algo,
@@ -118,23 +119,6 @@ def config_from_checkpoint(checkpoint: str | pathlib.Path):
         return _read_checkpoint_config(checkpoint)
     except ValueError as error:
         raise ExperimentError(str(error)) from error
-
-
-def resolve_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
-    """``path`` itself when it is a complete checkpoint; for a run directory, its newest complete checkpoint.
-    Raises :class:`ExperimentError` saying what is wrong otherwise."""
-    path = pathlib.Path(path)
-    is_run_dir = path.is_dir() and not any((path / entry).exists() for entry in REQUIRED_ENTRIES)
-    if is_run_dir and list_checkpoints(path):
-        plan = plan_run(path, resume=True)
-        if plan.checkpoint is None:
-            details = "; ".join(f"{p.name}: {problem}" for p, problem in plan.skipped)
-            raise ExperimentError(f"run directory {str(path)!r} has no complete checkpoint ({details})")
-        return plan.checkpoint
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise ExperimentError(f"cannot use checkpoint {str(path)!r}: {problem}")
-    return path
 
 
 def evaluate(checkpoint: str | pathlib.Path, *, episodes: int | None = None,
@@ -265,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--stop '{\"training_iteration\": 20, \"env_runners/success_rate\": 0.9}' --storage-path ~/runs\n"
                "  rllib train --algo GRPO --env TextFrozenLake-v0 --config ... --storage-path ~/runs --resume\n"
                "  rllib evaluate ~/gigpo_results/frozenlake_gigpo_<time>/checkpoint_000020 --episodes 64\n"
+               "  rllib export ~/gigpo_results/frozenlake_gigpo_<time> --out ~/models/frozenlake-policy\n"
                "exit status: 0 done, 1 training failed, 2 bad arguments/config/checkpoint, 130 interrupted")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -301,6 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="also print N episode transcripts (observation, reply, parsed action, reward "
                                       "per turn)")
     evaluate_parser.add_argument("--verbose", action="store_true", help="show Ray's and RLlib's start-up notes")
+    export_parser = commands.add_parser(
+        "export", help="write a checkpoint's policy as a Hugging Face model folder",
+        description="Write the trained policy of a checkpoint (or of the newest complete checkpoint of a run "
+                    "directory) as a Hugging Face model folder: config, safetensors weights, generation config, "
+                    "tokenizer and chat template (LoRA adapters merged). transformers' from_pretrained and vLLM "
+                    "load it as it is. Needs no Ray. A missing, partial or damaged checkpoint is reported (exit 2).")
+    export_parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                               help="a checkpoint directory, or a run directory written by train")
+    export_parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
+    export_parser.add_argument("--force", action="store_true",
+                               help="replace DIR when it exists and is not empty (refused otherwise)")
+    export_parser.add_argument("--verbose", action="store_true", help="show RLlib's notes while the policy loads")
     plot_parser = commands.add_parser(
         "plot", help="plot the progress.csv of one or more training runs into a PNG",
         description="Plot return, success rate, invalid-action rate and entropy per iteration of one or more "
@@ -436,11 +433,20 @@ def _evaluate_command(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2, sort_keys=True))
 
 
+def _export_command(args: argparse.Namespace) -> None:
+    from gigpo_rllib.export import export_checkpoint
+
+    with quiet_output(not args.verbose):
+        folder = export_checkpoint(args.checkpoint, args.out, force=args.force)
+    print(f"model folder written: {folder}")
+
+
 def _plot_command(args: argparse.Namespace) -> None:
     print(f"plot written: {plot(args.runs, args.out)}")
 
 
-COMMANDS = {"train": _train_command, "evaluate": _evaluate_command, "plot": _plot_command}
+COMMANDS = {"train": _train_command, "evaluate": _evaluate_command, "export": _export_command,
+            "plot": _plot_command}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
