@@ -7,6 +7,7 @@ Each block is timed under RLlib's ``timers``; rollout metrics go under ``env_run
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Sequence
 
@@ -51,6 +52,30 @@ def success_by_seed(rollout: dict[str, Any], groups: Sequence[GroupSpec]) -> dic
         group = by_group[group_id]
         wins.setdefault(f"{group.tag}/{group.seed}" if several_tags else str(group.seed), []).append(success)
     return {seed: float(np.mean(values)) for seed, values in wins.items()}
+
+
+def pass_at_k(samples: int, successes: int, k: int) -> float:
+    """The unbiased estimate of pass@k (the chance that at least one of k samples solves the task) from ``samples``
+    samples of which ``successes`` succeeded: ``1 - C(n - c, k) / C(n, k)`` (Chen et al. 2021, "Evaluating Large
+    Language Models Trained on Code"). With n = k it is 1 when any sample succeeded, else 0; with k = 1 it is c / n."""
+    if not 0 <= successes <= samples or not 1 <= k <= samples:
+        raise ValueError(f"pass@k needs 0 <= successes <= samples and 1 <= k <= samples, got samples={samples}, "
+                         f"successes={successes}, k={k}")
+    return 1.0 - math.comb(samples - successes, k) / math.comb(samples, k)
+
+
+def pass_rates(episodes: dict[str, np.ndarray], k: int) -> dict[str, float]:
+    """``{"pass@1": ..., "pass@k": ...}``: each estimator averaged over the tasks (episode groups, one env seed
+    each) of ``episodes``, a rollout's per-episode columns. A task that lost trajectories and has fewer than k
+    episodes is left out of ``pass@k`` (the loss is counted in ``trajectories_lost``)."""
+    by_task: dict[int, list[bool]] = {}
+    for group_id, success in zip(episodes["group_id"].tolist(), episodes["success"].tolist()):
+        by_task.setdefault(group_id, []).append(bool(success))
+    counts = [(len(results), sum(results)) for results in by_task.values()]
+    rates = {"pass@1": float(np.mean([pass_at_k(n, c, 1) for n, c in counts]))}
+    complete = [pass_at_k(n, c, k) for n, c in counts if n >= k]
+    rates[f"pass@{k}"] = float(np.mean(complete)) if complete else math.nan
+    return rates
 
 
 def _check_gpu_placement(config: GiGPOConfig) -> None:
@@ -156,9 +181,12 @@ class GiGPO(Algorithm):
             self.validate()
 
     def validate(self, episodes: int | None = None, transcripts: int = 0) -> dict[str, Any]:
-        """Roll out ``episodes`` (default ``val_batch_size``) single episodes on held-out seeds (never used in
-        training); with a ``seed_pool``, also as many on the pool's seeds. Logs the metrics under ``validation/`` and
-        returns them: ``{metric: value}`` without a pool, ``{"pool": {...}, "held_out": {...}}`` with one. With
+        """Roll out one episode on each of ``episodes`` (default ``val_batch_size``) tasks on held-out seeds (never
+        used in training); with a ``seed_pool``, also as many on the pool's seeds. The episodes decode greedily
+        unless ``eval_greedy`` is off, and the success rate is also reported as ``success_rate_greedy`` (or
+        ``success_rate_sampled``); with ``eval_pass_k`` = k > 1, k more episodes are sampled on each task for
+        ``pass@1`` and ``pass@k`` (see :func:`pass_rates`). Logs the metrics under ``validation/`` and returns
+        them: ``{metric: value}`` without a pool, ``{"pool": {...}, "held_out": {...}}`` with one. With
         ``transcripts=N`` the result also holds ``"transcripts"``: the turns (observation, reply, parsed action,
         validity, reward) of the first N held-out episodes."""
         return self._validation(episodes, transcripts, log_under=VALIDATION_RESULTS)
@@ -199,16 +227,27 @@ class GiGPO(Algorithm):
 
     def _validation_rollout(self, per_tag: np.ndarray, seeds: list[int], key: tuple[str, ...] | None,
                             transcripts: int, per_seed: bool = False) -> dict[str, Any]:
+        config = self.config
         groups = self._groups(per_tag.tolist(), seeds)
-        sampling_seed = self._base_seed + VALIDATION_SEED_OFFSET + self._val_draws
-        self._val_draws += len(groups)
         started = time.perf_counter()
-        rollout = self._rollout(groups, group_size=1, seed=sampling_seed, transcripts=transcripts > 0)
-        metrics: dict[str, Any] = self._log_rollout(rollout, key, time.perf_counter() - started,
+        rollout = self._validation_episodes(groups, 1, greedy=config.eval_greedy, transcripts=transcripts > 0)
+        metrics: dict[str, Any] = self._log_rollout(rollout, None, time.perf_counter() - started,
                                                     groups if per_seed else None)
+        metrics["success_rate_greedy" if config.eval_greedy else "success_rate_sampled"] = metrics["success_rate"]
+        if config.eval_pass_k > 1:
+            samples = self._validation_episodes(groups, config.eval_pass_k, greedy=False, transcripts=False)
+            metrics.update(pass_rates(samples["episodes"], config.eval_pass_k))
+        if key is not None:
+            self.metrics.log_dict(metrics, key=key, window=1)
         if transcripts:
             metrics["transcripts"] = list(rollout["episodes"]["transcript"][:transcripts])
         return metrics
+
+    def _validation_episodes(self, groups: list[GroupSpec], group_size: int, *, greedy: bool, transcripts: bool
+                             ) -> dict[str, Any]:
+        sampling_seed = self._base_seed + VALIDATION_SEED_OFFSET + self._val_draws
+        self._val_draws += len(groups)
+        return self._rollout(groups, group_size, seed=sampling_seed, transcripts=transcripts, greedy=greedy)
 
     def stop(self) -> None:
         self._stopped = True
@@ -238,10 +277,10 @@ class GiGPO(Algorithm):
                 groups.append(GroupSpec(group_id=len(groups), tag=tag, tag_id=tag_id, seed=int(seeds[len(groups)])))
         return groups
 
-    def _rollout(self, groups: list[GroupSpec], group_size: int, seed: int, transcripts: bool = False
-                 ) -> dict[str, Any]:
+    def _rollout(self, groups: list[GroupSpec], group_size: int, seed: int, transcripts: bool = False,
+                 greedy: bool = False) -> dict[str, Any]:
         """Step samples of ``groups`` from the env runners; ``seed`` (unique per batch, set by ``config.seed``) seeds
-        the sampling, mixed with each runner's index.
+        the sampling, mixed with each runner's index; ``greedy`` decodes greedily instead (evaluation).
 
         A runner whose rollout failed as a whole, or that did not answer within ``sample_timeout_s`` (it is then
         restarted, and RLlib brings it back with the current weights before the next iteration), loses its share;
@@ -256,7 +295,8 @@ class GiGPO(Algorithm):
         shares = {index: groups[position::len(indices)] for position, index in enumerate(indices)}
         outputs = runners.foreach_env_runner(
             lambda runner: runner.sample(groups=shares[runner.worker_index], group_size=group_size,
-                                         seed=mix_seeds(seed, runner.worker_index), transcripts=transcripts),
+                                         seed=mix_seeds(seed, runner.worker_index), transcripts=transcripts,
+                                         greedy=greedy),
             local_env_runner=not remote, timeout_seconds=config.sample_timeout_s if remote else None)
         answered = [out for out in outputs if "error" not in out]
         runner_lost = {"runner_failed": 0, "runner_timeout": 0}
