@@ -150,3 +150,34 @@ def test_vllm_loads_the_exported_folder(trained, tmp_path):
     finally:
         engine.close()
     assert len(completions) == len(prompts) and all(completion.token_ids for completion in completions)
+
+
+def test_lora_adapters_are_merged_into_plain_weights(tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from gigpo_rllib.export import save_hf_model
+    from gigpo_rllib.models import load_model_and_tokenizer
+
+    base, tokenizer = load_model_and_tokenizer("gigpo-tiny")
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA starts as a no-op (B = 0): give the adapters something to merge
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    batch = prompt_batch(tokenizer)
+
+    def logprobs(scored_model) -> torch.Tensor:
+        with torch.no_grad():
+            return forward_token_logprobs(scored_model.eval(), batch["input_ids"], batch["attention_mask"],
+                                          batch["response_mask"], allowed_responses=batch["allowed_responses"])[0]
+
+    adapted = logprobs(model)
+    with model.disable_adapter():
+        assert float((logprobs(model) - adapted).abs().max()) > 1e-3  # the adapters matter
+    save_hf_model(model, tokenizer, tmp_path / "model")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    assert not any("lora" in name for name in exported.state_dict())
+    assert float((logprobs(exported) - adapted).abs().max()) < 1e-5
+    assert torch.equal(logprobs(model), adapted)  # the caller's model keeps its adapters
