@@ -66,6 +66,30 @@ def split_by_tag(groups_per_tag: Sequence[int], count: int) -> list[int]:
     return per_tag.tolist()
 
 
+def pass_at_k(samples: int, successes: int, k: int) -> float:
+    """The unbiased estimate of pass@k (the chance that at least one of k samples solves the task) from ``samples``
+    samples of which ``successes`` succeeded: ``1 - C(n - c, k) / C(n, k)`` (Chen et al. 2021, "Evaluating Large
+    Language Models Trained on Code"). With n = k it is 1 when any sample succeeded, else 0; with k = 1 it is c / n."""
+    if not 0 <= successes <= samples or not 1 <= k <= samples:
+        raise ValueError(f"pass@k needs 0 <= successes <= samples and 1 <= k <= samples, got samples={samples}, "
+                         f"successes={successes}, k={k}")
+    return 1.0 - math.comb(samples - successes, k) / math.comb(samples, k)
+
+
+def pass_rates(episodes: dict[str, np.ndarray], k: int) -> dict[str, float]:
+    """``{"pass@1": ..., "pass@k": ...}``: each estimator averaged over the tasks (episode groups, one env seed
+    each) of ``episodes``, a rollout's per-episode columns. A task that lost trajectories and has fewer than k
+    episodes is left out of ``pass@k`` (the loss is counted in ``trajectories_lost``)."""
+    by_task: dict[int, list[bool]] = {}
+    for group_id, success in zip(episodes["group_id"].tolist(), episodes["success"].tolist()):
+        by_task.setdefault(group_id, []).append(bool(success))
+    counts = [(len(results), sum(results)) for results in by_task.values()]
+    rates = {"pass@1": float(np.mean([pass_at_k(n, c, 1) for n, c in counts]))}
+    complete = [pass_at_k(n, c, k) for n, c in counts if n >= k]
+    rates[f"pass@{k}"] = float(np.mean(complete)) if complete else math.nan
+    return rates
+
+
 def _check_gpu_placement(config: GiGPOConfig) -> None:
     """Refuse a layout in which an env runner's engine could land on the local learner's GPU.
 
@@ -237,9 +261,12 @@ class GiGPO(Algorithm):
         return sampled, groups, take_groups(sampled, signal[:wanted]) if len(signal) else rollouts[0]
 
     def validate(self, episodes: int | None = None, transcripts: int = 0) -> dict[str, Any]:
-        """Roll out ``episodes`` (default ``val_batch_size``) single episodes on held-out seeds (never used in
-        training); with a ``seed_pool``, also as many on the pool's seeds. Logs the metrics under ``validation/`` and
-        returns them: ``{metric: value}`` without a pool, ``{"pool": {...}, "held_out": {...}}`` with one. With
+        """Roll out one episode on each of ``episodes`` (default ``val_batch_size``) tasks on held-out seeds (never
+        used in training); with a ``seed_pool``, also as many on the pool's seeds. The episodes decode greedily
+        unless ``eval_greedy`` is off, and the success rate is also reported as ``success_rate_greedy`` (or
+        ``success_rate_sampled``); with ``eval_pass_k`` = k > 1, k more episodes are sampled on each task for
+        ``pass@1`` and ``pass@k`` (see :func:`pass_rates`). Logs the metrics under ``validation/`` and returns
+        them: ``{metric: value}`` without a pool, ``{"pool": {...}, "held_out": {...}}`` with one. With
         ``transcripts=N`` the result also holds ``"transcripts"``: the turns (observation, reply, parsed action,
         validity, reward) of the first N held-out episodes."""
         return self._validation(episodes, transcripts, log_under=VALIDATION_RESULTS)
@@ -278,16 +305,27 @@ class GiGPO(Algorithm):
 
     def _validation_rollout(self, per_tag: list[int], seeds: list[int], key: tuple[str, ...] | None,
                             transcripts: int, per_seed: bool = False) -> dict[str, Any]:
+        config = self.config
         groups = self._groups(per_tag, seeds)
-        sampling_seed = self._base_seed + VALIDATION_SEED_OFFSET + self._val_draws
-        self._val_draws += len(groups)
         started = time.perf_counter()
-        rollout = self._rollout(groups, group_size=1, seed=sampling_seed, transcripts=transcripts > 0)
-        metrics: dict[str, Any] = self._log_rollout(rollout, key, time.perf_counter() - started,
+        rollout = self._validation_episodes(groups, 1, greedy=config.eval_greedy, transcripts=transcripts > 0)
+        metrics: dict[str, Any] = self._log_rollout(rollout, None, time.perf_counter() - started,
                                                     groups if per_seed else None)
+        metrics["success_rate_greedy" if config.eval_greedy else "success_rate_sampled"] = metrics["success_rate"]
+        if config.eval_pass_k > 1:
+            samples = self._validation_episodes(groups, config.eval_pass_k, greedy=False, transcripts=False)
+            metrics.update(pass_rates(samples["episodes"], config.eval_pass_k))
+        if key is not None:
+            self.metrics.log_dict(metrics, key=key, window=1)
         if transcripts:
             metrics["transcripts"] = list(rollout["episodes"]["transcript"][:transcripts])
         return metrics
+
+    def _validation_episodes(self, groups: list[GroupSpec], group_size: int, *, greedy: bool, transcripts: bool
+                             ) -> dict[str, Any]:
+        sampling_seed = self._base_seed + VALIDATION_SEED_OFFSET + self._val_draws
+        self._val_draws += len(groups)
+        return self._rollout(groups, group_size, seed=sampling_seed, transcripts=transcripts, greedy=greedy)
 
     def stop(self) -> None:
         self._stopped = True
@@ -319,10 +357,10 @@ class GiGPO(Algorithm):
                                         seed=int(seeds[len(groups)])))
         return groups
 
-    def _rollout(self, groups: list[GroupSpec], group_size: int, seed: int, transcripts: bool = False
-                 ) -> dict[str, Any]:
+    def _rollout(self, groups: list[GroupSpec], group_size: int, seed: int, transcripts: bool = False,
+                 greedy: bool = False) -> dict[str, Any]:
         """Step samples of ``groups`` from the env runners; ``seed`` (unique per batch, set by ``config.seed``) seeds
-        the sampling, mixed with each runner's index.
+        the sampling, mixed with each runner's index; ``greedy`` decodes greedily instead (evaluation).
 
         A runner whose rollout failed as a whole, or that did not answer within ``sample_timeout_s`` (it is then
         restarted, and RLlib brings it back with the current weights before the next iteration), loses its share;
@@ -339,7 +377,7 @@ class GiGPO(Algorithm):
         outputs = runners.foreach_env_runner(
             lambda runner: runner.sample(groups=shares[runner.worker_index], group_size=group_size,
                                          seed=mix_seeds(seed, runner.worker_index), transcripts=transcripts,
-                                         weights_seq_no=weights_seq_no),
+                                         weights_seq_no=weights_seq_no, greedy=greedy),
             local_env_runner=not remote, timeout_seconds=config.sample_timeout_s if remote else None)
         answered = [out for out in outputs if "error" not in out]
         runner_lost = {"runner_failed": 0, "runner_timeout": 0}

@@ -139,6 +139,23 @@ def _manifest_problem(path: pathlib.Path, manifest: pathlib.Path) -> str | None:
     return None
 
 
+def resolve_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
+    """``path`` itself when it is a complete checkpoint; for a run directory, its newest complete checkpoint.
+    Raises :class:`ExperimentError` saying what is wrong otherwise."""
+    path = pathlib.Path(path)
+    is_run_dir = path.is_dir() and not any((path / entry).exists() for entry in REQUIRED_ENTRIES)
+    if is_run_dir and list_checkpoints(path):
+        plan = plan_run(path, resume=True)
+        if plan.checkpoint is None:
+            details = "; ".join(f"{p.name}: {problem}" for p, problem in plan.skipped)
+            raise ExperimentError(f"run directory {str(path)!r} has no complete checkpoint ({details})")
+        return plan.checkpoint
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ExperimentError(f"cannot use checkpoint {str(path)!r}: {problem}")
+    return path
+
+
 def checkpoint_iteration(path: str | pathlib.Path) -> int:
     """The training iteration a checkpoint was saved at (from its manifest, else from its name, else 0)."""
     path = pathlib.Path(path)

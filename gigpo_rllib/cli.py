@@ -11,14 +11,16 @@ Usage::
     rllib train file configs/frozenlake_gigpo.yaml [--stop JSON | --stop-iters N] [--storage-path DIR |
                      --checkpoint-dir RUN_DIR] [--checkpoint-freq K] [--no-checkpoint-at-end] [--resume] [--verbose]
     rllib train --algo GiGPO|GRPO --env ENV --config JSON [same flags]
-    rllib evaluate CHECKPOINT_OR_RUN_DIR [--episodes N] [--num-env-runners N]
+    rllib evaluate CHECKPOINT_OR_RUN_DIR [--episodes N] [--greedy | --sample] [--pass-k K] [--num-env-runners N]
+    rllib export CHECKPOINT_OR_RUN_DIR --out DIR [--force]
     rllib plot RUN_DIR [RUN_DIR ...] [--out progress.png]
 
 Exit status: 0 done; 1 training failed (the run directory, ``error.txt`` with the traceback and the last
 checkpoint are named); 2 bad arguments, config, experiment file or checkpoint (one line ``rllib: error: ...``);
 130 interrupted (Ctrl-C).
 
-The reusable pieces are :func:`load_experiment`, :func:`config_from_dict`, :func:`train` and :func:`evaluate`;
+The reusable pieces are :func:`load_experiment`, :func:`config_from_dict`, :func:`train`, :func:`evaluate` and
+:func:`gigpo_rllib.export.export_checkpoint`;
 the layouts of experiment files are described in :mod:`gigpo_rllib.experiment`.
 """
 
@@ -35,8 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from gigpo_rllib.checkpoints import (PROGRESS_FILE, REQUIRED_ENTRIES, checkpoint_problem, list_checkpoints,
-                                     plan_run)
+from gigpo_rllib.checkpoints import PROGRESS_FILE, plan_run, resolve_checkpoint
 from gigpo_rllib.checkpoints import config_from_checkpoint as _read_checkpoint_config
 from gigpo_rllib.experiment import (DEFAULT_STOP_ITERS, Experiment, ExperimentError, build_config,
                                     build_stop, check_envs, experiment_from_mapping, normalize_algo,
@@ -120,29 +121,15 @@ def config_from_checkpoint(checkpoint: str | pathlib.Path):
         raise ExperimentError(str(error)) from error
 
 
-def resolve_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
-    """``path`` itself when it is a complete checkpoint; for a run directory, its newest complete checkpoint.
-    Raises :class:`ExperimentError` saying what is wrong otherwise."""
-    path = pathlib.Path(path)
-    is_run_dir = path.is_dir() and not any((path / entry).exists() for entry in REQUIRED_ENTRIES)
-    if is_run_dir and list_checkpoints(path):
-        plan = plan_run(path, resume=True)
-        if plan.checkpoint is None:
-            details = "; ".join(f"{p.name}: {problem}" for p, problem in plan.skipped)
-            raise ExperimentError(f"run directory {str(path)!r} has no complete checkpoint ({details})")
-        return plan.checkpoint
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise ExperimentError(f"cannot use checkpoint {str(path)!r}: {problem}")
-    return path
-
-
 def evaluate(checkpoint: str | pathlib.Path, *, episodes: int | None = None,
-             num_env_runners: int | None = None, quiet: bool = True, transcripts: int = 0) -> dict[str, Any]:
+             num_env_runners: int | None = None, quiet: bool = True, transcripts: int = 0,
+             greedy: bool | None = None, pass_k: int | None = None) -> dict[str, Any]:
     """Restore ``checkpoint`` (or the newest complete checkpoint of a run directory) and run
-    :meth:`GiGPO.validate` on ``episodes`` fresh episodes (default: the checkpoint's ``val_batch_size``). Returns
-    the validation metrics (with ``transcripts=N``, also the first N episodes' transcripts under
-    ``"transcripts"``). A missing, partial or damaged checkpoint raises :class:`ExperimentError`."""
+    :meth:`GiGPO.validate` on ``episodes`` fresh tasks (default: the checkpoint's ``val_batch_size``), decoded
+    greedily or sampled as ``greedy`` says (default: the checkpoint's ``eval_greedy``), with ``pass_k`` sampled
+    episodes per task for pass@k (default: the checkpoint's ``eval_pass_k``). Returns the validation metrics (with
+    ``transcripts=N``, also the first N episodes' transcripts under ``"transcripts"``). A missing, partial or
+    damaged checkpoint raises :class:`ExperimentError`."""
     from gigpo_rllib.algorithm import GiGPO
 
     checkpoint = resolve_checkpoint(checkpoint)
@@ -151,6 +138,12 @@ def evaluate(checkpoint: str | pathlib.Path, *, episodes: int | None = None,
         if episodes < 1:
             raise ExperimentError(f"--episodes must be >= 1, got {episodes}")
         config.val_batch_size = episodes
+    if pass_k is not None:
+        if isinstance(pass_k, bool) or not isinstance(pass_k, int) or pass_k < 1:
+            raise ExperimentError(f"--pass-k must be an integer >= 1, got {pass_k!r}")
+        config.eval_pass_k = pass_k
+    if greedy is not None:
+        config.eval_greedy = bool(greedy)
     if num_env_runners is not None:
         config.num_env_runners = num_env_runners
     # The checkpoint's constructor argument is the config; passing ours replaces it, then the state is restored.
@@ -264,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                "'{\"train_env_manager\": {\"num_env_groups\": 4, \"group_size\": 4}, \"rollout_batch_size\": 16}' "
                "--stop '{\"training_iteration\": 20, \"env_runners/success_rate\": 0.9}' --storage-path ~/runs\n"
                "  rllib train --algo GRPO --env TextFrozenLake-v0 --config ... --storage-path ~/runs --resume\n"
-               "  rllib evaluate ~/gigpo_results/frozenlake_gigpo_<time>/checkpoint_000020 --episodes 64\n"
+               "  rllib evaluate ~/gigpo_results/frozenlake_gigpo_<time>/checkpoint_000020 --episodes 64 --pass-k 8\n"
+               "  rllib export ~/gigpo_results/frozenlake_gigpo_<time> --out ~/models/frozenlake-policy\n"
                "exit status: 0 done, 1 training failed, 2 bad arguments/config/checkpoint, 130 interrupted")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -289,18 +283,41 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser = commands.add_parser(
         "evaluate", help="restore a checkpoint and run validation episodes",
         description="Restore a GiGPO checkpoint (or the newest complete checkpoint of a run directory) and run "
-                    "validate(): N single episodes on fresh validation seeds; prints the validation metrics as "
-                    "JSON. A missing, partial or damaged checkpoint is reported (exit 2).")
+                    "validate(): one episode on each of N fresh validation tasks (env seeds), greedy by default, "
+                    "and with --pass-k K also K sampled episodes per task; prints the validation metrics as JSON. "
+                    "A missing, partial or damaged checkpoint is reported (exit 2).")
     evaluate_parser.add_argument("checkpoint", metavar="CHECKPOINT",
                                  help="a checkpoint directory, or a run directory written by train")
     evaluate_parser.add_argument("--episodes", type=_positive_int, default=None, metavar="N",
                                  help="validation episodes (default: the checkpoint's val_batch_size)")
+    decoding = evaluate_parser.add_mutually_exclusive_group()
+    decoding.add_argument("--greedy", dest="greedy", action="store_const", const=True, default=None,
+                          help="decode greedily (temperature 0), as reported evaluations do: success_rate_greedy "
+                               "(default: the checkpoint's eval_greedy, which defaults to on)")
+    decoding.add_argument("--sample", dest="greedy", action="store_const", const=False,
+                          help="sample at the checkpoint's temperature/top_p/top_k instead: success_rate_sampled")
+    evaluate_parser.add_argument("--pass-k", type=_positive_int, default=None, metavar="K",
+                                 help="also sample K episodes per task and report pass@1 and pass@K (a task counts "
+                                      "for pass@K when any of its K episodes succeeds); default: the checkpoint's "
+                                      "eval_pass_k (1: none)")
     evaluate_parser.add_argument("--num-env-runners", type=_non_negative_int, default=None, metavar="N",
                                  help="override num_env_runners for the evaluation")
     evaluate_parser.add_argument("--show", type=_non_negative_int, default=0, metavar="N",
                                  help="also print N episode transcripts (observation, reply, parsed action, reward "
                                       "per turn)")
     evaluate_parser.add_argument("--verbose", action="store_true", help="show Ray's and RLlib's start-up notes")
+    export_parser = commands.add_parser(
+        "export", help="write a checkpoint's policy as a Hugging Face model folder",
+        description="Write the trained policy of a checkpoint (or of the newest complete checkpoint of a run "
+                    "directory) as a Hugging Face model folder: config, safetensors weights, generation config, "
+                    "tokenizer and chat template (LoRA adapters merged). transformers' from_pretrained and vLLM "
+                    "load it as it is. Needs no Ray. A missing, partial or damaged checkpoint is reported (exit 2).")
+    export_parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                               help="a checkpoint directory, or a run directory written by train")
+    export_parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
+    export_parser.add_argument("--force", action="store_true",
+                               help="replace DIR when it exists and is not empty (refused otherwise)")
+    export_parser.add_argument("--verbose", action="store_true", help="show RLlib's notes while the policy loads")
     plot_parser = commands.add_parser(
         "plot", help="plot the progress.csv of one or more training runs into a PNG",
         description="Plot return, success rate, invalid-action rate and entropy per iteration of one or more "
@@ -429,18 +446,27 @@ def _evaluate_command(args: argparse.Namespace) -> None:
         config_from_checkpoint(resolve_checkpoint(args.checkpoint))  # a bad checkpoint fails before Ray starts
         with _ray_session(quiet=quiet):
             metrics = evaluate(args.checkpoint, episodes=args.episodes, num_env_runners=args.num_env_runners,
-                               quiet=quiet, transcripts=args.show)
+                               quiet=quiet, transcripts=args.show, greedy=args.greedy, pass_k=args.pass_k)
     transcripts = metrics.pop("transcripts", [])
     for number, turns in enumerate(transcripts, 1):
         print(format_transcript(number, turns))
     print(json.dumps(metrics, indent=2, sort_keys=True))
 
 
+def _export_command(args: argparse.Namespace) -> None:
+    from gigpo_rllib.export import export_checkpoint
+
+    with quiet_output(not args.verbose):
+        folder = export_checkpoint(args.checkpoint, args.out, force=args.force)
+    print(f"model folder written: {folder}")
+
+
 def _plot_command(args: argparse.Namespace) -> None:
     print(f"plot written: {plot(args.runs, args.out)}")
 
 
-COMMANDS = {"train": _train_command, "evaluate": _evaluate_command, "plot": _plot_command}
+COMMANDS = {"train": _train_command, "evaluate": _evaluate_command, "export": _export_command,
+            "plot": _plot_command}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import gymnasium as gym
@@ -119,7 +119,7 @@ def mix_seeds(*seeds: int) -> int:
     return int(np.random.SeedSequence([int(s) for s in seeds]).generate_state(1)[0])
 
 
-EPISODE_COLUMNS = ("return", "length", "success", "invalid_turns", "tag")
+EPISODE_COLUMNS = ("return", "length", "success", "invalid_turns", "tag", "group_id")
 SAMPLE_COLUMNS = ("rewards", "traj_ids", "step_ids", "group_ids", "tag_ids", "anchor_ids", "action_is_valid",
                   "prompt_truncated", "episode_ends", "episode_success")
 
@@ -220,14 +220,15 @@ class StepCollector:
 
     # ------------------------------------------------------------------------------------------ public
 
-    def collect(self, groups: list[GroupSpec], group_size: int, sample_seed: int, transcripts: bool = False
-                ) -> dict[str, Any]:
+    def collect(self, groups: list[GroupSpec], group_size: int, sample_seed: int, transcripts: bool = False,
+                greedy: bool = False) -> dict[str, Any]:
         """Roll out ``group_size`` trajectories per group. Trajectory ids are ``group_id * group_size + k``.
+        With ``greedy`` every reply is decoded greedily (for evaluation; see :class:`SamplingParams`).
 
         Returns a dict of per-sample columns (numpy arrays of length N for :data:`SAMPLE_COLUMNS`; lists of
         int arrays ``prompt_ids``, ``response_ids`` and float arrays ``response_logprobs``; with the action constraint,
         ``allowed_replies``: each sample's allowed replies as token-id lists), per-trajectory
-        ``episodes`` (dict of arrays: ``return``, ``length``, ``success``, ``invalid_turns``, ``tag``),
+        ``episodes`` (dict of arrays: ``return``, ``length``, ``success``, ``invalid_turns``, ``tag``, ``group_id``),
         ``timing`` (seconds in generation and in env steps), ``token_counts`` (``prompt`` tokens sent to the
         sampler and how many of them it took from its prefix ``cached``), ``lost`` (trajectories lost, by cause of
         :data:`LOSS_CAUSES`), ``groups_dropped`` and ``first_fault`` (the first lost trajectory's error, or None).
@@ -238,9 +239,10 @@ class StepCollector:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         groups_per_wave = max(1, self.settings.max_envs // group_size)
         batch = _Batch(record_transcripts=transcripts)
+        sampling = replace(self.settings.sampling, greedy=True) if greedy else self.settings.sampling
         for wave_start in range(0, len(groups), groups_per_wave):
             wave = groups[wave_start:wave_start + groups_per_wave]
-            self._run_wave(wave, group_size, mix_seeds(sample_seed, wave_start), batch)
+            self._run_wave(wave, group_size, mix_seeds(sample_seed, wave_start), sampling, batch)
         return batch.columns(self.settings)
 
     # ----------------------------------------------------------------------------------------- details
@@ -305,12 +307,13 @@ class StepCollector:
             return None
         return _Trajectory(env, traj_id, group, observation, int(info["anchor_id"]), info.get("canonical_observation"))
 
-    def _run_wave(self, wave: list[GroupSpec], group_size: int, seed: int, batch: "_Batch") -> None:
+    def _run_wave(self, wave: list[GroupSpec], group_size: int, seed: int, sampling: SamplingParams,
+                  batch: "_Batch") -> None:
         active = [trajectory for group in wave for member in range(group_size)
                   if (trajectory := self._reset(group, group.group_id * group_size + member, batch)) is not None]
         finished: list[_Trajectory] = []
         try:
-            self._play(active, seed, batch, finished)
+            self._play(active, seed, sampling, batch, finished)
         except BaseException:
             # The wave failed as a whole (the sampler, say): envs left mid-episode cannot be reused.
             returned = {id(trajectory) for trajectory in finished}
@@ -320,7 +323,8 @@ class StepCollector:
             raise
         batch.add_wave(wave, group_size, finished)
 
-    def _play(self, active: list[_Trajectory], seed: int, batch: "_Batch", finished: list[_Trajectory]) -> None:
+    def _play(self, active: list[_Trajectory], seed: int, sampling: SamplingParams, batch: "_Batch",
+              finished: list[_Trajectory]) -> None:
         """Turn by turn until every trajectory of ``active`` has finished or is lost; appends to ``finished``."""
         active = list(active)
         turn = 0
@@ -329,7 +333,7 @@ class StepCollector:
             prompts, truncated = zip(*(self.prompts.build(prompt_instructions(t.env, bool(allowed and allowed[k])),
                                                           t.history, t.observation) for k, t in enumerate(active)))
             started = time.perf_counter()
-            completions = self.sampler.generate(list(prompts), self.settings.sampling, allowed,
+            completions = self.sampler.generate(list(prompts), sampling, allowed,
                                                 seed=mix_seeds(seed, turn))
             batch.timing["generate_s"] += time.perf_counter() - started
             batch.token_counts["prompt"] += sum(len(prompt) for prompt in prompts)
@@ -432,7 +436,7 @@ class _Batch:
             for trajectory in done:
                 for name, value in (("return", trajectory.episode_return), ("length", trajectory.length),
                                     ("success", trajectory.success), ("invalid_turns", trajectory.invalid_turns),
-                                    ("tag", group.tag)):
+                                    ("tag", group.tag), ("group_id", group.group_id)):
                     self.episodes[name].append(value)
                 if self.record_transcripts:
                     self.episodes["transcript"].append(trajectory.turns)

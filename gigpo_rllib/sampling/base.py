@@ -21,16 +21,20 @@ class SamplingParams:
         top_p: nucleus mass in (0, 1]; 1 disables it.
         top_k: keep the k most likely tokens; -1 (or 0) disables it.
         max_new_tokens: >= 1, the most tokens generated per reply (reply ends with finish_reason "length").
+        greedy: decode greedily instead (temperature 0: always the most likely token, under the constraint when
+            one is given); temperature, top_p and top_k are then ignored. For evaluation, not training.
 
     The recorded log-probs are those of ``softmax(logits / temperature)`` (restricted to the allowed replies
     when a constraint is given), *not* of the top-p/top-k truncated distribution: that is what the learner
-    recomputes, so importance ratios start at exactly 1.
+    recomputes, so importance ratios start at exactly 1. Greedy replies record those of ``softmax(logits)``
+    (temperature 1, under the constraint): well-defined, but nothing trains on them.
     """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
     max_new_tokens: int = 256
+    greedy: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
@@ -47,6 +51,13 @@ class SamplingParams:
             or self.max_new_tokens < 1
         ):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.greedy, bool):
+            raise ValueError(f"greedy must be True or False, got {self.greedy!r}")
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature of the recorded log-probs (1 for greedy replies, see the class docstring)."""
+        return 1.0 if self.greedy else float(self.temperature)
 
 
 @dataclass

@@ -120,11 +120,12 @@ class HFSampler(Sampler):
             allowed = pad_allowed_responses(allowed_responses, self.device)
             processors.append(_AllowedRepliesProcessor(allowed, p_len))
 
+        # Sampling settings only when sampling: generate() warns about (and ignores) them in greedy mode.
+        sampling = {} if params.greedy else dict(temperature=float(params.temperature), top_p=float(params.top_p),
+                                                 top_k=params.top_k if params.top_k > 0 else 0)
         gen_config = GenerationConfig(
-            do_sample=True,
-            temperature=float(params.temperature),
-            top_p=float(params.top_p),
-            top_k=params.top_k if params.top_k > 0 else 0,
+            do_sample=not params.greedy,
+            **sampling,
             max_new_tokens=params.max_new_tokens,
             eos_token_id=self.eos_token_ids,
             pad_token_id=self.pad_token_id,
@@ -158,7 +159,7 @@ class HFSampler(Sampler):
             full_ids,
             full_attn,
             resp_mask,
-            temperature=params.temperature,
+            temperature=params.logprob_temperature,
             allowed_responses=allowed,
         )
         logprobs = logprobs[:, p_len:].cpu()

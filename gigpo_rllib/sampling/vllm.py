@@ -199,7 +199,9 @@ class VLLMSampler(Sampler):
         for i in range(len(prompt_ids)):
             replies = allowed_responses[i] if allowed_responses is not None else None
             requests.append(EngineSamplingParams(
-                temperature=float(params.temperature), top_p=float(params.top_p),
+                # Temperature 0 is vLLM's greedy mode; its processed log-probs are then softmax(logits) under the
+                # constraint, as SamplingParams.logprob_temperature says.
+                temperature=0.0 if params.greedy else float(params.temperature), top_p=float(params.top_p),
                 top_k=params.top_k if params.top_k > 0 else 0, max_tokens=params.max_new_tokens,
                 stop_token_ids=list(self.eos_token_ids), logprobs=0, detokenize=False,
                 seed=request_seeds[i],
