@@ -514,6 +514,13 @@ class GiGPO(Algorithm):
         state["seed_counters"] = {"train": self._train_draws, "validation": self._val_draws}
         return state
 
+    def restore_from_path(self, path, *args, **kwargs) -> None:
+        """RLlib's restore, then the restored weights pushed into every sampler by GiGPO's own blocking sync: RLlib's
+        restore sync is asynchronous and skips a runner that still has a sync in flight (its start-up one, say),
+        which then kept the initial weights."""
+        super().restore_from_path(path, *args, **kwargs)
+        self._sync_weights()
+
     def set_state(self, state: dict[str, Any]) -> None:
         super().set_state(state)
         self._weights_seq_no = None  # the restored learner's number, which RLlib's restore has synced to the runners

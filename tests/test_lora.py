@@ -146,3 +146,11 @@ def test_lora_training_moves_only_adapters_and_syncs_merged_weights(ray_session,
             np.testing.assert_array_equal(runner[name], value, err_msg=name)
     finally:
         restored.stop()
+    # The exported folder is a plain model with the adapters merged in: the weights the samplers had.
+    from transformers import AutoModelForCausalLM
+
+    from gigpo_rllib.export import export_checkpoint
+
+    exported = AutoModelForCausalLM.from_pretrained(export_checkpoint(path, tmp_path / "exported"))
+    for name, value in exported.state_dict().items():
+        np.testing.assert_allclose(value.numpy(), merged[MODULE_PREFIX + name], rtol=0, atol=1e-6, err_msg=name)
