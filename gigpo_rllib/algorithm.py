@@ -325,7 +325,8 @@ class GiGPO(Algorithm):
                              ) -> dict[str, Any]:
         sampling_seed = self._base_seed + VALIDATION_SEED_OFFSET + self._val_draws
         self._val_draws += len(groups)
-        return self._rollout(groups, group_size, seed=sampling_seed, transcripts=transcripts, greedy=greedy)
+        return self._rollout(groups, group_size, seed=sampling_seed, transcripts=transcripts, greedy=greedy,
+                             temperature=self.config.eval_temperature)
 
     def stop(self) -> None:
         self._stopped = True
@@ -358,9 +359,10 @@ class GiGPO(Algorithm):
         return groups
 
     def _rollout(self, groups: list[GroupSpec], group_size: int, seed: int, transcripts: bool = False,
-                 greedy: bool = False) -> dict[str, Any]:
+                 greedy: bool = False, temperature: float | None = None) -> dict[str, Any]:
         """Step samples of ``groups`` from the env runners; ``seed`` (unique per batch, set by ``config.seed``) seeds
-        the sampling, mixed with each runner's index; ``greedy`` decodes greedily instead (evaluation).
+        the sampling, mixed with each runner's index; ``greedy`` decodes greedily instead, and ``temperature``
+        replaces the training temperature (evaluation).
 
         A runner whose rollout failed as a whole, or that did not answer within ``sample_timeout_s`` (it is then
         restarted, and RLlib brings it back with the current weights before the next iteration), loses its share;
@@ -377,7 +379,7 @@ class GiGPO(Algorithm):
         outputs = runners.foreach_env_runner(
             lambda runner: runner.sample(groups=shares[runner.worker_index], group_size=group_size,
                                          seed=mix_seeds(seed, runner.worker_index), transcripts=transcripts,
-                                         weights_seq_no=weights_seq_no, greedy=greedy),
+                                         weights_seq_no=weights_seq_no, greedy=greedy, temperature=temperature),
             local_env_runner=not remote, timeout_seconds=config.sample_timeout_s if remote else None)
         answered = [out for out in outputs if "error" not in out]
         runner_lost = {"runner_failed": 0, "runner_timeout": 0}

@@ -186,12 +186,16 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("val_interval", 0, "Validate every this many iterations; 0 never validates.", check=NON_NEGATIVE_INT),
     ConfigKey("eval_greedy", True, "Validation and evaluation episodes decode greedily (temperature 0: the most "
               "likely token, under the action constraint when it is on), as verl-agent and RAGEN report; their "
-              "success rate also appears as `success_rate_greedy`. `false` samples at `temperature`/`top_p`/`top_k` "
+              "success rate also appears as `success_rate_greedy`. `false` samples at `eval_temperature`/`top_p`/`top_k` "
               "instead (`success_rate_sampled`). Training always samples.", check=FLAG),
     ConfigKey("eval_pass_k", 1, "With k > 1, validation also samples k episodes of each of its tasks (at "
-              "`temperature`, never greedy) and reports `pass@k`, the share of tasks at least one of the k solved, "
+              "`eval_temperature`, never greedy) and reports `pass@k`, the share of tasks at least one of the k solved, "
               "and `pass@1`, the mean success of those samples (both the unbiased estimators of Chen et al. 2021 "
               "from n = k samples). 1 runs no extra episodes.", check=POSITIVE_INT),
+    ConfigKey("eval_temperature", None, "Sampling temperature of the sampled validation and evaluation episodes "
+              "(`eval_greedy: false`, and the pass@k episodes); `null` uses `temperature`, the training one. "
+              "Training keeps its own: a higher training temperature explores more without changing what "
+              "evaluation reports.", check=Number(low=0, low_open=True, nullable=True)),
     ConfigKey("sequence_length", 1024, "Token budget of prompt + reply per turn; the oldest history turns are "
               "dropped first to fit (counted in `prompt_truncations`).", check=Number(low=2, integer=True)),
     ConfigKey("train_env_manager", {"max_env_num_per_worker": 16, "num_env_groups": 128, "group_size": 8,

@@ -149,8 +149,9 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
 
     def sample(self, *, groups: list[GroupSpec] | None = None, group_size: int | None = None, seed: int = 0,
                transcripts: bool = False, weights_seq_no: int | None = None, greedy: bool = False,
-               **kwargs) -> dict[str, Any]:
-        """Roll out ``groups`` (``group_size`` trajectories each; greedy replies with ``greedy``) and return their
+               temperature: float | None = None, **kwargs) -> dict[str, Any]:
+        """Roll out ``groups`` (``group_size`` trajectories each; greedy replies with ``greedy``, else sampled at
+        ``temperature`` when given: :meth:`StepCollector.collect`) and return their
         step samples (with this runner's ``worker_index``), or ``{"error": traceback, "worker_index": i}`` when the
         rollout failed as a whole, or when the sampler does not hold the weights numbered ``weights_seq_no`` (a sync
         that never arrived)."""
@@ -162,7 +163,8 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
                              f"learner's are number {weights_seq_no}: a weight sync did not reach it, and its "
                              "samples would come from another policy", "worker_index": self.worker_index}
         try:
-            out = self.collector.collect(groups, group_size, seed, transcripts=transcripts, greedy=greedy)
+            out = self.collector.collect(groups, group_size, seed, transcripts=transcripts, greedy=greedy,
+                                         temperature=temperature)
         except Exception:  # noqa: BLE001 - reported to the driver, which raises it or counts the lost share
             # Raising would kill and restart this actor (about a minute) and leave only "see the worker log".
             return {"error": traceback.format_exc(), "worker_index": self.worker_index}

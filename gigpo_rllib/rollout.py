@@ -221,9 +221,10 @@ class StepCollector:
     # ------------------------------------------------------------------------------------------ public
 
     def collect(self, groups: list[GroupSpec], group_size: int, sample_seed: int, transcripts: bool = False,
-                greedy: bool = False) -> dict[str, Any]:
+                greedy: bool = False, temperature: float | None = None) -> dict[str, Any]:
         """Roll out ``group_size`` trajectories per group. Trajectory ids are ``group_id * group_size + k``.
-        With ``greedy`` every reply is decoded greedily (for evaluation; see :class:`SamplingParams`).
+        With ``greedy`` every reply is decoded greedily, else ``temperature`` (when given) replaces the settings'
+        sampling temperature (both for evaluation; see :class:`SamplingParams`).
 
         Returns a dict of per-sample columns (numpy arrays of length N for :data:`SAMPLE_COLUMNS`; lists of
         int arrays ``prompt_ids``, ``response_ids`` and float arrays ``response_logprobs``; with the action constraint,
@@ -239,7 +240,11 @@ class StepCollector:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         groups_per_wave = max(1, self.settings.max_envs // group_size)
         batch = _Batch(record_transcripts=transcripts)
-        sampling = replace(self.settings.sampling, greedy=True) if greedy else self.settings.sampling
+        sampling = self.settings.sampling
+        if greedy:
+            sampling = replace(sampling, greedy=True)
+        elif temperature is not None:
+            sampling = replace(sampling, temperature=temperature)
         for wave_start in range(0, len(groups), groups_per_wave):
             wave = groups[wave_start:wave_start + groups_per_wave]
             self._run_wave(wave, group_size, mix_seeds(sample_seed, wave_start), sampling, batch)

@@ -180,12 +180,17 @@ def test_greedy_validation_is_deterministic_and_reports_pass_at_k(ray_session):
 
 
 @pytest.mark.slow
-def test_sampled_validation_says_so(ray_session):
-    algo = pool_config(eval_greedy=False).build()
+def test_sampled_validation_says_so_at_its_own_temperature(ray_session):
+    algo = pool_config(eval_greedy=False, eval_temperature=0.5, temperature=1.3).build()
+    temperatures = []
+    rollout = algo._rollout
+    algo._rollout = lambda *args, **kwargs: temperatures.append(kwargs.get("temperature")) or rollout(*args, **kwargs)
     try:
         results = algo.validate()
+        algo.train()
     finally:
         algo.stop()
+    assert temperatures == [0.5, 0.5, None]  # pool and held-out validation; training keeps its own temperature
     assert results["held_out"]["success_rate_sampled"] == results["held_out"]["success_rate"]
     assert not any(name.startswith("pass@") or name == "success_rate_greedy" for name in results["held_out"])
 

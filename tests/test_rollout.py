@@ -387,3 +387,28 @@ def test_constrained_prompts_leave_out_the_answer_format_line(sampler):
         prompt = sampler.tokenizer.decode(out["prompt_ids"][0])
         assert "FrozenLake" in prompt
         assert ("Give exactly one action inside" in prompt) is not constraint
+
+
+class RecordingSampler:
+    """Answers every prompt with the first allowed reply and remembers the sampling settings of each call."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.params = tokenizer, []
+
+    def generate(self, prompt_ids, params, allowed_responses=None, seed=None):
+        from gigpo_rllib.sampling.base import Completion
+
+        self.params.append(params)
+        reply = self.tokenizer("<answer>Up</answer>", add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        return [Completion(reply, [0.0] * len(reply), "stop") for _ in prompt_ids]
+
+
+@pytest.mark.parametrize("greedy, temperature, expected", [(False, None, (False, 1.0)), (False, 0.3, (False, 0.3)),
+                                                            (True, 0.3, (True, 1.0))])
+def test_evaluation_decoding_overrides_only_its_own_calls(sampler, greedy, temperature, expected):
+    recording = RecordingSampler(sampler.tokenizer)
+    collect = collector(recording, constraint=False, max_envs=2).collect
+    collect(groups(1, tag="Sokoban"), group_size=1, sample_seed=0, greedy=greedy, temperature=temperature)
+    collect(groups(1, tag="Sokoban"), group_size=1, sample_seed=0)  # training: the settings' own sampling
+    assert {(params.greedy, params.temperature) for params in recording.params[:1]} == {expected}
+    assert (recording.params[-1].greedy, recording.params[-1].temperature) == (False, 1.0)
