@@ -71,3 +71,12 @@ def test_bench_real_model_splits_an_iteration():
     assert [name.strip() for name in header.split("|")[1:]] == ["vllm lora"]
     sync = next(line for line in out.splitlines() if line.startswith("sync MB"))
     assert all(float(value) > 0 for value in sync.split("|")[1:])
+
+
+def test_zero_shot_prints_greedy_success_per_env_and_constraint():
+    out = run_benchmark("zero_shot.py", "--model", "gigpo-tiny", "--episodes", "2", "--sampler", "hf",
+                        "--tasks", "FrozenLake")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("FrozenLake ") and "|" in line]
+    assert [(seeds.strip(), constraint.strip()) for _, seeds, constraint, _ in rows] == [
+        ("held out", "on"), ("pool", "on"), ("held out", "off"), ("pool", "off")]
+    assert all(0 <= float(success) <= 1 for *_, success in rows)
