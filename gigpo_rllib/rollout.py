@@ -13,8 +13,10 @@ and counted too (its episodes still count in the episode metrics).
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
+import queue
 import threading
 import time
 import traceback
@@ -87,30 +89,39 @@ class EnvFault(Exception):
         self.details = details or message
 
 
-def call_with_timeout(function: Callable[[], Any], timeout_s: float | None) -> Any:
-    """``function()``, or ``TimeoutError`` when it has not returned after ``timeout_s`` seconds (None: no limit).
+class EnvWorker:
+    """A daemon thread that makes one env's calls, so each call can be given up on after a timeout without
+    starting a thread per call.
 
-    The call runs in a daemon thread that is abandoned on a timeout: Python cannot stop it, so the caller must not
-    touch the object it works on again (the collector replaces the env).
+    Python cannot stop a call that hangs: after a :class:`TimeoutError` the call may still be running inside the
+    env, so the caller must drop the env and this worker (the collector replaces both).
     """
-    if timeout_s is None:
-        return function()
-    outcome: dict[str, Any] = {}
 
-    def run() -> None:
+    def __init__(self, name: str = "gigpo-env-worker"):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, daemon=True, name=name).start()
+
+    def _serve(self) -> None:
+        while (job := self._calls.get()) is not None:
+            function, future = job
+            try:
+                future.set_result(function())
+            except BaseException as error:  # noqa: BLE001 - handed to the calling thread by the future
+                future.set_exception(error)
+
+    def call(self, function: Callable[[], Any], timeout_s: float) -> Any:
+        """``function()`` on the worker's thread, or ``TimeoutError`` when it has not returned after ``timeout_s``
+        seconds."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((function, future))
         try:
-            outcome["value"] = function()
-        except BaseException as error:  # noqa: BLE001 - handed to the calling thread below
-            outcome["error"] = error
+            return future.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"no answer within {timeout_s:g} s") from None
 
-    thread = threading.Thread(target=run, daemon=True, name="gigpo-env-call")
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise TimeoutError(f"no answer within {timeout_s:g} s")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    def stop(self) -> None:
+        """Let the thread end once its current call (if any) returns."""
+        self._calls.put(None)
 
 
 def mix_seeds(*seeds: int) -> int:
@@ -156,17 +167,36 @@ class PromptBuilder:
         self.budget = sequence_length - max_new_tokens
         self.history_length = history_length
 
-    def _encode(self, instructions: str, history: list[tuple[str, str]], observation: str) -> list[int]:
+    @staticmethod
+    def _messages(instructions: str, history: list[tuple[str, str]], observation: str) -> list[dict[str, str]]:
         messages = [{"role": "system", "content": instructions}]
         for past_observation, reply in history:
             messages += [{"role": "user", "content": past_observation}, {"role": "assistant", "content": reply}]
         messages.append({"role": "user", "content": observation})
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return messages
+
+    def _encode_many(self, conversations: list[list[dict[str, str]]]) -> list[list[int]]:
+        """Render and tokenise several chats in one call each (the tokenizer batches them)."""
+        texts = self.tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _encode(self, instructions: str, history: list[tuple[str, str]], observation: str) -> list[int]:
+        return self._encode_many([self._messages(instructions, history, observation)])[0]
+
+    def _shown(self, history: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return history[len(history) - self.history_length:] if self.history_length else []
+
+    def build_many(self, requests: Sequence[tuple[str, list[tuple[str, str]], str]]) -> list[tuple[list[int], bool]]:
+        """:meth:`build` of each ``(instructions, history, observation)``. The prompts that fit with all their
+        shown history (the usual case) are rendered and tokenised in one batch; the others are cut one by one."""
+        whole = self._encode_many([self._messages(instructions, self._shown(history), observation)
+                                   for instructions, history, observation in requests])
+        return [(ids, False) if len(ids) <= self.budget else self.build(*request)
+                for ids, request in zip(whole, requests)]
 
     def build(self, instructions: str, history: list[tuple[str, str]], observation: str) -> tuple[list[int], bool]:
         """Returns ``(prompt token ids, truncated)``."""
-        shown = history[len(history) - self.history_length:] if self.history_length else []
+        shown = self._shown(history)
         for start in range(len(shown) + 1):
             ids = self._encode(instructions, shown[start:], observation)
             if len(ids) <= self.budget:
@@ -215,6 +245,7 @@ class StepCollector:
                                      settings.history_length)
         self._make_env = make_env
         self._idle_envs: dict[str, list[gym.Env]] = defaultdict(list)
+        self._workers: dict[int, EnvWorker] = {}  # id(env) -> the thread that makes its calls (with a timeout)
         self._allowed_replies: dict[str, list[list[int]]] = {}
         self._reported: set[tuple[str, ...]] = set()
 
@@ -271,10 +302,17 @@ class StepCollector:
                                                            tag)
         return self._allowed_replies[tag]
 
-    def _call_env(self, function: Callable[[], Any], what: str) -> Any:
-        """Call into an env, turning a raise or a hang into an :class:`EnvFault`."""
+    def _call_env(self, env: gym.Env, function: Callable[[], Any], what: str) -> Any:
+        """Call into ``env``, turning a raise or a hang into an :class:`EnvFault`. With a step timeout the call runs
+        on the env's own worker thread, the same one for all its calls."""
+        timeout_s = self.settings.step_timeout_s
         try:
-            return call_with_timeout(function, self.settings.step_timeout_s)
+            if timeout_s is None:
+                return function()
+            worker = self._workers.get(id(env))
+            if worker is None:
+                worker = self._workers[id(env)] = EnvWorker(f"gigpo-env-{len(self._workers)}")
+            return worker.call(function, timeout_s)
         except TimeoutError as error:
             raise EnvFault("step_timeout", f"{what} did not return within {self.settings.step_timeout_s:g} s") from error
         except Exception as error:  # noqa: BLE001 - any env bug costs only its trajectory
@@ -293,13 +331,20 @@ class StepCollector:
             self._reported.add(kind)
             logger.warning("%s; its trajectory is dropped and counted under trajectories_lost_by_cause/%s (further "
                            "faults of this kind are only counted)\n%s", message, fault.cause, fault.details)
-        if fault.cause != "step_timeout":  # a hung call may still be running inside the env: leave it alone
+        self._discard(env, close=fault.cause != "step_timeout")  # a hung call may still be running inside it
+
+    def _discard(self, env: gym.Env, close: bool = True) -> None:
+        """Drop an env that will not be used again, and its worker thread."""
+        worker = self._workers.pop(id(env), None)
+        if worker is not None:
+            worker.stop()
+        if close:
             _close_quietly(env)
 
     def _reset(self, group: GroupSpec, traj_id: int, batch: "_Batch") -> _Trajectory | None:
         env = self._acquire_env(group.tag)
         try:
-            observation, info = self._call_env(lambda: env.reset(seed=group.seed), "reset")
+            observation, info = self._call_env(env, lambda: env.reset(seed=group.seed), "reset")
         except EnvFault as fault:
             self._lose(group.tag, group, 0, fault, env, batch)
             return None
@@ -316,7 +361,7 @@ class StepCollector:
             returned = {id(trajectory) for trajectory in finished}
             for trajectory in active:
                 if id(trajectory) not in returned:
-                    _close_quietly(trajectory.env)
+                    self._discard(trajectory.env)
             raise
         batch.add_wave(wave, group_size, finished)
 
@@ -326,8 +371,9 @@ class StepCollector:
         turn = 0
         while active:
             allowed = [self._allowed_for(t) for t in active] if self.settings.action_constraint else None
-            prompts, truncated = zip(*(self.prompts.build(prompt_instructions(t.env, bool(allowed and allowed[k])),
-                                                          t.history, t.observation) for k, t in enumerate(active)))
+            prompts, truncated = zip(*self.prompts.build_many([
+                (prompt_instructions(t.env, bool(allowed and allowed[k])), t.history, t.observation)
+                for k, t in enumerate(active)]))
             started = time.perf_counter()
             completions = self.sampler.generate(list(prompts), self.settings.sampling, allowed,
                                                 seed=mix_seeds(seed, turn))
@@ -340,7 +386,7 @@ class StepCollector:
                 reply = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
                 try:
                     observation, reward, terminated, truncated_episode, info = self._call_env(
-                        lambda env=trajectory.env: env.step(reply), "step")
+                        trajectory.env, lambda env=trajectory.env: env.step(reply), "step")
                     if not math.isfinite(float(reward)):
                         raise EnvFault("non_finite_reward", f"step returned the reward {reward!r}")
                 except EnvFault as fault:
