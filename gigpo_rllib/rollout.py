@@ -7,8 +7,11 @@ or not, becomes one step sample, and the prompt history records every turn.
 A misbehaving env costs its own trajectory, never the batch (DESIGN.md "Lost trajectories"): a ``reset`` or
 ``step`` that raises, takes longer than ``step_timeout_s`` or returns a non-finite reward ends that trajectory.
 Its samples are dropped (never filled in), the env is replaced, the fault is logged once per kind and counted by
-cause. A group left with fewer than two finished trajectories has no baseline: it is dropped from the samples
-and counted too (its episodes still count in the episode metrics).
+cause. With ``env_error_penalty`` set, a ``step`` that raises on a reply that parsed as a valid action
+(:class:`~gigpo_rllib.wrappers.ActionStepError`) ends its trajectory instead, as a terminal turn with that reward,
+and the trajectory trains (counted in ``ended_by_env_error``). A group left with fewer than two finished
+trajectories has no baseline: it is dropped from the samples and counted too (its episodes still count in the
+episode metrics).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 
 from gigpo_rllib.anchors import group_similar_texts
 from gigpo_rllib.sampling.base import Sampler, SamplingParams
+from gigpo_rllib.wrappers import ActionStepError
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +63,9 @@ class RolloutSettings:
     """When set, near-duplicate states of one episode group share an anchor (see group_similar_texts)."""
     step_timeout_s: float | None = None
     """An env ``reset``/``step`` that takes longer loses its trajectory; None waits forever."""
+    env_error_penalty: float | None = None
+    """When set, a ``step`` that raises on a valid action ends its trajectory as a terminal turn with this reward
+    instead of losing it (see ``GiGPOConfig``'s ``env_error_penalty``)."""
 
 
 @dataclass
@@ -261,7 +268,8 @@ class StepCollector:
         ``episodes`` (dict of arrays: ``return``, ``length``, ``success``, ``invalid_turns``, ``tag``),
         ``timing`` (seconds in generation and in env steps), ``token_counts`` (``prompt`` tokens sent to the
         sampler and how many of them it took from its prefix ``cached``), ``lost`` (trajectories lost, by cause of
-        :data:`LOSS_CAUSES`), ``groups_dropped`` and ``first_fault`` (the first lost trajectory's error, or None).
+        :data:`LOSS_CAUSES`), ``groups_dropped``, ``ended_by_env_error`` (trajectories ended with
+        ``env_error_penalty``) and ``first_fault`` (the first lost trajectory's error, or None).
         With ``transcripts``, ``episodes["transcript"]`` holds each episode's turns: ``observation`` (what the
         policy saw), ``reply``, ``action`` (the parsed action, None when invalid), ``valid`` and ``reward``.
         """
@@ -341,6 +349,23 @@ class StepCollector:
         if close:
             _close_quietly(env)
 
+    def _end_on_env_error(self, trajectory: _Trajectory, turn: int, fault: EnvFault, batch: "_Batch"
+                          ) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        """The step result that ends a trajectory whose env raised on a valid action: a terminal, failed turn with
+        reward ``env_error_penalty``, staying in the state it was in. Counted, and logged once per kind."""
+        batch.ended_by_env_error += 1
+        tag = trajectory.group.tag
+        kind = (tag, "ended_by_env_error", type(fault.__cause__.__cause__).__name__)
+        if kind not in self._reported:
+            self._reported.add(kind)
+            logger.warning("env %r (seed %d, turn %d): %s; the trajectory ends there with reward env_error_penalty=%g "
+                           "and is counted under trajectories_ended_by_env_error (further faults of this kind are only "
+                           "counted)\n%s", tag, trajectory.group.seed, turn, fault, self.settings.env_error_penalty,
+                           fault.details)
+        info = {"action_is_valid": True, "action": fault.__cause__.action, "success": False,
+                "anchor_id": trajectory.anchor_id, "canonical_observation": trajectory.canonical}
+        return trajectory.observation, self.settings.env_error_penalty, True, False, info
+
     def _reset(self, group: GroupSpec, traj_id: int, batch: "_Batch") -> _Trajectory | None:
         env = self._acquire_env(group.tag)
         try:
@@ -384,14 +409,19 @@ class StepCollector:
             still_active = []
             for k, (trajectory, prompt, was_truncated, completion) in enumerate(zip(active, prompts, truncated, completions)):
                 reply = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+                env_failed = False
                 try:
                     observation, reward, terminated, truncated_episode, info = self._call_env(
                         trajectory.env, lambda env=trajectory.env: env.step(reply), "step")
                     if not math.isfinite(float(reward)):
                         raise EnvFault("non_finite_reward", f"step returned the reward {reward!r}")
                 except EnvFault as fault:
-                    self._lose(trajectory.group.tag, trajectory.group, turn, fault, trajectory.env, batch)
-                    continue
+                    if self.settings.env_error_penalty is None or not isinstance(fault.__cause__, ActionStepError):
+                        self._lose(trajectory.group.tag, trajectory.group, turn, fault, trajectory.env, batch)
+                        continue
+                    observation, reward, terminated, truncated_episode, info = self._end_on_env_error(
+                        trajectory, turn, fault, batch)
+                    env_failed = True
                 done = bool(terminated or truncated_episode)
                 valid = bool(info.get("action_is_valid", True))
                 trajectory.rows.append(_sample_row(trajectory, turn, float(reward), valid, was_truncated, done, prompt,
@@ -407,7 +437,10 @@ class StepCollector:
                 if done:
                     trajectory.length, trajectory.success = turn + 1, bool(info.get("success", False))
                     finished.append(trajectory)
-                    self._idle_envs[trajectory.group.tag].append(trajectory.env)
+                    if env_failed:
+                        self._discard(trajectory.env)
+                    else:
+                        self._idle_envs[trajectory.group.tag].append(trajectory.env)
                 else:
                     still_active.append(trajectory)
             batch.timing["env_step_s"] += time.perf_counter() - started
@@ -464,6 +497,7 @@ class _Batch:
     token_counts: dict[str, int] = field(default_factory=lambda: {"prompt": 0, "cached": 0})
     lost: Counter = field(default_factory=Counter)
     groups_dropped: int = 0
+    ended_by_env_error: int = 0
     first_fault: str | None = None
     record_transcripts: bool = False
 
@@ -510,5 +544,6 @@ class _Batch:
         out["token_counts"] = self.token_counts
         out["lost"] = {cause: self.lost[cause] for cause in LOSS_CAUSES}
         out["groups_dropped"] = self.groups_dropped
+        out["ended_by_env_error"] = self.ended_by_env_error
         out["first_fault"] = self.first_fault
         return out

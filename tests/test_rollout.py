@@ -295,11 +295,12 @@ def test_system_prompt_is_text_or_a_function_of_the_tag():
 # --------------------------------------------------------------------------------------------- faulty envs
 
 
-def faulty(sampler, step_timeout_s=None, **faults):
+def faulty(sampler, step_timeout_s=None, env_error_penalty=None, **faults):
     import tests.learning_env  # noqa: F401  (registers FaultyCorridor-v0)
 
     settings = RolloutSettings(sampling=SamplingParams(max_new_tokens=12), sequence_length=512, history_length=1,
-                               max_envs=64, action_constraint=True, step_timeout_s=step_timeout_s)
+                               max_envs=64, action_constraint=True, step_timeout_s=step_timeout_s,
+                               env_error_penalty=env_error_penalty)
     return StepCollector(sampler, lambda tag: envs.make_llm_env("FaultyCorridor-v0", **faults), settings)
 
 
@@ -322,6 +323,22 @@ def test_env_errors_lose_only_their_trajectories(sampler):
     assert np.isfinite(out["rewards"]).all() and "deliberate step failure" in out["first_fault"]
     # Episodes that finished count in the episode metrics, dropped groups' included.
     assert len(out["episodes"]["return"]) == 32 - lost["env_error"]
+
+
+def test_with_env_error_penalty_a_valid_action_the_env_raises_on_ends_and_keeps_its_trajectory(sampler):
+    out = faulty(sampler, env_error_penalty=-1.0, raise_rate=0.2).collect(groups(8), group_size=4, sample_seed=0)
+    assert out["lost"]["env_error"] == 0 and out["ended_by_env_error"] > 0
+    penalized = out["rewards"] == -1.0  # the corridor's own rewards are 0 and 1
+    assert penalized.sum() == out["ended_by_env_error"]
+    assert out["episode_ends"][penalized].all() and out["action_is_valid"][penalized].all()
+    assert not out["episode_success"][penalized].any()
+    # Every trajectory is in the batch, with all its turns: the penalized ones train and join their group's baseline.
+    assert len(set(out["traj_ids"].tolist())) == 32 and out["groups_dropped"] == 0
+    assert_only_whole_trajectories(out, 4)
+    assert len(out["episodes"]["return"]) == 32 and (out["episodes"]["return"] < 0).sum() == out["ended_by_env_error"]
+    # Faults that are not the env rejecting a valid action are still lost.
+    out = faulty(sampler, env_error_penalty=-1.0, reset_raise_rate=0.2).collect(groups(8), group_size=4, sample_seed=0)
+    assert out["lost"]["env_error"] > 0 and out["ended_by_env_error"] == 0
 
 
 def test_reset_errors_and_non_finite_rewards_are_counted_by_cause(sampler):
