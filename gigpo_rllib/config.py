@@ -306,6 +306,14 @@ class GiGPOConfig(AlgorithmConfig):
             setattr(self, name, value)
         return self
 
+    def get_state(self) -> dict[str, Any]:
+        """RLlib's ``get_state`` (``build()`` copies the config through it), keeping every GiGPO key: RLlib drops each
+        attribute equal to its ``DEPRECATED_VALUE``, -1, so a key set to -1 (a penalty of -1) would silently fall
+        back to its default in the built algorithm."""
+        state = super().get_state()
+        state.update({key.name: getattr(self, key.name) for key in GIGPO_KEYS})
+        return state
+
     def environment(self, env=NotProvided, *, env_config=NotProvided, **kwargs) -> "GiGPOConfig":
         """RLlib's ``environment()``; an ``env_config`` that is not a dict is an error that says so (RLlib's merge
         would fail with an ``AttributeError`` from deep inside)."""

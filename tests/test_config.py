@@ -291,3 +291,10 @@ def test_the_top_level_exports():
     assert GiGPO.get_default_config().__class__ is GiGPOConfig and LLMActionWrapper.__name__ == "LLMActionWrapper"
     with pytest.raises(AttributeError, match="no attribute 'GiGPOTrainer'"):
         gigpo_rllib.GiGPOTrainer
+
+
+def test_keys_set_to_minus_one_survive_the_copy_build_makes():
+    # RLlib's Algorithm copies the config with from_state(get_state()), which drops every value equal to -1.
+    config = GiGPOConfig().training(invalid_action_penalty=-1, env_error_penalty=-1.0)
+    copied = GiGPOConfig.from_state(config.get_state())
+    assert copied.invalid_action_penalty == -1 and copied.env_error_penalty == -1.0
