@@ -443,6 +443,7 @@ class GiGPO(Algorithm):
             "num_episodes": float(len(episodes["return"])),
             "trajectories_lost": float(sum(rollout["lost"].values())),
             "groups_dropped": float(rollout["groups_dropped"]),
+            "trajectories_ended_by_env_error": float(rollout["ended_by_env_error"]),
             "num_env_steps": float(steps),
             "env_steps_per_s": steps / seconds,
             "sample_tokens_per_s": response_tokens / seconds,

@@ -35,7 +35,8 @@ def merge_rollouts(rollouts: list[dict[str, Any]], sequential: bool = False) -> 
     merged["timing"] = {k: combine(r["timing"][k] for r in rollouts) for k in rollouts[0]["timing"]}
     for name in ("token_counts", "lost"):
         merged[name] = {k: sum(r[name][k] for r in rollouts) for k in rollouts[0][name]}
-    merged["groups_dropped"] = sum(r["groups_dropped"] for r in rollouts)
+    for name in ("groups_dropped", "ended_by_env_error"):
+        merged[name] = sum(r[name] for r in rollouts)
     merged["first_fault"] = next((r["first_fault"] for r in rollouts if r["first_fault"]), None)
     return merged
 

@@ -210,6 +210,13 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
               f"{PER_SEED_METRICS_MAX_POOL} seeds also gets each seed's success rate (`pool_seed_success/<seed>`)."),
     ConfigKey("env_step_timeout_s", 60.0, "An env `reset` or `step` that takes longer loses its trajectory (the env "
               "is replaced, the loss counted under `trajectories_lost_by_cause/step_timeout`); `null` waits forever.", check=Number(low=0, low_open=True, nullable=True)),
+    ConfigKey("env_error_penalty", None, "`null` (default): an env `step` that raises loses its trajectory like any env "
+              "fault (`trajectories_lost_by_cause/env_error`). A number: when the reply parsed as a valid action and "
+              "the env raised on it, the trajectory ends there instead, as a failed terminal turn with this reward, "
+              "and trains (counted in `trajectories_ended_by_env_error`): for envs that raise on purpose on moves "
+              "they reject. Off by default because an env's exception is usually a bug or an outage of the env, "
+              "which the policy should not learn to avoid at a cost the penalty would have to guess.",
+              check=Number(nullable=True)),
     ConfigKey("sample_timeout_s", 3600.0, "A remote env runner that has not returned its share of a batch after this "
               "many seconds is restarted and its share counted lost (`runner_timeout`); `null` waits forever.", check=Number(low=0, low_open=True, nullable=True)),
     ConfigKey("max_lost_fraction", 1.0, "Stop with the first fault's traceback when at least this fraction of a "
@@ -336,6 +343,14 @@ class GiGPOConfig(AlgorithmConfig):
                 value = {**LORA_DEFAULTS, **value}
             setattr(self, name, value)
         return self
+
+    def get_state(self) -> dict[str, Any]:
+        """RLlib's ``get_state`` (``build()`` copies the config through it), keeping every GiGPO key: RLlib drops each
+        attribute equal to its ``DEPRECATED_VALUE``, -1, so a key set to -1 (a penalty of -1) would silently fall
+        back to its default in the built algorithm."""
+        state = super().get_state()
+        state.update({key.name: getattr(self, key.name) for key in GIGPO_KEYS})
+        return state
 
     def environment(self, env=NotProvided, *, env_config=NotProvided, **kwargs) -> "GiGPOConfig":
         """RLlib's ``environment()``; an ``env_config`` that is not a dict is an error that says so (RLlib's merge

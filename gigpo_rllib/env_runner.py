@@ -144,7 +144,8 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
                             max_envs=config.train_env_manager["max_env_num_per_worker"],
                             action_constraint=config.action_constraint,
                             anchor_similarity=config.anchor_similarity_threshold,
-                            step_timeout_s=config.env_step_timeout_s))
+                            step_timeout_s=config.env_step_timeout_s,
+                            env_error_penalty=config.env_error_penalty))
         self.weights_seq_no = 0
 
     def sample(self, *, groups: list[GroupSpec] | None = None, group_size: int | None = None, seed: int = 0,

@@ -7,68 +7,16 @@ Pure torch, no RLlib import.
 Shapes: ``B`` rows, ``S`` sequence positions, ``V`` vocabulary, ``K`` allowed replies, ``L`` their max length.
 
 Action-choice constraint. ``allowed_responses`` (B, K, L) int64, padded with -1, lists for each row the
-complete replies (token ids, each ending with EOS) the policy may produce. At response step ``t`` the
-policy is restricted to the *distinct* tokens ``allowed[b, k, t]`` over the replies ``k`` whose first ``t``
-tokens equal the response's first ``t`` tokens (a prefix trie). A row whose allowed replies are all -1 is
-unconstrained. The same rule drives the sampler (:func:`next_token_candidates`) and the learner
-(:func:`sequence_token_logprobs`).
+complete replies (token ids, each ending with EOS) the policy may produce; the tokens allowed at each response
+step come from :mod:`gigpo_rllib.action_trie`, the rule the samplers apply too. A row whose allowed replies are
+all -1 is unconstrained.
 """
 
 from __future__ import annotations
 
 import torch
 
-PAD_REPLY_ID = -1
-
-
-def _dedupe(cand: torch.Tensor) -> torch.Tensor:
-    """Replace repeated ids along the last dim with -1 (keep the first). ``cand`` (..., K) -> (..., K)."""
-    k = cand.shape[-1]
-    same = cand.unsqueeze(-1) == cand.unsqueeze(-2)  # (..., K, K): [i, j] = cand_i == cand_j
-    earlier = torch.ones(k, k, dtype=torch.bool, device=cand.device).tril(diagonal=-1)  # j < i
-    dup = (same & earlier).any(-1)
-    return cand.masked_fill(dup, PAD_REPLY_ID)
-
-
-def _check_allowed(allowed: torch.Tensor, batch: int) -> None:
-    if not isinstance(allowed, torch.Tensor) or allowed.dim() != 3 or allowed.shape[0] != batch:
-        shape = tuple(allowed.shape) if isinstance(allowed, torch.Tensor) else type(allowed).__name__
-        raise ValueError(f"allowed_responses must be an int tensor of shape (B={batch}, K, L), got {shape}")
-    if allowed.dtype.is_floating_point or allowed.dtype == torch.bool:
-        raise ValueError(f"allowed_responses must hold integer token ids (-1 = padding), got {allowed.dtype}")
-
-
-def next_token_candidates(allowed_responses: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
-    """Allowed next-token ids after the tokens generated so far (sampler side of the constraint).
-
-    Args:
-        allowed_responses: (B, K, L) int64, -1 padded.
-        generated: (B, T) int64, the response tokens produced so far (T may be 0).
-
-    Returns:
-        (B, K) int64: the distinct allowed next tokens of each row, -1 elsewhere. A row that is
-        unconstrained (all -1) or has no continuation (finished, or diverged) is all -1.
-    """
-    _check_allowed(allowed_responses, generated.shape[0])
-    allowed = allowed_responses.to(torch.long)
-    b, k, length = allowed.shape
-    t = generated.shape[1]
-    if t >= length:
-        return torch.full((b, k), PAD_REPLY_ID, dtype=torch.long, device=allowed.device)
-    prefix_ok = (allowed[:, :, :t] == generated.to(allowed.device, torch.long).unsqueeze(1)).all(-1)  # (B, K)
-    cand = allowed[:, :, t].masked_fill(~prefix_ok, PAD_REPLY_ID)
-    return _dedupe(cand)
-
-
-def allowed_next_tokens(allowed_replies: list[list[int]], generated: list[int]) -> list[int]:
-    """List version of :func:`next_token_candidates` for one row (e.g. HF ``prefix_allowed_tokens_fn``).
-
-    ``allowed_replies``: K replies as token-id lists; ``generated``: response tokens so far. Returns the
-    sorted distinct allowed next tokens ([] if none).
-    """
-    t = len(generated)
-    out = {r[t] for r in allowed_replies if len(r) > t and list(r[:t]) == list(generated)}
-    return sorted(out)
+from gigpo_rllib.action_trie import PAD_REPLY_ID, candidates_along, check_allowed
 
 
 def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -87,12 +35,12 @@ def _response_positions(response_mask: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def _response_candidates(allowed_responses: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
                          rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The allowed tokens at each response position (the prefix-trie rule of the module docstring).
+    """The allowed tokens at each response position (:func:`gigpo_rllib.action_trie.candidates_along`).
 
     Returns ``(candidates (N, K) int64, -1 padded; constrained (N,) bool)``; an unconstrained row gives all -1.
     """
     bsz, seq = input_ids.shape
-    _check_allowed(allowed_responses, bsz)
+    check_allowed(allowed_responses, bsz)
     allowed = allowed_responses.to(device=input_ids.device, dtype=torch.long)
     length = allowed.shape[2]
     mask = response_mask.to(torch.bool)
@@ -104,14 +52,9 @@ def _response_candidates(allowed_responses: torch.Tensor, input_ids: torch.Tenso
     in_seq = pos < seq
     pos_c = pos.clamp(max=seq - 1)
     response = torch.where(in_seq & mask.gather(1, pos_c), input_ids.to(torch.long).gather(1, pos_c), -2)
-    # prefix_ok[b, k, t] = reply k and the response agree on their first t tokens.
-    agree = torch.cumprod((allowed == response.unsqueeze(1)).to(torch.long), dim=-1).to(torch.bool)
-    prefix_ok = torch.cat([torch.ones_like(agree[:, :, :1]), agree[:, :, :-1]], dim=-1)
-    per_step = _dedupe(allowed.masked_fill(~prefix_ok, PAD_REPLY_ID).transpose(1, 2))  # (B, L, K)
+    per_step = candidates_along(allowed, response)  # (B, L + 1, K); step L and beyond allows nothing
     step = cols - start[rows]  # (N,) response step
-    candidates = per_step[rows, step.clamp(max=length - 1)]
-    candidates = candidates.masked_fill(~(step < length).unsqueeze(-1), PAD_REPLY_ID)
-    return candidates, constrained_row[rows]
+    return per_step[rows, step.clamp(max=length)], constrained_row[rows]
 
 
 def _token_logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,

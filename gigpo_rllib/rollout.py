@@ -7,14 +7,19 @@ or not, becomes one step sample, and the prompt history records every turn.
 A misbehaving env costs its own trajectory, never the batch (docs/design.md "Lost trajectories"): a ``reset`` or
 ``step`` that raises, takes longer than ``step_timeout_s`` or returns a non-finite reward ends that trajectory.
 Its samples are dropped (never filled in), the env is replaced, the fault is logged once per kind and counted by
-cause. A group left with fewer than two finished trajectories has no baseline: it is dropped from the samples
-and counted too (its episodes still count in the episode metrics).
+cause. With ``env_error_penalty`` set, a ``step`` that raises on a reply that parsed as a valid action
+(:class:`~gigpo_rllib.wrappers.ActionStepError`) ends its trajectory instead, as a terminal turn with that reward,
+and the trajectory trains (counted in ``ended_by_env_error``). A group left with fewer than two finished
+trajectories has no baseline: it is dropped from the samples and counted too (its episodes still count in the
+episode metrics).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
+import queue
 import threading
 import time
 import traceback
@@ -27,6 +32,7 @@ import numpy as np
 
 from gigpo_rllib.anchors import group_similar_texts
 from gigpo_rllib.sampling.base import Sampler, SamplingParams
+from gigpo_rllib.wrappers import ActionStepError
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +63,9 @@ class RolloutSettings:
     """When set, near-duplicate states of one episode group share an anchor (see group_similar_texts)."""
     step_timeout_s: float | None = None
     """An env ``reset``/``step`` that takes longer loses its trajectory; None waits forever."""
+    env_error_penalty: float | None = None
+    """When set, a ``step`` that raises on a valid action ends its trajectory as a terminal turn with this reward
+    instead of losing it (see ``GiGPOConfig``'s ``env_error_penalty``)."""
 
 
 @dataclass
@@ -87,30 +96,39 @@ class EnvFault(Exception):
         self.details = details or message
 
 
-def call_with_timeout(function: Callable[[], Any], timeout_s: float | None) -> Any:
-    """``function()``, or ``TimeoutError`` when it has not returned after ``timeout_s`` seconds (None: no limit).
+class EnvWorker:
+    """A daemon thread that makes one env's calls, so each call can be given up on after a timeout without
+    starting a thread per call.
 
-    The call runs in a daemon thread that is abandoned on a timeout: Python cannot stop it, so the caller must not
-    touch the object it works on again (the collector replaces the env).
+    Python cannot stop a call that hangs: after a :class:`TimeoutError` the call may still be running inside the
+    env, so the caller must drop the env and this worker (the collector replaces both).
     """
-    if timeout_s is None:
-        return function()
-    outcome: dict[str, Any] = {}
 
-    def run() -> None:
+    def __init__(self, name: str = "gigpo-env-worker"):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, daemon=True, name=name).start()
+
+    def _serve(self) -> None:
+        while (job := self._calls.get()) is not None:
+            function, future = job
+            try:
+                future.set_result(function())
+            except BaseException as error:  # noqa: BLE001 - handed to the calling thread by the future
+                future.set_exception(error)
+
+    def call(self, function: Callable[[], Any], timeout_s: float) -> Any:
+        """``function()`` on the worker's thread, or ``TimeoutError`` when it has not returned after ``timeout_s``
+        seconds."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((function, future))
         try:
-            outcome["value"] = function()
-        except BaseException as error:  # noqa: BLE001 - handed to the calling thread below
-            outcome["error"] = error
+            return future.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"no answer within {timeout_s:g} s") from None
 
-    thread = threading.Thread(target=run, daemon=True, name="gigpo-env-call")
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise TimeoutError(f"no answer within {timeout_s:g} s")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    def stop(self) -> None:
+        """Let the thread end once its current call (if any) returns."""
+        self._calls.put(None)
 
 
 def mix_seeds(*seeds: int) -> int:
@@ -156,17 +174,36 @@ class PromptBuilder:
         self.budget = sequence_length - max_new_tokens
         self.history_length = history_length
 
-    def _encode(self, instructions: str, history: list[tuple[str, str]], observation: str) -> list[int]:
+    @staticmethod
+    def _messages(instructions: str, history: list[tuple[str, str]], observation: str) -> list[dict[str, str]]:
         messages = [{"role": "system", "content": instructions}]
         for past_observation, reply in history:
             messages += [{"role": "user", "content": past_observation}, {"role": "assistant", "content": reply}]
         messages.append({"role": "user", "content": observation})
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return messages
+
+    def _encode_many(self, conversations: list[list[dict[str, str]]]) -> list[list[int]]:
+        """Render and tokenise several chats in one call each (the tokenizer batches them)."""
+        texts = self.tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _encode(self, instructions: str, history: list[tuple[str, str]], observation: str) -> list[int]:
+        return self._encode_many([self._messages(instructions, history, observation)])[0]
+
+    def _shown(self, history: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return history[len(history) - self.history_length:] if self.history_length else []
+
+    def build_many(self, requests: Sequence[tuple[str, list[tuple[str, str]], str]]) -> list[tuple[list[int], bool]]:
+        """:meth:`build` of each ``(instructions, history, observation)``. The prompts that fit with all their
+        shown history (the usual case) are rendered and tokenised in one batch; the others are cut one by one."""
+        whole = self._encode_many([self._messages(instructions, self._shown(history), observation)
+                                   for instructions, history, observation in requests])
+        return [(ids, False) if len(ids) <= self.budget else self.build(*request)
+                for ids, request in zip(whole, requests)]
 
     def build(self, instructions: str, history: list[tuple[str, str]], observation: str) -> tuple[list[int], bool]:
         """Returns ``(prompt token ids, truncated)``."""
-        shown = history[len(history) - self.history_length:] if self.history_length else []
+        shown = self._shown(history)
         for start in range(len(shown) + 1):
             ids = self._encode(instructions, shown[start:], observation)
             if len(ids) <= self.budget:
@@ -215,6 +252,7 @@ class StepCollector:
                                      settings.history_length)
         self._make_env = make_env
         self._idle_envs: dict[str, list[gym.Env]] = defaultdict(list)
+        self._workers: dict[int, EnvWorker] = {}  # id(env) -> the thread that makes its calls (with a timeout)
         self._allowed_replies: dict[str, list[list[int]]] = {}
         self._reported: set[tuple[str, ...]] = set()
 
@@ -232,7 +270,8 @@ class StepCollector:
         ``episodes`` (dict of arrays: ``return``, ``length``, ``success``, ``invalid_turns``, ``tag``, ``group_id``),
         ``timing`` (seconds in generation and in env steps), ``token_counts`` (``prompt`` tokens sent to the
         sampler and how many of them it took from its prefix ``cached``), ``lost`` (trajectories lost, by cause of
-        :data:`LOSS_CAUSES`), ``groups_dropped`` and ``first_fault`` (the first lost trajectory's error, or None).
+        :data:`LOSS_CAUSES`), ``groups_dropped``, ``ended_by_env_error`` (trajectories ended with
+        ``env_error_penalty``) and ``first_fault`` (the first lost trajectory's error, or None).
         With ``transcripts``, ``episodes["transcript"]`` holds each episode's turns: ``observation`` (what the
         policy saw), ``reply``, ``action`` (the parsed action, None when invalid), ``valid`` and ``reward``.
         """
@@ -278,10 +317,17 @@ class StepCollector:
                                                            tag)
         return self._allowed_replies[tag]
 
-    def _call_env(self, function: Callable[[], Any], what: str) -> Any:
-        """Call into an env, turning a raise or a hang into an :class:`EnvFault`."""
+    def _call_env(self, env: gym.Env, function: Callable[[], Any], what: str) -> Any:
+        """Call into ``env``, turning a raise or a hang into an :class:`EnvFault`. With a step timeout the call runs
+        on the env's own worker thread, the same one for all its calls."""
+        timeout_s = self.settings.step_timeout_s
         try:
-            return call_with_timeout(function, self.settings.step_timeout_s)
+            if timeout_s is None:
+                return function()
+            worker = self._workers.get(id(env))
+            if worker is None:
+                worker = self._workers[id(env)] = EnvWorker(f"gigpo-env-{len(self._workers)}")
+            return worker.call(function, timeout_s)
         except TimeoutError as error:
             raise EnvFault("step_timeout", f"{what} did not return within {self.settings.step_timeout_s:g} s") from error
         except Exception as error:  # noqa: BLE001 - any env bug costs only its trajectory
@@ -300,13 +346,37 @@ class StepCollector:
             self._reported.add(kind)
             logger.warning("%s; its trajectory is dropped and counted under trajectories_lost_by_cause/%s (further "
                            "faults of this kind are only counted)\n%s", message, fault.cause, fault.details)
-        if fault.cause != "step_timeout":  # a hung call may still be running inside the env: leave it alone
+        self._discard(env, close=fault.cause != "step_timeout")  # a hung call may still be running inside it
+
+    def _discard(self, env: gym.Env, close: bool = True) -> None:
+        """Drop an env that will not be used again, and its worker thread."""
+        worker = self._workers.pop(id(env), None)
+        if worker is not None:
+            worker.stop()
+        if close:
             _close_quietly(env)
+
+    def _end_on_env_error(self, trajectory: _Trajectory, turn: int, fault: EnvFault, batch: "_Batch"
+                          ) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        """The step result that ends a trajectory whose env raised on a valid action: a terminal, failed turn with
+        reward ``env_error_penalty``, staying in the state it was in. Counted, and logged once per kind."""
+        batch.ended_by_env_error += 1
+        tag = trajectory.group.tag
+        kind = (tag, "ended_by_env_error", type(fault.__cause__.__cause__).__name__)
+        if kind not in self._reported:
+            self._reported.add(kind)
+            logger.warning("env %r (seed %d, turn %d): %s; the trajectory ends there with reward env_error_penalty=%g "
+                           "and is counted under trajectories_ended_by_env_error (further faults of this kind are only "
+                           "counted)\n%s", tag, trajectory.group.seed, turn, fault, self.settings.env_error_penalty,
+                           fault.details)
+        info = {"action_is_valid": True, "action": fault.__cause__.action, "success": False,
+                "anchor_id": trajectory.anchor_id, "canonical_observation": trajectory.canonical}
+        return trajectory.observation, self.settings.env_error_penalty, True, False, info
 
     def _reset(self, group: GroupSpec, traj_id: int, batch: "_Batch") -> _Trajectory | None:
         env = self._acquire_env(group.tag)
         try:
-            observation, info = self._call_env(lambda: env.reset(seed=group.seed), "reset")
+            observation, info = self._call_env(env, lambda: env.reset(seed=group.seed), "reset")
         except EnvFault as fault:
             self._lose(group.tag, group, 0, fault, env, batch)
             return None
@@ -324,7 +394,7 @@ class StepCollector:
             returned = {id(trajectory) for trajectory in finished}
             for trajectory in active:
                 if id(trajectory) not in returned:
-                    _close_quietly(trajectory.env)
+                    self._discard(trajectory.env)
             raise
         batch.add_wave(wave, group_size, finished)
 
@@ -335,8 +405,9 @@ class StepCollector:
         turn = 0
         while active:
             allowed = [self._allowed_for(t) for t in active] if self.settings.action_constraint else None
-            prompts, truncated = zip(*(self.prompts.build(prompt_instructions(t.env, bool(allowed and allowed[k])),
-                                                          t.history, t.observation) for k, t in enumerate(active)))
+            prompts, truncated = zip(*self.prompts.build_many([
+                (prompt_instructions(t.env, bool(allowed and allowed[k])), t.history, t.observation)
+                for k, t in enumerate(active)]))
             started = time.perf_counter()
             completions = self.sampler.generate(list(prompts), sampling, allowed,
                                                 seed=mix_seeds(seed, turn))
@@ -347,14 +418,19 @@ class StepCollector:
             still_active = []
             for k, (trajectory, prompt, was_truncated, completion) in enumerate(zip(active, prompts, truncated, completions)):
                 reply = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+                env_failed = False
                 try:
                     observation, reward, terminated, truncated_episode, info = self._call_env(
-                        lambda env=trajectory.env: env.step(reply), "step")
+                        trajectory.env, lambda env=trajectory.env: env.step(reply), "step")
                     if not math.isfinite(float(reward)):
                         raise EnvFault("non_finite_reward", f"step returned the reward {reward!r}")
                 except EnvFault as fault:
-                    self._lose(trajectory.group.tag, trajectory.group, turn, fault, trajectory.env, batch)
-                    continue
+                    if self.settings.env_error_penalty is None or not isinstance(fault.__cause__, ActionStepError):
+                        self._lose(trajectory.group.tag, trajectory.group, turn, fault, trajectory.env, batch)
+                        continue
+                    observation, reward, terminated, truncated_episode, info = self._end_on_env_error(
+                        trajectory, turn, fault, batch)
+                    env_failed = True
                 done = bool(terminated or truncated_episode)
                 valid = bool(info.get("action_is_valid", True))
                 trajectory.rows.append(_sample_row(trajectory, turn, float(reward), valid, was_truncated, done, prompt,
@@ -370,7 +446,10 @@ class StepCollector:
                 if done:
                     trajectory.length, trajectory.success = turn + 1, bool(info.get("success", False))
                     finished.append(trajectory)
-                    self._idle_envs[trajectory.group.tag].append(trajectory.env)
+                    if env_failed:
+                        self._discard(trajectory.env)
+                    else:
+                        self._idle_envs[trajectory.group.tag].append(trajectory.env)
                 else:
                     still_active.append(trajectory)
             batch.timing["env_step_s"] += time.perf_counter() - started
@@ -427,6 +506,7 @@ class _Batch:
     token_counts: dict[str, int] = field(default_factory=lambda: {"prompt": 0, "cached": 0})
     lost: Counter = field(default_factory=Counter)
     groups_dropped: int = 0
+    ended_by_env_error: int = 0
     first_fault: str | None = None
     record_transcripts: bool = False
 
@@ -473,5 +553,6 @@ class _Batch:
         out["token_counts"] = self.token_counts
         out["lost"] = {cause: self.lost[cause] for cause in LOSS_CAUSES}
         out["groups_dropped"] = self.groups_dropped
+        out["ended_by_env_error"] = self.ended_by_env_error
         out["first_fault"] = self.first_fault
         return out

@@ -118,12 +118,23 @@ def parse_answer(reply: Any, action_words: Sequence[str] | None, require_think: 
     return _invalid(f"{answer[:80]!r} is not one of the actions {tuple(action_words)}")
 
 
+class ActionStepError(RuntimeError):
+    """The wrapped env raised while stepping a reply that parsed as a valid action (its own error is the
+    ``__cause__``), as opposed to an error of the env that has nothing to do with the reply."""
+
+    def __init__(self, action: str, error: BaseException):
+        super().__init__(f"{type(error).__name__} on the valid action {action!r}: {error}")
+        self.action = action
+
+
 class LLMActionWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Take the LLM's raw reply as the action; step the wrapped env with the parsed action.
 
     Valid reply: the wrapped env steps with the action's index in ``action_words`` (or with the answer text for
     free-form envs, ``action_words=None``); ``info["action_is_valid"] = True`` and ``info["action"]`` is the parsed
     action.
+
+    Valid reply on which the wrapped env raises: :class:`ActionStepError`, from the env's error.
 
     Invalid reply: the wrapped env is not touched. The step returns the current observation again, reward
     ``invalid_action_penalty``, ``terminated=False``, and ``info["action_is_valid"] = False`` with
@@ -193,7 +204,10 @@ class LLMActionWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
                 info["success"] = False
             return self._last_observation, self.invalid_action_penalty, False, budget_used, info
         env_action = parsed.action if self.action_words is None else parsed.action_index
-        observation, reward, terminated, truncated, info = self.env.step(env_action)
+        try:
+            observation, reward, terminated, truncated, info = self.env.step(env_action)
+        except Exception as error:
+            raise ActionStepError(parsed.action, error) from error
         self._last_observation = observation
         info = {**info, "action_is_valid": True, "action": parsed.action}
         truncated = bool(truncated or (budget_used and not terminated))

@@ -44,6 +44,7 @@ def test_bench_learning_quick_covers_every_task_and_estimator(tmp_path):
 @pytest.mark.parametrize("script, arguments, header", [
     ("bench_advantages.py", ["--repeats", "1", "--loop-repeats", "1"], "ms/51,200"),
     ("bench_envs.py", ["--steps", "50", "--repeats", "1", "--generations", "5"], "steps/s"),
+    ("bench_constraint.py", ["--rows", "4", "--repeats", "1"], "ms/step"),
     ("bench_update.py", ["--repeats", "1"], "MiB"),
     ("bench_sync.py", ["--models", "gigpo-tiny", "--repeats", "1"], "MB"),
 ])

@@ -304,3 +304,10 @@ def test_vllm_sampler_log_probs_are_refused_with_a_truncated_distribution(trunca
     config.validate()  # resolves to the learner's own log-probs
     config.training(old_logprobs_source="sampler", top_p=1.0, top_k=-1)
     config.validate()
+
+
+def test_keys_set_to_minus_one_survive_the_copy_build_makes():
+    # RLlib's Algorithm copies the config with from_state(get_state()), which drops every value equal to -1.
+    config = GiGPOConfig().training(invalid_action_penalty=-1, env_error_penalty=-1.0)
+    copied = GiGPOConfig.from_state(config.get_state())
+    assert copied.invalid_action_penalty == -1 and copied.env_error_penalty == -1.0

@@ -37,6 +37,17 @@ def test_a_raising_env_and_a_hanging_env_cost_only_their_trajectories(ray_sessio
         assert math.isfinite(result["learners"]["default_policy"]["policy_loss"])
 
 
+def test_env_error_penalty_keeps_and_counts_the_trajectories_a_raising_env_ends(ray_session):
+    algo = corridor_config([ENVS + "FlakyCorridor-v0"], 0, env_error_penalty=-0.5).build()
+    try:
+        result = algo.train()
+    finally:
+        algo.stop()
+    runners = result["env_runners"]
+    assert runners["trajectories_ended_by_env_error"] > 0 and runners["trajectories_lost_by_cause"]["env_error"] == 0
+    assert runners["num_episodes"] == 32 and math.isfinite(result["learners"]["default_policy"]["policy_loss"])
+
+
 def test_a_runner_that_stops_answering_is_restarted_and_its_share_counted(ray_session):
     # The env of group seed 0 hangs with no step timeout: the runner holding it never answers.
     config = corridor_config([ENVS + "HangingCorridor-v0"], 2, env_step_timeout_s=None, sample_timeout_s=5.0)

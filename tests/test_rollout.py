@@ -1,5 +1,7 @@
 """The step-sample collector and batch assembly, without Ray: real tiny model, real text envs."""
 
+from collections import defaultdict
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -293,11 +295,12 @@ def test_system_prompt_is_text_or_a_function_of_the_tag():
 # --------------------------------------------------------------------------------------------- faulty envs
 
 
-def faulty(sampler, step_timeout_s=None, **faults):
+def faulty(sampler, step_timeout_s=None, env_error_penalty=None, **faults):
     import tests.learning_env  # noqa: F401  (registers FaultyCorridor-v0)
 
     settings = RolloutSettings(sampling=SamplingParams(max_new_tokens=12), sequence_length=512, history_length=1,
-                               max_envs=64, action_constraint=True, step_timeout_s=step_timeout_s)
+                               max_envs=64, action_constraint=True, step_timeout_s=step_timeout_s,
+                               env_error_penalty=env_error_penalty)
     return StepCollector(sampler, lambda tag: envs.make_llm_env("FaultyCorridor-v0", **faults), settings)
 
 
@@ -322,6 +325,22 @@ def test_env_errors_lose_only_their_trajectories(sampler):
     assert len(out["episodes"]["return"]) == 32 - lost["env_error"]
 
 
+def test_with_env_error_penalty_a_valid_action_the_env_raises_on_ends_and_keeps_its_trajectory(sampler):
+    out = faulty(sampler, env_error_penalty=-1.0, raise_rate=0.2).collect(groups(8), group_size=4, sample_seed=0)
+    assert out["lost"]["env_error"] == 0 and out["ended_by_env_error"] > 0
+    penalized = out["rewards"] == -1.0  # the corridor's own rewards are 0 and 1
+    assert penalized.sum() == out["ended_by_env_error"]
+    assert out["episode_ends"][penalized].all() and out["action_is_valid"][penalized].all()
+    assert not out["episode_success"][penalized].any()
+    # Every trajectory is in the batch, with all its turns: the penalized ones train and join their group's baseline.
+    assert len(set(out["traj_ids"].tolist())) == 32 and out["groups_dropped"] == 0
+    assert_only_whole_trajectories(out, 4)
+    assert len(out["episodes"]["return"]) == 32 and (out["episodes"]["return"] < 0).sum() == out["ended_by_env_error"]
+    # Faults that are not the env rejecting a valid action are still lost.
+    out = faulty(sampler, env_error_penalty=-1.0, reset_raise_rate=0.2).collect(groups(8), group_size=4, sample_seed=0)
+    assert out["lost"]["env_error"] > 0 and out["ended_by_env_error"] == 0
+
+
 def test_reset_errors_and_non_finite_rewards_are_counted_by_cause(sampler):
     out = faulty(sampler, nan_rate=0.3, reset_raise_rate=0.2).collect(groups(8), group_size=4, sample_seed=1)
     assert out["lost"]["env_error"] > 0 and out["lost"]["non_finite_reward"] > 0
@@ -344,16 +363,70 @@ def test_a_hanging_step_times_out_and_its_env_is_replaced(sampler):
     assert sum(collector.collect(groups(2), group_size=3, sample_seed=3)["lost"].values()) == 0
 
 
-def test_call_with_timeout():
+def test_env_worker_answers_raises_and_times_out_on_one_thread():
+    import threading
     import time
 
-    from gigpo_rllib.rollout import call_with_timeout
+    from gigpo_rllib.rollout import EnvWorker
 
-    assert call_with_timeout(lambda: 3, None) == 3 and call_with_timeout(lambda: 4, 1.0) == 4
+    worker = EnvWorker()
+    assert worker.call(lambda: 4, 1.0) == 4
     with pytest.raises(ZeroDivisionError):
-        call_with_timeout(lambda: 1 / 0, 1.0)
+        worker.call(lambda: 1 / 0, 1.0)
+    threads = {worker.call(threading.get_ident, 1.0) for _ in range(3)}
+    assert len(threads) == 1 and threading.get_ident() not in threads
     with pytest.raises(TimeoutError):
-        call_with_timeout(lambda: time.sleep(5), 0.1)
+        worker.call(lambda: time.sleep(5), 0.1)
+    worker.stop()
+
+
+class ThreadRecordingEnv(gym.Wrapper):
+    """Records the thread of every reset and step."""
+
+    calls: list[tuple[int, int]] = []  # (id of the env, thread id)
+
+    def reset(self, **kwargs):
+        import threading
+
+        ThreadRecordingEnv.calls.append((id(self), threading.get_ident()))
+        return super().reset(**kwargs)
+
+    def step(self, action):
+        import threading
+
+        ThreadRecordingEnv.calls.append((id(self), threading.get_ident()))
+        return super().step(action)
+
+
+def test_each_env_makes_all_its_calls_on_one_worker_thread(sampler, monkeypatch):
+    import threading
+
+    started = []
+    start = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda thread: (started.append(thread), start(thread))[1])
+    ThreadRecordingEnv.calls = []
+    settings = RolloutSettings(sampling=SamplingParams(max_new_tokens=12), sequence_length=1024, history_length=1,
+                               max_envs=16, action_constraint=True, step_timeout_s=30.0)
+    collector_ = StepCollector(sampler, lambda tag: ThreadRecordingEnv(envs.make_llm_env(tag, max_steps=4)), settings)
+    for sample_seed in range(2):  # the second batch reuses the first one's envs, and their threads
+        collector_.collect(groups(2), group_size=2, sample_seed=sample_seed)
+    threads_of = defaultdict(set)
+    for env, thread in ThreadRecordingEnv.calls:
+        threads_of[env].add(thread)
+    assert len(ThreadRecordingEnv.calls) > 2 * len(threads_of)  # several calls per env
+    assert all(len(threads) == 1 for threads in threads_of.values())
+    assert threading.get_ident() not in set().union(*threads_of.values())
+    assert len(started) == len(threads_of) == 4
+
+
+def test_prompts_built_in_one_batch_equal_those_built_one_by_one(sampler):
+    builder = PromptBuilder(sampler.tokenizer, sequence_length=160, max_new_tokens=12, history_length=2)
+    history = [(f"state {k}", "<answer>Up</answer>") for k in range(3)]
+    requests = [("rules", [], "now"), ("rules", history, "now"),
+                ("rules", [("a long state " * 12, "<answer>Up</answer>")] * 3, "now"), ("other rules", history[:1], "x " * 200)]
+    built = builder.build_many(requests)
+    assert built == [builder.build(*request) for request in requests]
+    assert [truncated for _, truncated in built] == [False, False, True, True]
 
 
 def test_envs_of_a_failed_wave_are_closed(sampler):

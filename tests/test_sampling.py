@@ -5,12 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gigpo_rllib.logprobs import (
-    allowed_next_tokens,
-    next_token_candidates,
-    position_ids_from_attention_mask,
-    sequence_token_logprobs,
-)
+from gigpo_rllib.logprobs import position_ids_from_attention_mask, sequence_token_logprobs
 
 # ---------------------------------------------------------------- sequence_token_logprobs, hand-made tensors
 
@@ -130,16 +125,6 @@ def test_bad_arguments_name_the_argument(kwargs, match):
         sequence_token_logprobs(logits, ids, mask, **kwargs)
     with pytest.raises(ValueError, match="response_mask"):
         sequence_token_logprobs(logits, ids, torch.ones(1, 3, dtype=torch.bool))
-
-
-def test_next_token_candidates_matches_list_helper():
-    replies = [[3, 4, 9], [3, 4, 5, 9], [3, 6, 9], [2, 9]]
-    allowed = torch.tensor([[r + [-1] * (4 - len(r)) for r in replies]])
-    for gen in ([], [3], [3, 4], [3, 4, 5], [2], [2, 9], [7]):
-        cand = next_token_candidates(allowed, torch.tensor([gen], dtype=torch.long).reshape(1, len(gen)))
-        got = sorted(int(x) for x in cand[0] if x != -1)
-        assert got == allowed_next_tokens(replies, gen)
-    assert allowed_next_tokens(replies, [3]) == [4, 6]
 
 
 def test_position_ids_any_padding_side():

@@ -16,7 +16,7 @@ import torch
 from gigpo_rllib.logprobs import forward_token_logprobs
 from gigpo_rllib.models import load_model_and_tokenizer
 from gigpo_rllib.sampling import SamplingParams
-from gigpo_rllib.sampling.hf import pad_allowed_responses
+from gigpo_rllib.action_trie import pad_allowed_responses
 from gigpo_rllib.sampling.vllm import vllm_available
 
 pytestmark = pytest.mark.slow
@@ -153,6 +153,48 @@ def test_constrained_replies_are_always_allowed_and_scored_like_the_learner(samp
                 seen.add(tuple(completion.token_ids))
         assert gap(model, prompt, completions[0], allowed) <= 1e-3
     assert len(seen) >= 3, "the constraint should leave the choice among the allowed replies to the policy"
+
+
+def constraint_processor_step(rows: int):
+    """The engine's constraint processor on ``rows`` requests (even ones constrained), one token into their replies:
+    the number of torch calls of that decode step, its logits, and the processor."""
+    from types import SimpleNamespace
+
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from gigpo_rllib.sampling.vllm import ALLOWED_REPLIES_ARG, _allowed_replies_processor_class
+    from tests.test_action_trie import CountTorchCalls
+
+    processor = _allowed_replies_processor_class()(None, torch.device("cpu"), False)
+    replies = [[1, 2, 9], [1, 3, 9], [4, 9]]
+    outputs = [[] for _ in range(rows)]
+    added = [(row, SimpleNamespace(extra_args={ALLOWED_REPLIES_ARG: replies} if row % 2 == 0 else None), [0], out)
+             for row, out in enumerate(outputs)]
+    processor.update_state(BatchUpdate(batch_size=rows, removed=[], added=added, moved=[]))
+    processor.apply(torch.zeros(rows, 10))
+    for out in outputs:
+        out.append(1)  # the engine appends each sampled token to the request's live list
+    processor.update_state(None)
+    counter = CountTorchCalls()
+    with counter:
+        logits = processor.apply(torch.zeros(rows, 10))
+    return counter.calls, logits, processor
+
+
+def test_the_constraint_processor_masks_a_whole_batch_with_the_same_tensor_operations_for_any_size():
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    calls_4, _, _ = constraint_processor_step(4)
+    calls_64, logits, processor = constraint_processor_step(64)
+    assert calls_4 == calls_64, "a decode step must not loop over the rows in Python"
+    assert torch.isfinite(logits[0::2, [2, 3]]).all() and torch.isinf(logits[0::2, [0, 1, 4, 9]]).all()
+    assert torch.isfinite(logits[1::2]).all()  # unconstrained requests are untouched
+    # Requests keep their own trie state when the engine swaps, moves and removes rows.
+    processor.update_state(BatchUpdate(batch_size=63, removed=[3], added=[],
+                                       moved=[(0, 1, MoveDirectionality.SWAP), (63, 3, MoveDirectionality.UNIDIRECTIONAL)]))
+    logits = processor.apply(torch.zeros(63, 10))
+    assert torch.isfinite(logits[0]).all() and torch.isinf(logits[1, [0, 1, 4, 9]]).all()
+    assert torch.isfinite(logits[3]).all()  # row 63 was unconstrained
 
 
 def test_seeds_reproduce_and_identical_prompts_draw_different_replies(sampler, learner_model):

@@ -9,7 +9,7 @@ from gymnasium.utils.env_checker import check_env
 from hypothesis import given, settings, strategies as st
 
 from gigpo_rllib.anchors import anchor_id
-from gigpo_rllib.wrappers import AnchorStateWrapper, LLMActionWrapper, parse_answer
+from gigpo_rllib.wrappers import ActionStepError, AnchorStateWrapper, LLMActionWrapper, parse_answer
 
 WORDS = ("Left", "Down", "Right", "Up")
 
@@ -176,6 +176,19 @@ def test_llm_wrapper_valid_and_invalid_steps():
     assert same == next_observation and reward == -0.5 and not terminated and not truncated
     assert info["action_is_valid"] is False and "forwards" in info["parse_error"]
     assert env.unwrapped.position == 1 and env.unwrapped.turn == 1  # the inner env was not touched
+
+
+def test_llm_wrapper_tells_an_env_error_on_a_valid_action_apart():
+    class RejectingCorridor(CorridorEnv):
+        def step(self, action):
+            raise KeyError("no such move here")
+
+    env = LLMActionWrapper(RejectingCorridor())
+    env.reset(seed=0)
+    with pytest.raises(ActionStepError, match="valid action 'Forward'") as raised:
+        env.step("<answer>forward</answer>")
+    assert raised.value.action == "Forward" and isinstance(raised.value.__cause__, KeyError)
+    assert env.step("nonsense")[4]["action_is_valid"] is False  # an invalid reply never reaches the env
 
 
 def test_llm_wrapper_invalid_replies_use_the_turn_budget():

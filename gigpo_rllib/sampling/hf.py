@@ -8,21 +8,11 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from gigpo_rllib.logprobs import PAD_REPLY_ID, forward_token_logprobs, next_token_candidates
+from gigpo_rllib.action_trie import ReplyTrie, pad_allowed_responses, restrict_logits
+from gigpo_rllib.logprobs import forward_token_logprobs
 from gigpo_rllib.models import load_model_and_tokenizer
 from gigpo_rllib.sampling.base import (Completion, Sampler, SamplingParams, check_prompts,
                                        check_replies_end_with_eos)
-
-
-def pad_allowed_responses(allowed: list[list[list[int]]], device: str | torch.device = "cpu") -> torch.Tensor:
-    """N lists of allowed replies -> (N, K, L) int64 tensor padded with -1 (K, L at least 1)."""
-    k = max([len(r) for r in allowed] + [1])
-    length = max([len(x) for r in allowed for x in r] + [1])
-    out = torch.full((len(allowed), k, length), PAD_REPLY_ID, dtype=torch.long)
-    for i, replies in enumerate(allowed):
-        for j, reply in enumerate(replies):
-            out[i, j, : len(reply)] = torch.as_tensor(list(reply), dtype=torch.long)
-    return out.to(device)
 
 
 def _to_tensor(value: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -34,27 +24,23 @@ def _to_tensor(value: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 class _AllowedRepliesProcessor:
-    """Logits processor: at each step keep only the trie continuations of the allowed replies.
+    """Logits processor: at each step keep only the trie continuations of the allowed replies
+    (:mod:`gigpo_rllib.action_trie`), for all rows at once.
 
     Rows that are unconstrained, or have no continuation left (they already emitted EOS and are being
-    padded by ``generate``), are left untouched.
+    padded by ``generate``), are left untouched. ``generate`` calls it once per step, in order: it follows each
+    row's trie with the tokens generated since its last call.
     """
 
     def __init__(self, allowed: torch.Tensor, prompt_len: int):
-        self.allowed = allowed  # (B, K, L)
-        self.prompt_len = prompt_len
+        self.trie = ReplyTrie.build(allowed)  # allowed: (B, K, L)
+        self.nodes = self.trie.roots
+        self.position = prompt_len  # the first input column the trie has not followed yet
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        cand = next_token_candidates(self.allowed, input_ids[:, self.prompt_len :])  # (B, K)
-        valid = cand != PAD_REPLY_ID
-        # Empty candidate slots go to an extra column that is then dropped: clamped onto token 0 instead, a
-        # "no candidate" slot could overwrite token 0's "allowed" when token 0 is a real candidate.
-        vocab = scores.shape[-1]
-        keep = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
-        keep.scatter_(1, torch.where(valid, cand, vocab), True)
-        keep = keep[:, :vocab]
-        active = valid.any(-1, keepdim=True)
-        return scores.masked_fill(active & ~keep, float("-inf"))
+        self.nodes = self.trie.follow(self.nodes, input_ids[:, self.position:])
+        self.position = input_ids.shape[1]
+        return restrict_logits(scores, self.trie.candidates(self.nodes))
 
 
 class HFSampler(Sampler):

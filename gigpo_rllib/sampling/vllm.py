@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gigpo_rllib.logprobs import allowed_next_tokens
+from gigpo_rllib.action_trie import PAD_REPLY_ID, ReplyTrie, pad_allowed_responses, restrict_logits
 from gigpo_rllib.models import load_tokenizer, resolve_model_path
 from gigpo_rllib.sampling.base import Completion, Sampler, SamplingParams, check_prompts, check_replies_end_with_eos
 
@@ -90,37 +90,88 @@ def check_engine_kwargs(engine_kwargs: Any) -> None:
 
 def _allowed_replies_processor_class():
     """The vLLM logits-processor class of the action constraint (built lazily: vLLM is an optional import)."""
-    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
-    from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
     class AllowedRepliesProcessor(LogitsProcessor):
-        """Per request, keep only the tokens that continue one of its allowed replies (a prefix trie over token
-        ids, the same rule as :func:`gigpo_rllib.logprobs.allowed_next_tokens` and the learner's scoring).
-        Requests without ``extra_args[ALLOWED_REPLIES_ARG]`` are untouched."""
+        """Per request, keep only the tokens that continue one of its allowed replies (the trie rule of
+        :mod:`gigpo_rllib.action_trie`, the one the learner scores with). Requests without
+        ``extra_args[ALLOWED_REPLIES_ARG]`` are untouched.
+
+        A request's trie is built once, when it joins the batch, into one host-side trie of the batch's requests
+        (dropped when the batch empties). A decode step follows each constrained row's newest token there (small
+        host tensors, no device sync), copies all rows' candidates to the device as one index tensor and masks
+        the logits with one fill: the same tensor operations for 1 row or 1,000.
+        """
 
         def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-            # batch row -> (allowed replies, the request's live list of generated tokens)
-            self._rows: dict[int, tuple[list[list[int]], list[int]]] = {}
+            self._trie: ReplyTrie | None = None
+            self._nodes = torch.empty(0, dtype=torch.long)  # batch row -> its node in _trie, -1: unconstrained
+            # constrained batch row -> [its request's live list of output token ids, how many the trie followed]
+            self._rows: dict[int, list] = {}
 
         def is_argmax_invariant(self) -> bool:
             return False
 
-        def update_state(self, batch_update: BatchUpdate | None) -> None:
-            process_dict_updates(self._rows, batch_update, self._new_row)
+        def _grow(self, rows: int) -> None:
+            if rows > len(self._nodes):
+                self._nodes = torch.cat([self._nodes, torch.full((rows - len(self._nodes),), PAD_REPLY_ID)])
 
-        @staticmethod
-        def _new_row(params, prompt_ids, output_ids):
-            replies = (params.extra_args or {}).get(ALLOWED_REPLIES_ARG)
-            return (replies, output_ids) if replies else None
+        def update_state(self, batch_update: BatchUpdate | None) -> None:
+            if batch_update is None:
+                return
+            self._grow(max([batch_update.batch_size] + [index + 1 for index, *_ in batch_update.added]))
+            for index in batch_update.removed:
+                self._rows.pop(index, None)
+                self._nodes[index] = PAD_REPLY_ID
+            joined, tries = [], []
+            for index, params, _, output_ids in batch_update.added:
+                replies = (params.extra_args or {}).get(ALLOWED_REPLIES_ARG)
+                self._rows.pop(index, None)
+                self._nodes[index] = PAD_REPLY_ID
+                if replies:
+                    joined.append(index)
+                    tries.append(ReplyTrie.build(pad_allowed_responses([replies])))
+                    self._rows[index] = [output_ids, 0]
+            if tries:
+                self._trie = ReplyTrie.join(([self._trie] if self._trie is not None else []) + tries)
+                self._nodes[joined] = self._trie.roots[-len(tries):]
+            for a, b, direction in batch_update.moved:
+                self._grow(max(a, b) + 1)
+                row_a, row_b = self._rows.pop(a, None), self._rows.pop(b, None)
+                if direction == MoveDirectionality.SWAP:
+                    self._nodes[[a, b]] = self._nodes[[b, a]]
+                    if row_b is not None:
+                        self._rows[a] = row_b
+                else:
+                    self._nodes[b] = self._nodes[a]
+                    self._nodes[a] = PAD_REPLY_ID
+                if row_a is not None:
+                    self._rows[b] = row_a
+            if not self._rows:
+                self._trie = None
+
+        def _follow_new_tokens(self) -> None:
+            """Advance each constrained row's node by the tokens generated since the last step (usually one)."""
+            while True:
+                rows, emitted = [], []
+                for row, state in self._rows.items():
+                    output_ids, followed = state
+                    if len(output_ids) > followed:
+                        rows.append(row)
+                        emitted.append(output_ids[followed])
+                        state[1] = followed + 1
+                if not rows:
+                    return
+                rows = torch.tensor(rows)
+                self._nodes[rows] = self._trie.advance(self._nodes[rows], torch.tensor(emitted))
 
         def apply(self, logits: torch.Tensor) -> torch.Tensor:
-            for row, (replies, generated) in self._rows.items():
-                candidates = allowed_next_tokens(replies, generated)
-                if candidates:  # none left: the reply is complete (EOS) and the request is about to finish
-                    keep = logits[row, candidates].clone()
-                    logits[row] = float("-inf")
-                    logits[row, candidates] = keep
-            return logits
+            if not self._rows:
+                return logits
+            self._follow_new_tokens()
+            self._grow(logits.shape[0])
+            candidates = self._trie.candidates(self._nodes[:logits.shape[0]])
+            return restrict_logits(logits, candidates.to(logits.device, non_blocking=True))
 
     return AllowedRepliesProcessor
 
