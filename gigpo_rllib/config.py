@@ -87,6 +87,19 @@ class Text:
         return "null or a non-empty string" if self.nullable else "a non-empty string"
 
 
+@dataclass(frozen=True)
+class FlagOrChoice:
+    """True, False, or one of ``choices`` (strings): a switch whose "on" has named variants."""
+
+    choices: tuple[str, ...]
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, bool) or (isinstance(value, str) and value in self.choices)
+
+    def describe(self) -> str:
+        return "true, false or one of " + ", ".join(repr(choice) for choice in self.choices)
+
+
 POSITIVE_INT, NON_NEGATIVE_INT = Number(low=1, integer=True), Number(low=0, integer=True)
 POSITIVE, NON_NEGATIVE, ANY_NUMBER = Number(low=0, low_open=True), Number(low=0), Number()
 FLAG = Flag()
@@ -138,8 +151,17 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("episode_advantage_stats", "trajectory", "What the episode-level mean and σ are taken over: "
               "`trajectory` (one return per trajectory, the paper's Eq. 3) or `step` (every step sample counts, so "
               "longer trajectories weigh more, as some public implementations do).", EPISODE_STATS),
-    ConfigKey("whiten_advantages", True, "Whiten the combined advantages over the response tokens of the batch.", check=FLAG),
-    ConfigKey("advantage_clip", 0.2, "Clamp the final advantages to ±this value; `null` disables the clamp.", check=Number(low=0, low_open=True, nullable=True)),
+    ConfigKey("whiten_advantages", True, "How the combined advantages are scaled over the response tokens of the "
+              "batch (each sample weighs by its reply length). `true` (= `scale`): divide by their token-weighted "
+              "root mean square, without re-centring, so a zero advantage (a group whose tries all ended alike) "
+              "stays exactly 0 and signs are kept. `standardize`: subtract the token-weighted mean, then divide by "
+              "the std, as ROLL's `true` does; with replies of different lengths the mean is not 0, so a group "
+              "with no signal gets a non-zero advantage. `false`: unscaled.",
+              check=FlagOrChoice(("scale", "standardize"))),
+    ConfigKey("advantage_clip", None, "Clamp the final advantages to ±this value; `null` (default) disables the "
+              "clamp. Scaled advantages are in units of their root mean square, so a clamp far below 1 (the seed "
+              "config's 0.2) keeps little more than their sign; a value of 3-5 caps outliers only.",
+              check=Number(low=0, low_open=True, nullable=True)),
     ConfigKey("batch_adjust_mode", "copy", "How the step samples are made a multiple of the minibatch size, after "
               "the advantages are computed: `copy` duplicates, `delete` drops, `auto` picks the smaller change.",
               BATCH_ADJUST_MODES),
@@ -394,6 +416,14 @@ class GiGPOConfig(AlgorithmConfig):
     @property
     def resolved_sampler_dtype(self) -> str:
         return self.sampler_dtype or self.model_dtype
+
+    @property
+    def advantage_scaling(self) -> str:
+        """``whiten_advantages`` as a :data:`~gigpo_rllib.losses.ADVANTAGE_SCALINGS` name (``true`` is ``scale``)."""
+        value = self.whiten_advantages
+        if isinstance(value, bool):
+            return "scale" if value else "none"
+        return value
 
     @property
     def effective_step_reward_weight(self) -> float:

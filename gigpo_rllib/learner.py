@@ -1,7 +1,7 @@
 """`GiGPOTorchLearner`: GiGPO advantages on the learner's device, then a token-level clipped-PPO update.
 
 Once per update, on the learner's whole shard (device tensors): :func:`compute_gigpo_advantages`, optional
-whitening over response tokens and clamping, and only then :func:`batch_adjust` so the shard splits into full
+scaling over response tokens and clamping, and only then :func:`batch_adjust` so the shard splits into full
 minibatches; then, with ``old_logprobs_source="learner"``, the old log-probs are recomputed with the pre-update
 weights (DESIGN.md "Off-policy correction"). Each minibatch then gets :func:`gigpo_policy_loss`.
 """
@@ -145,7 +145,7 @@ class GiGPOTorchLearner(TorchLearner):
 
     def compute_advantages(self, columns: dict[str, torch.Tensor]) -> torch.Tensor:
         """Final per-sample advantages ``(N,)`` of this learner's shard (device tensors), before batch_adjust.
-        With several learners every learner must call it at once (whitening and the group counts all-reduce)."""
+        With several learners every learner must call it at once (scaling and the group counts all-reduce)."""
         config = self.config
         norm = config.reward_normalization
         out = compute_gigpo_advantages(
@@ -170,7 +170,7 @@ class GiGPOTorchLearner(TorchLearner):
         self.metrics.log_value((ALL_MODULES, "episode_advantage_abs_mean"), float(out.episode_advantages.abs().mean()), window=1)
         self.metrics.log_value((ALL_MODULES, "step_advantage_abs_mean"), float(out.step_advantages.abs().mean()), window=1)
         lengths = columns["response_mask"].sum(-1)
-        return shape_advantages(out.advantages, lengths, whiten=config.whiten_advantages, clip=config.advantage_clip,
+        return shape_advantages(out.advantages, lengths, scaling=config.advantage_scaling, clip=config.advantage_clip,
                                 sum_over_learners=_all_reduce_sum if distributed else None)
 
     @torch.no_grad()

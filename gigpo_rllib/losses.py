@@ -21,25 +21,45 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
-def shape_advantages(advantages: torch.Tensor, response_lengths: torch.Tensor, *, whiten: bool,
+# What ``whiten_advantages`` does to the combined advantages (see :func:`shape_advantages`).
+ADVANTAGE_SCALINGS = ("none", "scale", "standardize")
+
+
+def shape_advantages(advantages: torch.Tensor, response_lengths: torch.Tensor, *, scaling: str,
                      clip: float | None, sum_over_learners: Callable[[torch.Tensor], torch.Tensor] | None = None
                      ) -> torch.Tensor:
-    """Whiten per-sample advantages over the batch's response *tokens* (a sample weighs by its length), then
-    clamp to ``±clip``. Shapes ``(N,)`` -> ``(N,)``.
+    """Scale per-sample advantages by statistics over the batch's response *tokens* (a sample weighs by its
+    length), then clamp to ``±clip``. Shapes ``(N,)`` -> ``(N,)``.
 
-    ``sum_over_learners`` adds a small tensor over all learners (an all-reduce), so sharded learners whiten with
+    ``scaling``:
+        ``"scale"``: divide by the token-weighted root mean square ``sqrt(E_tok[A²])``. Nothing is re-centred, so
+            an advantage of 0 (a group whose tries all ended alike) stays exactly 0 and every sign is kept; only the
+            step size is normalised (the token-weighted mean square becomes 1). The root mean square, not the
+            standard deviation, because the std measures spread around a mean that is not removed: advantages
+            mostly of one sign have a small std and would be blown up.
+        ``"standardize"``: subtract the token-weighted mean, then divide by the token-weighted std (whitening). With
+            replies of different lengths the token mean is not 0, so zero advantages move to ``-mean/std``.
+        ``"none"``: leave them as they are.
+
+    ``sum_over_learners`` adds a small tensor over all learners (an all-reduce), so sharded learners scale with
     the statistics of the whole batch, exactly as a single learner would.
     """
-    if whiten:
+    if scaling not in ADVANTAGE_SCALINGS:
+        raise ValueError(f"scaling must be one of {list(ADVANTAGE_SCALINGS)}, got {scaling!r}")
+    if scaling != "none":
         weights = response_lengths.to(torch.float64)
         values = advantages.to(torch.float64)
         sums = torch.stack([weights.sum(), (weights * values).sum(), (weights * values * values).sum()])
         if sum_over_learners is not None:
             sums = sum_over_learners(sums)
         total = sums[0].clamp_min(1)
-        mean = sums[1] / total
-        var = (sums[2] / total - mean * mean).clamp_min(0)
-        advantages = ((values - mean) * torch.rsqrt(var + 1e-8)).to(advantages.dtype)
+        mean_square = sums[2] / total
+        if scaling == "scale":
+            values = values * torch.rsqrt(mean_square + 1e-8)
+        else:
+            mean = sums[1] / total
+            values = (values - mean) * torch.rsqrt((mean_square - mean * mean).clamp_min(0) + 1e-8)
+        advantages = values.to(advantages.dtype)
     if clip is not None:
         advantages = advantages.clamp(-clip, clip)
     return advantages
