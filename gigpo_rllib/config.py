@@ -180,7 +180,8 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
               "`dual_clip_ratio` × |A|.", check=FLAG),
     ConfigKey("dual_clip_ratio", 3.0, "The constant c > 1 of dual-clip PPO (used when `dual_clip_loss`).", check=Number(low=1, low_open=True)),
     ConfigKey("init_kl_coef", 0.0, "Coefficient of the k3 KL penalty to the frozen initial policy. At 0 no "
-              "reference model is kept in memory.", check=NON_NEGATIVE),
+              "reference model is kept in memory; above 0 the learner keeps a frozen copy held like the policy "
+              "(float32 weights, run under the same autocast, so the KL is exactly 0 before the first update).", check=NON_NEGATIVE),
     ConfigKey("entropy_loss_coef", 0.0, "Coefficient of the token-entropy bonus: a number, or a schedule by sampled "
               "env steps like `lr`'s (`[[0, 0.05], [30000, 0.01]]`: explore widely first, then let the policy "
               "sharpen).", check=SCHEDULE),

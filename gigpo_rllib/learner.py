@@ -71,9 +71,10 @@ class GiGPOTorchLearner(TorchLearner):
         self._compute_dtype = module.compute_dtype
         self._reference_model = None
         if self.config.init_kl_coef > 0:
-            # A frozen copy of the initial policy, kept only when the KL term is on, in the compute dtype (it is never
-            # trained, so float32 would only double its memory).
-            self._reference_model = copy.deepcopy(module.model).to(self._compute_dtype).eval()
+            # A frozen copy of the initial policy, kept only when the KL term is on, and held exactly like the policy
+            # (float32 weights, forward under the same autocast): bfloat16 weights would round every weight, and the
+            # KL would not be 0 at step 0.
+            self._reference_model = copy.deepcopy(module.model).eval()
             self._reference_model.requires_grad_(False)
         self._update_is_finite = True
         self._skipped_in_a_row = 0
