@@ -25,6 +25,7 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 from gigpo_rllib.advantages import BATCH_ADJUST_MODES, EPISODE_GROUPINGS, EPISODE_STATS, NORMALIZATION_METHODS
+from gigpo_rllib.losses import LOSS_AGG_MODES
 from gigpo_rllib.models import TINY_MODEL_NAME
 
 
@@ -166,9 +167,18 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
               "the advantages are computed: `copy` duplicates, `delete` drops, `auto` picks the smaller change.",
               BATCH_ADJUST_MODES),
     # ----- loss
+    ConfigKey("loss_agg_mode", "token-mean", "How the per-token loss (and the entropy and KL terms) is averaged over "
+              "one update: `token-mean`: every response token of the whole update batch (all minibatches, all "
+              "learners) weighs the same; `seq-mean-token-mean`: each reply's token mean, then the mean over "
+              "replies; `seq-mean-token-sum`: each reply's token sum, then the mean over replies. The weights are "
+              "fixed before the first minibatch; each minibatch step takes its share, scaled so that one step moves "
+              "as far as a gradient of the whole aggregate (the gradients of one epoch's minibatches sum to "
+              "minibatches x that gradient, whatever the minibatch split). Tokens forced by the action constraint "
+              "(one allowed token: log-prob and entropy 0) do not count.", LOSS_AGG_MODES),
     ConfigKey("length_bucketing", False, "Order each update's rows so that a minibatch holds rows of similar length "
               "(sorted within random megabatches of 8 minibatches): each minibatch is cut to its longest row, so "
-              "this removes most padding when prompt or reply lengths vary (histories, free-form replies). The "
+              "this removes most padding when prompt or reply lengths vary (histories, free-form replies). The loss "
+              "weights do not depend on the minibatch split (`loss_agg_mode`), so this changes padding only. The "
               "minibatches then keep their rows over `ppo_epochs` (no per-epoch reshuffle).", check=FLAG),
     ConfigKey("ppo_epochs", 1, "Passes of the clipped-PPO update over each batch.", check=POSITIVE_INT),
     ConfigKey("pg_clip", 0.2, "PPO ratio clip ε: the ratio is clipped to [1 − ε, 1 + ε].", check=POSITIVE),

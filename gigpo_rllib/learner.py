@@ -3,7 +3,16 @@
 Once per update, on the learner's whole shard (device tensors): :func:`compute_gigpo_advantages`, optional
 scaling over response tokens and clamping, and only then :func:`batch_adjust` so the shard splits into full
 minibatches; then, with ``old_logprobs_source="learner"``, the old log-probs are recomputed with the pre-update
-weights (DESIGN.md "Off-policy correction"). Each minibatch then gets :func:`gigpo_policy_loss`.
+weights (DESIGN.md "Off-policy correction"), and the loss's per-token weights are fixed for the whole update
+(:func:`loss_token_weights`, ``loss_agg_mode``). Each minibatch then gets :func:`gigpo_policy_loss`.
+
+Loss aggregation. RLlib steps the optimizer once per minibatch, and with several learners DDP averages the
+learners' gradients of each step. The weights make the loss of a minibatch ``M · W · Σ_t w_t ℓ_t`` (``M``
+minibatches per epoch, ``W`` learners, ``w_t`` the global aggregation weight, e.g. 1 / tokens of the whole
+update batch), so the gradient of one step is on average the gradient of the global aggregate (the size of
+step a per-minibatch mean gave), and the gradients of one epoch's steps sum to exactly ``M`` times it, however
+the rows are ordered into minibatches (length bucketing) or split over learners. A token's weight no longer
+depends on how long the other replies of its minibatch are.
 """
 
 from __future__ import annotations
@@ -21,8 +30,9 @@ from ray.rllib.utils.schedules.piecewise_schedule import PiecewiseSchedule
 
 from gigpo_rllib.advantages import (AnchorGroupStats, anchor_group_counts, batch_adjust, compute_gigpo_advantages,
                                     stalled_groups)
-from gigpo_rllib.logprobs import forward_token_logprobs
-from gigpo_rllib.losses import gigpo_policy_loss, k3_kl, masked_mean, shape_advantages, truncated_is_weights
+from gigpo_rllib.logprobs import forced_response_tokens, forward_token_logprobs
+from gigpo_rllib.losses import (gigpo_policy_loss, k3_kl, loss_token_weights, masked_mean, shape_advantages,
+                                truncated_is_weights)
 from gigpo_rllib.rl_module import TOKEN_ENTROPY, TOKEN_LOGPROBS
 from gigpo_rllib.weight_sync import pack_weights
 
@@ -33,6 +43,7 @@ PER_UPDATE_MEAN = {"reduce": "mean", "window": 1 << 30}
 ADVANTAGES = "advantages"
 OLD_LOGPROBS = "old_logprobs"
 IS_WEIGHTS = "is_weights"
+LOSS_WEIGHTS = "loss_weights"
 
 
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -82,6 +93,9 @@ class GiGPOTorchLearner(TorchLearner):
         points = coef if isinstance(coef, (list, tuple)) else [[0, coef]]  # a fixed value: a one-point schedule
         self._entropy_schedule = PiecewiseSchedule(points, outside_value=points[-1][1], framework=None)
         self._entropy_coef = float(points[0][1])
+        # Minibatches per epoch that the driver planned for every learner (the largest shard's count), known while
+        # an update builds its batch; 0 outside an update.
+        self._planned_minibatches = 0
 
     def packed_weights(self, dtype: str):
         """The policy's weights for the samplers: :func:`pack_weights` of the HF model in ``dtype`` (rank 0 only: with
@@ -101,6 +115,17 @@ class GiGPOTorchLearner(TorchLearner):
         self._entropy_coef = float(self._entropy_schedule.value(timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0)))
         self.metrics.log_value((DEFAULT_MODULE_ID, "entropy_coef"), self._entropy_coef, window=1)
 
+    def _create_iterator_if_necessary(self, *, training_data, num_total_minibatches: int = 0, num_epochs: int = 1,
+                                      **kwargs):
+        """RLlib's minibatch iterator; the planned minibatch count is kept for :meth:`_make_batch_if_necessary`."""
+        self._planned_minibatches = num_total_minibatches // max(num_epochs, 1)
+        try:
+            return super()._create_iterator_if_necessary(training_data=training_data,
+                                                         num_total_minibatches=num_total_minibatches,
+                                                         num_epochs=num_epochs, **kwargs)
+        finally:
+            self._planned_minibatches = 0
+
     def _make_batch_if_necessary(self, training_data) -> MultiAgentBatch:
         batch = super()._make_batch_if_necessary(training_data)
         columns = batch.policy_batches[DEFAULT_MODULE_ID]
@@ -117,14 +142,35 @@ class GiGPOTorchLearner(TorchLearner):
         if self.config.length_bucketing:
             lengths = columns["attention_mask"].sum(-1).cpu()  # the row order is built on the host, where keep is
             keep = keep[bucket_by_length(lengths[keep], self.config.minibatch_size)]
-        keep = keep.to(advantages.device)
+        # Every learner runs the driver's planned number of minibatches (DDP's collectives must line up). A smaller
+        # shard is topped up with rows of weight 0, which RLlib's iterator would otherwise fill by wrapping around,
+        # training some rows twice per epoch.
+        minibatch = self.config.minibatch_size
+        minibatches = max(self._planned_minibatches, len(keep) // minibatch)
+        trained = torch.ones(minibatches * minibatch, dtype=torch.bool)
+        trained[len(keep):] = False
+        filler = keep[torch.arange(minibatches * minibatch - len(keep)) % max(len(keep), 1)]
+        keep = torch.cat([keep, filler]).to(advantages.device)
         adjusted = {name: value[keep] for name, value in columns.items() if torch.is_tensor(value)}
         adjusted[ADVANTAGES] = advantages[keep]
+        adjusted[LOSS_WEIGHTS] = self._loss_weights(adjusted, trained.to(advantages.device), minibatches)
         if self.config.resolved_old_logprobs_source == "learner":
             self._use_learner_old_logprobs(adjusted)
         if self._reference_model is not None:
             adjusted["reference_logprobs"] = self._score_without_grad(self._reference_model, adjusted)
         return MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(adjusted)}, env_steps=len(keep))
+
+    def _loss_weights(self, columns: dict[str, torch.Tensor], trained: torch.Tensor, minibatches: int) -> torch.Tensor:
+        """``(N, S)`` per-token loss weights of the shard (see the module docstring): 0 on padding, on top-up rows and
+        on tokens the action constraint forces; the denominators are the whole update batch's (one all-reduce)."""
+        counted = columns["response_mask"].bool() & trained.unsqueeze(-1)
+        allowed = columns.get("allowed_responses")
+        if allowed is not None:
+            counted &= ~forced_response_tokens(allowed, columns["input_ids"], columns["response_mask"])
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        learners = torch.distributed.get_world_size() if distributed else 1
+        return loss_token_weights(counted, self.config.loss_agg_mode, scale=minibatches * learners,
+                                  sum_over_learners=_all_reduce_sum if distributed else None)
 
     def _use_learner_old_logprobs(self, columns: dict[str, torch.Tensor]) -> None:
         """Replace the sampler's old log-probs with the learner's own (pre-update weights), log the gap between the
@@ -193,23 +239,24 @@ class GiGPOTorchLearner(TorchLearner):
 
     def compute_loss_for_module(self, *, module_id: str, config: Any, batch: dict[str, Any],
                                 fwd_out: dict[str, torch.Tensor]) -> torch.Tensor:
-        mask = batch["response_mask"].bool()
+        weights = batch[LOSS_WEIGHTS]
+        counted = weights > 0  # the tokens that count: diagnostics are means over them
         logprobs = fwd_out[TOKEN_LOGPROBS]
         loss, diagnostics = gigpo_policy_loss(
-            logprobs, batch[OLD_LOGPROBS], batch[ADVANTAGES], mask, pg_clip=config.pg_clip,
-            pg_clip_high=config.pg_clip_high,
-            dual_clip_ratio=config.dual_clip_ratio if config.dual_clip_loss else None, is_weights=batch.get(IS_WEIGHTS))
-        entropy = masked_mean(fwd_out[TOKEN_ENTROPY], mask.float())
-        metrics = {"policy_loss": loss, "entropy": entropy, **diagnostics}
+            logprobs, batch[OLD_LOGPROBS], batch[ADVANTAGES], counted, pg_clip=config.pg_clip,
+            pg_clip_high=config.pg_clip_high, dual_clip_ratio=config.dual_clip_ratio if config.dual_clip_loss else None,
+            is_weights=batch.get(IS_WEIGHTS), token_weights=weights)
+        entropy = fwd_out[TOKEN_ENTROPY]
+        metrics = {"policy_loss": loss, "entropy": masked_mean(entropy.detach(), counted), **diagnostics}
         if self._entropy_coef:
-            loss = loss - self._entropy_coef * entropy
+            loss = loss - self._entropy_coef * (entropy * weights).sum()
         if "reference_logprobs" in batch:
-            kl = masked_mean(k3_kl(logprobs, batch["reference_logprobs"]), mask.float())
-            loss = loss + config.init_kl_coef * kl
-            metrics["reference_kl"] = kl
+            kl = k3_kl(logprobs, batch["reference_logprobs"])
+            loss = loss + config.init_kl_coef * (kl * weights).sum()
+            metrics["reference_kl"] = masked_mean(kl.detach(), counted)
         for name, value in metrics.items():
             self.metrics.log_value((module_id, name), value.detach(), **PER_UPDATE_MEAN)
-        self.metrics.log_value((module_id, "response_tokens"), mask.sum().float(), reduce="sum")
+        self.metrics.log_value((module_id, "response_tokens"), batch["response_mask"].sum().float(), reduce="sum")
         return loss
 
     def postprocess_gradients_for_module(self, *, module_id, config=None, module_gradients_dict):

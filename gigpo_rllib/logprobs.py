@@ -114,6 +114,18 @@ def _response_candidates(allowed_responses: torch.Tensor, input_ids: torch.Tenso
     return candidates, constrained_row[rows]
 
 
+def forced_response_tokens(allowed_responses: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
+                           ) -> torch.Tensor:
+    """``(B, S)`` bool: the response tokens the action constraint forces (a constrained position with exactly one
+    allowed token). Their log-prob and entropy are 0 whatever the weights, so they carry no gradient and must not
+    count in the loss's denominators."""
+    rows, cols = _response_positions(response_mask)
+    candidates, constrained = _response_candidates(allowed_responses, input_ids, response_mask, rows, cols)
+    single = (candidates != PAD_REPLY_ID).sum(-1) == 1
+    forced = torch.zeros(response_mask.shape, dtype=torch.bool, device=input_ids.device)
+    return forced.index_put((rows, cols), constrained & single)
+
+
 def _token_logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
                                 candidates: torch.Tensor | None, constrained: torch.Tensor | None
                                 ) -> tuple[torch.Tensor, torch.Tensor]:

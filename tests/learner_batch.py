@@ -28,19 +28,19 @@ def local_learner(**training):
     return learner_config(**training).build_learner(env=None, spaces=spaces)
 
 
-def synthetic_batch(groups: int = 4, group_size: int = 2, seed: int = 0, constrained: bool = True
-                    ) -> dict[str, np.ndarray]:
+def synthetic_batch(groups: int = 4, group_size: int = 2, seed: int = 0, constrained: bool = True,
+                    turns: int | None = None) -> dict[str, np.ndarray]:
     """Padded learner columns (as :func:`pad_token_batch` makes them) of ``groups`` x ``group_size``
-    trajectories of 1-3 turns: prompts of 3-12 tokens, replies from :data:`REPLIES` (free-form replies of 1-9
+    trajectories of ``turns`` turns (1-3 at random when None): prompts of 3-12 tokens, replies from :data:`REPLIES` (free-form replies of 1-9
     tokens when not ``constrained``), reward 1 at the end of some trajectories."""
     rng = np.random.default_rng(seed)
     samples = {name: [] for name in ("prompt_ids", "response_ids", "response_logprobs", "allowed_replies",
                                      "rewards", "traj_ids", "step_ids", "group_ids", "tag_ids", "anchor_ids",
                                      "action_is_valid", "prompt_truncated", "episode_ends", "episode_success")}
     for traj in range(groups * group_size):
-        turns = int(rng.integers(1, 4))
+        length = turns or int(rng.integers(1, 4))
         won = bool(rng.random() < 0.5)
-        for step in range(turns):
+        for step in range(length):
             samples["prompt_ids"].append(rng.integers(10, 300, size=int(rng.integers(3, 13))).tolist())
             if constrained:
                 reply = REPLIES[int(rng.integers(len(REPLIES)))]
@@ -49,7 +49,7 @@ def synthetic_batch(groups: int = 4, group_size: int = 2, seed: int = 0, constra
             samples["response_ids"].append(reply)
             samples["response_logprobs"].append([0.0] * len(reply))
             samples["allowed_replies"].append(REPLIES if constrained else [])
-            last = step == turns - 1
+            last = step == length - 1
             samples["rewards"].append(1.0 if (last and won) else 0.0)
             samples["traj_ids"].append(traj)
             samples["step_ids"].append(step)
@@ -76,3 +76,33 @@ def prepared_batch(learner, batch: dict[str, np.ndarray]) -> dict[str, torch.Ten
     data = TrainingData(batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(dict(batch))},
                                               env_steps=len(batch["rewards"])))
     return dict(learner._make_batch_if_necessary(data).policy_batches[DEFAULT_MODULE_ID])
+
+
+def update_minibatches(learner, batch: dict[str, np.ndarray], num_total_minibatches: int = 0,
+                       num_epochs: int = 1) -> list[dict[str, torch.Tensor]]:
+    """The minibatches an update of ``batch`` trains on, in order, from RLlib's own iterator (as
+    ``Learner.update`` gets them; ``num_total_minibatches`` as the algorithm plans it, 0: the shard's own count)."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
+    from ray.rllib.core.learner.training_data import TrainingData
+    from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+
+    data = TrainingData(batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(dict(batch))},
+                                              env_steps=len(batch["rewards"])))
+    iterator = learner._create_iterator_if_necessary(
+        training_data=data, num_total_minibatches=num_total_minibatches, num_epochs=num_epochs,
+        minibatch_size=learner.config.minibatch_size, shuffle_batch_per_epoch=False)
+    return [dict(minibatch.policy_batches[DEFAULT_MODULE_ID]) for minibatch in iterator]
+
+
+def summed_gradient(learner, minibatches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The gradients of the minibatches' losses, summed without any optimizer step (what one epoch's steps add up
+    to, to first order)."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    module = learner.module[DEFAULT_MODULE_ID]
+    module.zero_grad(set_to_none=True)
+    for minibatch in minibatches:
+        fwd_out = module.forward_train(minibatch)
+        learner.compute_loss_for_module(module_id=DEFAULT_MODULE_ID, config=learner.config, batch=minibatch,
+                                        fwd_out=fwd_out).backward()
+    return {name: param.grad.detach().clone() for name, param in module.named_parameters() if param.grad is not None}

@@ -1,12 +1,14 @@
 """The learner's once-per-update preparation and its per-minibatch loss, on a learner built in the test process
 (no Ray) and hand-made batches (tests/learner_batch.py)."""
 
+import pytest
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 
-from gigpo_rllib.losses import k3_kl
+from gigpo_rllib.losses import LOSS_AGG_MODES, k3_kl
 from gigpo_rllib.rl_module import TOKEN_LOGPROBS
-from tests.learner_batch import local_learner, prepared_batch, synthetic_batch
+from tests.learner_batch import (EOS, local_learner, prepared_batch, summed_gradient, synthetic_batch,
+                                 update_minibatches)
 
 
 def test_reference_kl_is_exactly_zero_before_the_first_update_in_bfloat16():
@@ -18,3 +20,87 @@ def test_reference_kl_is_exactly_zero_before_the_first_update_in_bfloat16():
             logprobs = learner.module[DEFAULT_MODULE_ID].forward_train(minibatch)[TOKEN_LOGPROBS]
         mask = minibatch["response_mask"].bool()
         assert k3_kl(logprobs, minibatch["reference_logprobs"])[mask].abs().max().item() == 0.0
+
+
+def assert_same_gradient(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
+    """Equal up to float summation order: each parameter's gradient within 1e-5 of its norm."""
+    assert first.keys() == second.keys()
+    for name in first:
+        error = (first[name] - second[name]).norm().item()
+        assert error <= 1e-5 * second[name].norm().item() + 1e-12, (name, error, second[name].norm().item())
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_length_bucketing_changes_padding_only(mode):
+    # Free-form replies of 1-9 tokens: bucketing regroups the rows by length, so a per-minibatch token mean would
+    # weigh a short reply's tokens more than a long one's.
+    batch = synthetic_batch(groups=6, constrained=False)
+    gradients = []
+    for bucketing in (False, True):
+        learner = local_learner(minibatch_size=4, length_bucketing=bucketing, loss_agg_mode=mode,
+                                old_logprobs_source="learner", entropy_loss_coef=0.01, init_kl_coef=0.1)
+        minibatches = update_minibatches(learner, batch)
+        gradients.append(summed_gradient(learner, minibatches))
+    assert_same_gradient(gradients[1], gradients[0])
+
+
+def test_forced_tokens_and_padding_do_not_count_in_the_loss_weights():
+    learner = local_learner(minibatch_size=4)
+    batch = synthetic_batch()
+    columns = prepared_batch(learner, batch)
+    weights, response = columns["loss_weights"], columns["response_mask"].bool()
+    # Replies 5 9 EOS, 5 7 EOS, 11 EOS: the EOS is always forced (one allowed token), the rest is chosen.
+    eos = response & (columns["input_ids"] == EOS)
+    assert (weights[eos] == 0).all() and (weights[~response] == 0).all()
+    chosen = response & ~eos
+    minibatches = len(weights) // 4
+    torch.testing.assert_close(weights[chosen], torch.full((int(chosen.sum()),), minibatches / int(chosen.sum())))
+
+
+def _two_learner_gradient(rank: int, init_file: str, out_file: str) -> None:
+    """One of two learner processes (gloo, CPU): its shard's summed gradient, averaged over the two as DDP does,
+    and the rows it trained (rank 0 writes both)."""
+    import torch.distributed as dist
+
+    from gigpo_rllib.batch import minibatches_per_shard, shard_rows, take_rows
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        batch = synthetic_batch(groups=3, group_size=2, turns=2, constrained=False)
+        shards = [take_rows(batch, rows) for rows in shard_rows(batch, 2)]
+        planned = minibatches_per_shard([len(shard["rewards"]) for shard in shards], 4, "copy")
+        learner = local_learner(minibatch_size=4, old_logprobs_source="learner")
+        minibatches = update_minibatches(learner, shards[rank], num_total_minibatches=planned)
+        gradient = summed_gradient(learner, minibatches)
+        for value in gradient.values():
+            dist.all_reduce(value)
+            value /= 2
+        trained = [(int(t), int(s)) for minibatch in minibatches
+                   for t, s, weights in zip(minibatch["traj_ids"], minibatch["step_ids"], minibatch["loss_weights"])
+                   if weights.sum() > 0]
+        rows = [None, None]
+        dist.all_gather_object(rows, (len(minibatches), trained))
+        if rank == 0:
+            torch.save({"gradient": gradient, "rows": rows}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_learners_sum_to_the_single_learner_gradient(tmp_path):
+    # 12 rows in groups of 4: the shards hold 8 and 4 rows. Two learners with minibatches of 4 take 2 steps each
+    # (the smaller shard topped up with rows of weight 0, not wrapped around); one learner with minibatches of 6
+    # takes 2 steps as well. The summed gradient is 2 x the gradient of the global token mean either way.
+    import torch.multiprocessing as mp
+
+    out_file = tmp_path / "two_learners.pt"
+    mp.spawn(_two_learner_gradient, args=(str(tmp_path / "init"), str(out_file)), nprocs=2, join=True)
+    result = torch.load(out_file)
+    batch = synthetic_batch(groups=3, group_size=2, turns=2, constrained=False)
+    learner = local_learner(minibatch_size=6, old_logprobs_source="learner")
+    single = summed_gradient(learner, update_minibatches(learner, batch))
+    assert_same_gradient(result["gradient"], single)
+    for steps, trained in result["rows"]:
+        assert steps == 2 and len(trained) == len(set(trained))  # no row trained twice in the epoch
+    assert sum(len(trained) for _, trained in result["rows"]) == len(batch["rewards"])

@@ -6,7 +6,7 @@ import pytest
 
 from gigpo_rllib import GiGPOConfig
 from gigpo_rllib.advantages import compute_gigpo_advantages
-from gigpo_rllib.losses import gigpo_policy_loss, k3_kl, shape_advantages
+from gigpo_rllib.losses import gigpo_policy_loss, k3_kl, loss_token_weights, shape_advantages
 
 
 def test_ratio_one_gives_minus_mean_advantage_and_no_clipping():
@@ -101,3 +101,23 @@ def test_default_scaling_keeps_a_group_without_signal_at_exactly_zero():
     # ROLL-style whitening moves the all-lost map by -mean/std (the token mean is -0.072, not 0).
     standardized = shape_advantages(combined, lengths, scaling="standardize", clip=None)
     assert standardized[groups == 1].min().item() > 0.3
+
+
+def test_loss_token_weights_give_each_mode_its_aggregate():
+    counted = torch.tensor([[True, True, True, False], [True, False, False, False], [False, False, False, False]])
+    losses = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0], [9.0, 9.0, 9.0, 9.0]])
+
+    def aggregate(mode, scale=1.0):
+        return (losses * loss_token_weights(counted, mode, scale=scale)).sum().item()
+
+    assert aggregate("token-mean") == pytest.approx((1 + 2 + 3 + 4) / 4)
+    assert aggregate("seq-mean-token-mean") == pytest.approx((2 + 4) / 2)  # the empty row is no sequence
+    assert aggregate("seq-mean-token-sum") == pytest.approx((6 + 4) / 2)
+    assert aggregate("token-mean", scale=3.0) == pytest.approx(3 * 2.5)
+    with pytest.raises(ValueError, match="loss_agg_mode must be one of"):
+        loss_token_weights(counted, "mean", scale=1.0)
+    # The PPO surrogate takes the same weights: at ratio 1 it is -sum(weights x advantage).
+    weights = loss_token_weights(counted, "token-mean")
+    loss, _ = gigpo_policy_loss(torch.zeros(3, 4), torch.zeros(3, 4), torch.tensor([1.0, -2.0, 5.0]), counted,
+                                pg_clip=0.2, token_weights=weights)
+    assert loss.item() == pytest.approx(-(3 * 1.0 - 2.0) / 4)
