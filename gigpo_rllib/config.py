@@ -197,8 +197,9 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
               "sharpen).", check=SCHEDULE),
     ConfigKey("max_grad_norm", 1.0, "Clip the global gradient norm to this value; `null` disables clipping.", check=Number(low=0, low_open=True, nullable=True)),
     ConfigKey("max_consecutive_skipped_updates", 5, "A minibatch whose loss or gradient norm is not finite is skipped "
-              "(weights and optimizer state untouched) and counted in `learners/skipped_updates`; this many skips in "
-              "a row stop the run with an error.", check=POSITIVE_INT),
+              "on the device (weights and optimizer state untouched) and counted in `learners/skipped_updates`; this "
+              "many skips in a row stop the run with an error at the end of that update (checked once per update, "
+              "so no minibatch waits for the device).", check=POSITIVE_INT),
     # ----- batch shape
     ConfigKey("rollout_batch_size", 1024, "Trajectories per training batch; must equal "
               "`train_env_manager.num_env_groups × group_size`.", check=POSITIVE_INT),
@@ -315,8 +316,8 @@ class GiGPOConfig(AlgorithmConfig):
         # Our runner keeps its own counters; RLlib's per-iteration state push carries nothing it needs.
         self._dont_auto_sync_env_runner_states = True
         # RLlib's own non-finite handling checks every parameter's gradient on the host, twice per minibatch; with
-        # this flag it checks none, and the learner instead checks the total gradient norm once (and skips the whole
-        # update when it is not finite, see max_consecutive_skipped_updates).
+        # this flag it checks none, and the learner instead skips a step whose total gradient norm is not finite, on
+        # the device (see max_consecutive_skipped_updates).
         self.torch_skip_nan_gradients = True
 
     def training(self, **kwargs) -> "GiGPOConfig":

@@ -33,7 +33,7 @@ from gigpo_rllib.advantages import (AnchorGroupStats, anchor_group_counts, batch
 from gigpo_rllib.logprobs import forced_response_tokens, forward_token_logprobs
 from gigpo_rllib.losses import (gigpo_policy_loss, k3_kl, loss_token_weights, masked_mean, shape_advantages,
                                 truncated_is_weights)
-from gigpo_rllib.rl_module import TOKEN_ENTROPY, TOKEN_LOGPROBS
+from gigpo_rllib.rl_module import HOST_MASKS, TOKEN_ENTROPY, TOKEN_LOGPROBS
 from gigpo_rllib.weight_sync import pack_weights
 
 # Per-minibatch metrics are averaged over the minibatches of one update and stay tensors until RLlib reduces them
@@ -87,8 +87,8 @@ class GiGPOTorchLearner(TorchLearner):
             # KL would not be 0 at step 0.
             self._reference_model = copy.deepcopy(module.model).eval()
             self._reference_model.requires_grad_(False)
-        self._update_is_finite = True
-        self._skipped_in_a_row = 0
+        self._skipped_in_a_row = torch.zeros((), device=self._device)
+        self._start_update_totals()
         coef = self.config.entropy_loss_coef
         points = coef if isinstance(coef, (list, tuple)) else [[0, coef]]  # a fixed value: a one-point schedule
         self._entropy_schedule = PiecewiseSchedule(points, outside_value=points[-1][1], framework=None)
@@ -114,6 +114,11 @@ class GiGPOTorchLearner(TorchLearner):
         super().before_gradient_based_update(timesteps=timesteps)
         self._entropy_coef = float(self._entropy_schedule.value(timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0)))
         self.metrics.log_value((DEFAULT_MODULE_ID, "entropy_coef"), self._entropy_coef, window=1)
+        self._start_update_totals()
+
+    def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
+        super().after_gradient_based_update(timesteps=timesteps)
+        self._end_of_update_checks()
 
     def _create_iterator_if_necessary(self, *, training_data, num_total_minibatches: int = 0, num_epochs: int = 1,
                                       **kwargs):
@@ -154,6 +159,10 @@ class GiGPOTorchLearner(TorchLearner):
         adjusted = {name: value[keep] for name, value in columns.items() if torch.is_tensor(value)}
         adjusted[ADVANTAGES] = advantages[keep]
         adjusted[LOSS_WEIGHTS] = self._loss_weights(adjusted, trained.to(advantages.device), minibatches)
+        # The masks in host memory too (read back once here): each minibatch finds its response positions there
+        # instead of waiting for the device. copy=True keeps them apart from the device columns on a CPU learner.
+        for host_name, name in zip(HOST_MASKS, ("attention_mask", "response_mask")):
+            adjusted[host_name] = adjusted[name].to("cpu", copy=True)
         if self.config.resolved_old_logprobs_source == "learner":
             self._use_learner_old_logprobs(adjusted)
         if self._reference_model is not None:
@@ -231,7 +240,8 @@ class GiGPOTorchLearner(TorchLearner):
             logprobs, _ = forward_token_logprobs(
                 model, columns["input_ids"][rows], columns["attention_mask"][rows],
                 columns["response_mask"][rows], temperature=self.config.temperature,
-                allowed_responses=None if allowed is None else allowed[rows], autocast_dtype=self._compute_dtype)
+                allowed_responses=None if allowed is None else allowed[rows], autocast_dtype=self._compute_dtype,
+                host_masks=(columns[HOST_MASKS[0]][rows], columns[HOST_MASKS[1]][rows]), check_constraint=False)
             chunks.append(logprobs)
         return torch.cat(chunks)
 
@@ -256,34 +266,58 @@ class GiGPOTorchLearner(TorchLearner):
             metrics["reference_kl"] = masked_mean(kl.detach(), counted)
         for name, value in metrics.items():
             self.metrics.log_value((module_id, name), value.detach(), **PER_UPDATE_MEAN)
-        self.metrics.log_value((module_id, "response_tokens"), batch["response_mask"].sum().float(), reduce="sum")
+        self._update_totals[3] += batch["response_mask"].sum()
         return loss
 
     def postprocess_gradients_for_module(self, *, module_id, config=None, module_gradients_dict):
-        """Clip the global gradient norm; a non-finite norm (from a non-finite loss or gradient) marks the update to
-        be skipped. The one host synchronisation per minibatch is this check."""
+        """Clip the global gradient norm; a non-finite norm (from a non-finite loss or gradient) marks the step to be
+        skipped. All on the device: whether it was finite is read once per update (:meth:`_end_of_update_checks`)."""
         gradients = [g for g in module_gradients_dict.values() if g is not None]
-        norm = torch.nn.utils.get_total_norm(gradients)
-        self._update_is_finite = bool(torch.isfinite(norm))
-        if config.max_grad_norm is not None and self._update_is_finite:
+        norm = torch.nn.utils.get_total_norm(gradients).float()
+        self._step_is_finite = torch.isfinite(norm)
+        if config.max_grad_norm is not None:
+            # A non-finite norm makes the gradients NaN here; the step is skipped anyway.
             scale = (config.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
             for gradient in gradients:
                 gradient.mul_(scale)
-        if self._update_is_finite:
-            self.metrics.log_value((module_id, "grad_norm"), norm.detach(), **PER_UPDATE_MEAN)
+        finite = self._step_is_finite.float()
+        self._update_totals[:3] += torch.stack([torch.where(self._step_is_finite, norm, 0.0), finite, 1 - finite])
         return module_gradients_dict
 
     def apply_gradients(self, gradients_dict) -> None:
-        """Step the optimizer, or skip a non-finite update entirely (weights and optimizer state untouched). After
-        ``max_consecutive_skipped_updates`` skips in a row the run stops: the policy or the data is broken."""
-        self.metrics.log_value((ALL_MODULES, "skipped_updates"), 0.0 if self._update_is_finite else 1.0, reduce="sum")
-        if self._update_is_finite:
-            self._skipped_in_a_row = 0
-            super().apply_gradients(gradients_dict)
-            return
-        self._skipped_in_a_row += 1
+        """Step the optimizer, or skip a non-finite step entirely (weights and optimizer state untouched) without
+        reading anything back to the host: fused Adam skips on the device when ``found_inf`` is 1, as under AMP's
+        gradient scaler."""
+        skipped = (~self._step_is_finite).float()
+        for optimizer in self._optimizer_parameters:
+            optimizer.found_inf = skipped
+        super().apply_gradients(gradients_dict)
+        self._skipped_in_a_row = (self._skipped_in_a_row + 1) * skipped
+        self._longest_skip_run = torch.maximum(self._longest_skip_run, self._skipped_in_a_row)
+
+    def configure_optimizers_for_module(self, module_id, config=None) -> None:
+        """RLlib's Adam, fused: one kernel per step, and a step that :meth:`apply_gradients` skips on the device."""
+        params = self.get_parameters(self._module[module_id])
+        self.register_optimizer(module_id=module_id, optimizer=torch.optim.Adam(params, fused=True), params=params,
+                                lr_or_lr_schedule=config.lr)
+
+    def _start_update_totals(self) -> None:
+        # Summed over the minibatches of one update: finite gradient norms, finite steps, skipped steps, tokens.
+        self._update_totals = torch.zeros(4, device=self._device)
+        self._longest_skip_run = self._skipped_in_a_row.clone()
+
+    def _end_of_update_checks(self) -> None:
+        """Log the update's gradient norm, skipped steps and tokens, and stop after
+        ``max_consecutive_skipped_updates`` skipped steps in a row: the policy or the data is broken. This is the
+        update's one host synchronisation on the minibatch path."""
+        norm_sum, finite_steps, skipped, tokens, longest_run = torch.cat(
+            [self._update_totals, self._longest_skip_run.reshape(1)]).tolist()
+        if finite_steps:
+            self.metrics.log_value((DEFAULT_MODULE_ID, "grad_norm"), norm_sum / finite_steps, window=1)
+        self.metrics.log_value((ALL_MODULES, "skipped_updates"), skipped, reduce="sum")
+        self.metrics.log_value((DEFAULT_MODULE_ID, "response_tokens"), tokens, reduce="sum")
         limit = self.config.max_consecutive_skipped_updates
-        if self._skipped_in_a_row >= limit:
+        if longest_run >= limit:
             raise FloatingPointError(
-                f"{self._skipped_in_a_row} updates in a row had a non-finite loss or gradient norm and were skipped "
-                f"(max_consecutive_skipped_updates={limit}); check the rewards and the learning rate")
+                f"{int(longest_run)} minibatch updates in a row had a non-finite loss or gradient norm and were "
+                f"skipped (max_consecutive_skipped_updates={limit}); check the rewards and the learning rate")

@@ -106,3 +106,18 @@ def summed_gradient(learner, minibatches: list[dict[str, torch.Tensor]]) -> dict
         learner.compute_loss_for_module(module_id=DEFAULT_MODULE_ID, config=learner.config, batch=minibatch,
                                         fwd_out=fwd_out).backward()
     return {name: param.grad.detach().clone() for name, param in module.named_parameters() if param.grad is not None}
+
+
+def run_update(learner, batch: dict[str, np.ndarray], num_epochs: int = 1) -> dict:
+    """One ``Learner.update`` of ``batch`` as the algorithm calls it (one learner); its reduced metrics."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
+    from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+
+    from gigpo_rllib.batch import minibatches_per_shard
+
+    rows = len(batch["rewards"])
+    config = learner.config
+    per_epoch = minibatches_per_shard([rows], config.minibatch_size, config.batch_adjust_mode)
+    return learner.update(batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(dict(batch))}, env_steps=rows),
+                          minibatch_size=config.minibatch_size, num_epochs=num_epochs,
+                          num_total_minibatches=per_epoch * num_epochs, shuffle_batch_per_epoch=True)

@@ -1,13 +1,16 @@
 """The learner's once-per-update preparation and its per-minibatch loss, on a learner built in the test process
 (no Ray) and hand-made batches (tests/learner_batch.py)."""
 
+import math
+
 import pytest
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 
 from gigpo_rllib.losses import LOSS_AGG_MODES, k3_kl
-from gigpo_rllib.rl_module import TOKEN_LOGPROBS
-from tests.learner_batch import (EOS, local_learner, prepared_batch, summed_gradient, synthetic_batch,
+from gigpo_rllib.rl_module import HOST_MASKS, TOKEN_LOGPROBS
+from tests.host_syncs import HostSyncCounter
+from tests.learner_batch import (EOS, local_learner, prepared_batch, run_update, summed_gradient, synthetic_batch,
                                  update_minibatches)
 
 
@@ -104,3 +107,62 @@ def test_two_learners_sum_to_the_single_learner_gradient(tmp_path):
     for steps, trained in result["rows"]:
         assert steps == 2 and len(trained) == len(set(trained))  # no row trained twice in the epoch
     assert sum(len(trained) for _, trained in result["rows"]) == len(batch["rewards"])
+
+
+def test_the_minibatch_path_reads_the_device_once_per_update():
+    """Host syncs during one update of 2 epochs x 5 minibatches, counted by tests/host_syncs.py, outside the
+    once-per-update batch preparation and RLlib's final metrics reduction (which read back the update's results).
+    Left out as well: Hugging Face's own check of the attention mask before each forward (transformers'
+    masking_utils reads whether the mask has padding), which this project does not control."""
+    learner = local_learner(minibatch_size=4, entropy_loss_coef=0.01, init_kl_coef=0.1)
+    counter = HostSyncCounter()
+    prepare, reduce = learner._make_batch_if_necessary, learner.metrics.reduce
+
+    def prepare_uncounted(*args, **kwargs):
+        with counter.paused():
+            prepared = prepare(*args, **kwargs)
+        for name in HOST_MASKS:  # kept in host memory on purpose: reading them is no sync
+            counter.mark_host(prepared.policy_batches[DEFAULT_MODULE_ID][name])
+        return prepared
+
+    def reduce_uncounted(*args, **kwargs):
+        with counter.paused():
+            return reduce(*args, **kwargs)
+
+    learner._make_batch_if_necessary, learner.metrics.reduce = prepare_uncounted, reduce_uncounted
+    batch = synthetic_batch()
+    assert len(batch["rewards"]) == 20  # 5 minibatches of 4
+    with counter.counting():
+        run_update(learner, batch, num_epochs=2)
+    ours = [where for where in counter.where if not where.split(" at ")[1].startswith("masking_utils.py")]
+    assert len(ours) == 1, "\n".join(ours)
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_and_a_run_of_them_stops_training():
+    learner = local_learner(minibatch_size=4, max_consecutive_skipped_updates=3)
+    module = learner.module[DEFAULT_MODULE_ID]
+    before = {name: value.detach().clone() for name, value in module.state_dict().items()}
+    compute_loss = learner.compute_loss_for_module
+    poisoned = {"minibatches": {1}, "seen": 0}
+
+    def poisoned_loss(**kwargs):
+        loss = compute_loss(**kwargs)
+        poisoned["seen"] += 1
+        return loss * float("nan") if poisoned["seen"] - 1 in poisoned["minibatches"] else loss
+
+    learner.compute_loss_for_module = poisoned_loss
+    results = run_update(learner, synthetic_batch())
+    assert results["__all_modules__"]["skipped_updates"].peek() == 1.0
+    assert math.isfinite(results[DEFAULT_MODULE_ID]["grad_norm"].peek())
+
+    # Every step non-finite: nothing moves (weights, Adam's moments and step counts), and the update ends in an error.
+    learner = local_learner(minibatch_size=4, max_consecutive_skipped_updates=3)
+    compute_loss = learner.compute_loss_for_module
+    poisoned.update(minibatches=set(range(100)), seen=0)
+    learner.compute_loss_for_module = poisoned_loss
+    with pytest.raises(FloatingPointError, match=r"5 minibatch updates in a row .*\(max_consecutive_skipped_updates=3\)"):
+        run_update(learner, synthetic_batch())
+    after = learner.module[DEFAULT_MODULE_ID].state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    for state in learner.get_optimizer().state.values():
+        assert state["step"].item() == 0 and state["exp_avg"].abs().max().item() == 0
