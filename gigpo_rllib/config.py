@@ -26,6 +26,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 from gigpo_rllib.advantages import BATCH_ADJUST_MODES, EPISODE_GROUPINGS, EPISODE_STATS, NORMALIZATION_METHODS
 from gigpo_rllib.lora import LORA_DEFAULTS, lora_settings_problem
+from gigpo_rllib.losses import LOSS_AGG_MODES
 from gigpo_rllib.models import SMOLLM2_MODEL_NAME, TINY_MODEL_NAME
 
 
@@ -88,6 +89,19 @@ class Text:
         return "null or a non-empty string" if self.nullable else "a non-empty string"
 
 
+@dataclass(frozen=True)
+class FlagOrChoice:
+    """True, False, or one of ``choices`` (strings): a switch whose "on" has named variants."""
+
+    choices: tuple[str, ...]
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, bool) or (isinstance(value, str) and value in self.choices)
+
+    def describe(self) -> str:
+        return "true, false or one of " + ", ".join(repr(choice) for choice in self.choices)
+
+
 POSITIVE_INT, NON_NEGATIVE_INT = Number(low=1, integer=True), Number(low=0, integer=True)
 POSITIVE, NON_NEGATIVE, ANY_NUMBER = Number(low=0, low_open=True), Number(low=0), Number()
 FLAG = Flag()
@@ -139,15 +153,33 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("episode_advantage_stats", "trajectory", "What the episode-level mean and σ are taken over: "
               "`trajectory` (one return per trajectory, the paper's Eq. 3) or `step` (every step sample counts, so "
               "longer trajectories weigh more, as some public implementations do).", EPISODE_STATS),
-    ConfigKey("whiten_advantages", True, "Whiten the combined advantages over the response tokens of the batch.", check=FLAG),
-    ConfigKey("advantage_clip", 0.2, "Clamp the final advantages to ±this value; `null` disables the clamp.", check=Number(low=0, low_open=True, nullable=True)),
+    ConfigKey("whiten_advantages", True, "How the combined advantages are scaled over the response tokens of the "
+              "batch (each sample weighs by its reply length). `true` (= `scale`): divide by their token-weighted "
+              "root mean square, without re-centring, so a zero advantage (a group whose tries all ended alike) "
+              "stays exactly 0 and signs are kept. `standardize`: subtract the token-weighted mean, then divide by "
+              "the std, as ROLL's `true` does; with replies of different lengths the mean is not 0, so a group "
+              "with no signal gets a non-zero advantage. `false`: unscaled.",
+              check=FlagOrChoice(("scale", "standardize"))),
+    ConfigKey("advantage_clip", None, "Clamp the final advantages to ±this value; `null` (default) disables the "
+              "clamp. Scaled advantages are in units of their root mean square, so a clamp far below 1 (the seed "
+              "config's 0.2) keeps little more than their sign; a value of 3-5 caps outliers only.",
+              check=Number(low=0, low_open=True, nullable=True)),
     ConfigKey("batch_adjust_mode", "copy", "How the step samples are made a multiple of the minibatch size, after "
               "the advantages are computed: `copy` duplicates, `delete` drops, `auto` picks the smaller change.",
               BATCH_ADJUST_MODES),
     # ----- loss
+    ConfigKey("loss_agg_mode", "token-mean", "How the per-token loss (and the entropy and KL terms) is averaged over "
+              "one update: `token-mean`: every response token of the whole update batch (all minibatches, all "
+              "learners) weighs the same; `seq-mean-token-mean`: each reply's token mean, then the mean over "
+              "replies; `seq-mean-token-sum`: each reply's token sum, then the mean over replies. The weights are "
+              "fixed before the first minibatch; each minibatch step takes its share, scaled so that one step moves "
+              "as far as a gradient of the whole aggregate (the gradients of one epoch's minibatches sum to "
+              "minibatches x that gradient, whatever the minibatch split). Tokens forced by the action constraint "
+              "(one allowed token: log-prob and entropy 0) do not count.", LOSS_AGG_MODES),
     ConfigKey("length_bucketing", False, "Order each update's rows so that a minibatch holds rows of similar length "
               "(sorted within random megabatches of 8 minibatches): each minibatch is cut to its longest row, so "
-              "this removes most padding when prompt or reply lengths vary (histories, free-form replies). The "
+              "this removes most padding when prompt or reply lengths vary (histories, free-form replies). The loss "
+              "weights do not depend on the minibatch split (`loss_agg_mode`), so this changes padding only. The "
               "minibatches then keep their rows over `ppo_epochs` (no per-epoch reshuffle).", check=FLAG),
     ConfigKey("ppo_epochs", 1, "Passes of the clipped-PPO update over each batch.", check=POSITIVE_INT),
     ConfigKey("pg_clip", 0.2, "PPO ratio clip ε: the ratio is clipped to [1 − ε, 1 + ε].", check=POSITIVE),
@@ -159,14 +191,16 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
               "`dual_clip_ratio` × |A|.", check=FLAG),
     ConfigKey("dual_clip_ratio", 3.0, "The constant c > 1 of dual-clip PPO (used when `dual_clip_loss`).", check=Number(low=1, low_open=True)),
     ConfigKey("init_kl_coef", 0.0, "Coefficient of the k3 KL penalty to the frozen initial policy. At 0 no "
-              "reference model is kept in memory.", check=NON_NEGATIVE),
+              "reference model is kept in memory; above 0 the learner keeps a frozen copy held like the policy "
+              "(float32 weights, run under the same autocast, so the KL is exactly 0 before the first update).", check=NON_NEGATIVE),
     ConfigKey("entropy_loss_coef", 0.0, "Coefficient of the token-entropy bonus: a number, or a schedule by sampled "
               "env steps like `lr`'s (`[[0, 0.05], [30000, 0.01]]`: explore widely first, then let the policy "
               "sharpen).", check=SCHEDULE),
     ConfigKey("max_grad_norm", 1.0, "Clip the global gradient norm to this value; `null` disables clipping.", check=Number(low=0, low_open=True, nullable=True)),
     ConfigKey("max_consecutive_skipped_updates", 5, "A minibatch whose loss or gradient norm is not finite is skipped "
-              "(weights and optimizer state untouched) and counted in `learners/skipped_updates`; this many skips in "
-              "a row stop the run with an error.", check=POSITIVE_INT),
+              "on the device (weights and optimizer state untouched) and counted in `learners/skipped_updates`; this "
+              "many skips in a row stop the run with an error at the end of that update (checked once per update, "
+              "so no minibatch waits for the device).", check=POSITIVE_INT),
     # ----- batch shape
     ConfigKey("rollout_batch_size", 1024, "Trajectories per training batch; must equal "
               "`train_env_manager.num_env_groups × group_size`.", check=POSITIVE_INT),
@@ -325,8 +359,8 @@ class GiGPOConfig(AlgorithmConfig):
         # Our runner keeps its own counters; RLlib's per-iteration state push carries nothing it needs.
         self._dont_auto_sync_env_runner_states = True
         # RLlib's own non-finite handling checks every parameter's gradient on the host, twice per minibatch; with
-        # this flag it checks none, and the learner instead checks the total gradient norm once (and skips the whole
-        # update when it is not finite, see max_consecutive_skipped_updates).
+        # this flag it checks none, and the learner instead skips a step whose total gradient norm is not finite, on
+        # the device (see max_consecutive_skipped_updates).
         self.torch_skip_nan_gradients = True
 
     def training(self, **kwargs) -> "GiGPOConfig":
@@ -449,6 +483,14 @@ class GiGPOConfig(AlgorithmConfig):
     @property
     def resolved_sampler_dtype(self) -> str:
         return self.sampler_dtype or self.model_dtype
+
+    @property
+    def advantage_scaling(self) -> str:
+        """``whiten_advantages`` as a :data:`~gigpo_rllib.losses.ADVANTAGE_SCALINGS` name (``true`` is ``scale``)."""
+        value = self.whiten_advantages
+        if isinstance(value, bool):
+            return "scale" if value else "none"
+        return value
 
     @property
     def effective_step_reward_weight(self) -> float:

@@ -57,13 +57,37 @@ def _response_candidates(allowed_responses: torch.Tensor, input_ids: torch.Tenso
     return per_step[rows, step.clamp(max=length)], constrained_row[rows]
 
 
+def _check_allowed_tokens(candidates: torch.Tensor, constrained: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Raise ValueError when a constrained position's token is not among its candidates (one host sync)."""
+    allowed = ((candidates == tokens.unsqueeze(-1)) & (candidates != PAD_REPLY_ID)).any(-1)
+    bad = constrained & ~allowed
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"allowed_responses: the response token {int(tokens[i])} (response token {i} of the batch) "
+                         "is not a continuation of any allowed reply of its row")
+
+
+def forced_response_tokens(allowed_responses: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
+                           ) -> torch.Tensor:
+    """``(B, S)`` bool: the response tokens the action constraint forces (a constrained position with exactly one
+    allowed token). Their log-prob and entropy are 0 whatever the weights, so they carry no gradient and must not
+    count in the loss's denominators. Also checks every constrained token (ValueError), so that scoring the same
+    rows later can skip the check (``check_constraint=False``)."""
+    rows, cols = _response_positions(response_mask)
+    candidates, constrained = _response_candidates(allowed_responses, input_ids, response_mask, rows, cols)
+    _check_allowed_tokens(candidates, constrained, input_ids[rows, cols].to(torch.long))
+    single = (candidates != PAD_REPLY_ID).sum(-1) == 1
+    forced = torch.zeros(response_mask.shape, dtype=torch.bool, device=input_ids.device)
+    return forced.index_put((rows, cols), constrained & single)
+
+
 def _token_logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
-                                candidates: torch.Tensor | None, constrained: torch.Tensor | None
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
+                                candidates: torch.Tensor | None, constrained: torch.Tensor | None,
+                                check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy of ``tokens`` under ``softmax(logits / temperature)``, restricted to ``candidates`` on
     constrained positions. ``logits`` (n, V) any float dtype, ``tokens`` (n,) -> two (n,) float32 tensors.
 
-    Raises ValueError when a constrained position's token is not among its candidates.
+    With ``check``, raises ValueError when a constrained position's token is not among its candidates.
     """
     z = logits.float() / float(temperature)
     z_token = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -74,12 +98,8 @@ def _token_logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temp
         return logprobs, entropy
     valid = candidates != PAD_REPLY_ID
     z_candidates = z.gather(-1, candidates.clamp(min=0)).masked_fill(~valid, float("-inf"))  # (n, K)
-    token_allowed = ((candidates == tokens.unsqueeze(-1)) & valid).any(-1)
-    bad = constrained & ~token_allowed
-    if bad.any():
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"allowed_responses: the response token {int(tokens[i])} (response token {i} of the batch) "
-                         "is not a continuation of any allowed reply of its row")
+    if check:
+        _check_allowed_tokens(candidates, constrained, tokens)
     # Unconstrained positions get a finite dummy, so no NaN can reach the gradient through torch.where.
     z_candidates = torch.where(constrained.unsqueeze(-1), z_candidates, torch.zeros_like(z_candidates))
     lse_candidates = torch.logsumexp(z_candidates, dim=-1)
@@ -165,10 +185,10 @@ def scores_response_positions_only(model: torch.nn.Module) -> bool:
 
 
 def _chunk_values(output_layer, compute, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
-                  candidates: torch.Tensor | None, constrained: torch.Tensor | None):
+                  candidates: torch.Tensor | None, constrained: torch.Tensor | None, check: bool):
     with compute:
         logits = output_layer(hidden)
-    return _token_logprobs_from_logits(logits, tokens, temperature, candidates, constrained)
+    return _token_logprobs_from_logits(logits, tokens, temperature, candidates, constrained, check)
 
 
 def forward_token_logprobs(
@@ -181,6 +201,8 @@ def forward_token_logprobs(
     allowed_responses: torch.Tensor | None = None,
     response_only: bool = True,
     autocast_dtype: torch.dtype | None = None,
+    host_masks: tuple[torch.Tensor, torch.Tensor] | None = None,
+    check_constraint: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a Hugging Face causal LM on (B, S) ids and return the :func:`sequence_token_logprobs` of its responses.
 
@@ -197,14 +219,24 @@ def forward_token_logprobs(
     O(rows x sequence x vocabulary). ``response_only=False`` (or a model that
     :func:`scores_response_positions_only` rejects) runs the full forward instead: the same numbers, at the old
     cost. Returns ``(logprobs, entropy)``, (B, S) float32.
+
+    Where the response tokens are and which columns are used decide tensor shapes, so finding them on a GPU waits
+    for the device (a host sync, several per call). ``host_masks``, copies of ``(attention_mask, response_mask)``
+    in host memory, lets them be found there instead, with nothing read back from the device. ``check_constraint=
+    False`` skips checking that every constrained token is allowed (another sync), for rows already checked
+    (:func:`forced_response_tokens`).
     """
     _check_shapes(input_ids, response_mask, temperature)
-    rows, cols = _response_positions(response_mask)
+    layout_masks = host_masks if host_masks is not None else (attention_mask, response_mask)
+    rows, cols = _response_positions(layout_masks[1])
+    if host_masks is not None:
+        # A fresh device tensor (a copy also on CPU, so the host masks stay apart from what the device computes).
+        rows, cols = (index.to(input_ids.device, non_blocking=True, copy=True) for index in (rows, cols))
     candidates = constrained = None
     if allowed_responses is not None:
         candidates, constrained = _response_candidates(allowed_responses, input_ids, response_mask, rows, cols)
     tokens = input_ids[rows, cols].to(torch.long)
-    first, end = _used_columns(attention_mask)
+    first, end = _used_columns(layout_masks[0])
     columns = slice(first, end)
     inputs = dict(input_ids=input_ids[:, columns].to(torch.long), attention_mask=attention_mask[:, columns].to(torch.long),
                   position_ids=position_ids_from_attention_mask(attention_mask)[:, columns], use_cache=False)
@@ -214,17 +246,17 @@ def forward_token_logprobs(
     if not (response_only and scores_response_positions_only(model)):
         with compute:
             logits = model(**inputs).logits[rows, predicting]
-        values = _token_logprobs_from_logits(logits, tokens, temperature, candidates, constrained)
+        values = _token_logprobs_from_logits(logits, tokens, temperature, candidates, constrained, check_constraint)
         return _scatter_to_rows(values, rows, cols, tuple(input_ids.shape))
 
     with compute:
         hidden = model.get_decoder()(**inputs).last_hidden_state[rows, predicting]  # (N, H)
     return _response_values(model.get_output_embeddings(), hidden, tokens, temperature, candidates, constrained,
-                            compute, (rows, cols), tuple(input_ids.shape))
+                            compute, (rows, cols), tuple(input_ids.shape), check_constraint)
 
 
 def _used_columns(attention_mask: torch.Tensor) -> tuple[int, int]:
-    """``[first, end)`` of the columns that hold a real token in some row (one host sync)."""
+    """``[first, end)`` of the columns that hold a real token in some row (one host sync on a device mask)."""
     used = attention_mask.bool().any(0)
     if not bool(used.any()):
         return 0, attention_mask.shape[1]
@@ -232,7 +264,8 @@ def _used_columns(attention_mask: torch.Tensor) -> tuple[int, int]:
     return int(positions[0]), int(positions[-1]) + 1
 
 
-def _response_values(output_layer, hidden, tokens, temperature, candidates, constrained, compute, positions, shape):
+def _response_values(output_layer, hidden, tokens, temperature, candidates, constrained, compute, positions, shape,
+                     check):
     """Apply ``output_layer`` to the response positions' hidden states ``(N, H)`` in chunks and return the
     (B, S) log-probs and entropies (see :func:`forward_token_logprobs`)."""
     rows, cols = positions
@@ -242,7 +275,8 @@ def _response_values(output_layer, hidden, tokens, temperature, candidates, cons
     for start in range(0, hidden.shape[0], chunk):
         part = slice(start, start + chunk)
         args = (output_layer, compute, hidden[part], tokens[part], temperature,
-                None if candidates is None else candidates[part], None if constrained is None else constrained[part])
+                None if candidates is None else candidates[part], None if constrained is None else constrained[part],
+                check)
         if recompute:
             from torch.utils.checkpoint import checkpoint
 

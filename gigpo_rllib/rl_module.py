@@ -14,6 +14,9 @@ Batch format for ``forward_train`` (all tensors on the module's device, one row 
   position 0). The loss is taken over these positions.
 - ``"allowed_responses"`` (optional): (B, K, L) int64, -1 padded: each row's allowed complete replies (see
   ``gigpo_rllib.logprobs``). A row of all -1 is unconstrained.
+- ``"host_attention_mask"``, ``"host_response_mask"`` (optional, in host memory): copies of the two masks that
+  the learner's prepared batches carry, so the response positions are found without reading the device; such a
+  batch's constraint was checked once when it was prepared, and is not checked again.
 
 Output: ``{"token_logprobs": (B, S) float32, "token_entropy": (B, S) float32}``, 0 off the response.
 
@@ -49,6 +52,7 @@ MODULE_PREFIX = MODEL_ATTR + "."
 
 TOKEN_LOGPROBS = "token_logprobs"
 TOKEN_ENTROPY = "token_entropy"
+HOST_MASKS = ("host_attention_mask", "host_response_mask")
 
 _DEFAULTS = {"model": TINY_MODEL_NAME, "compute_dtype": "float32", "temperature": 1.0, "gradient_checkpointing": False,
              "lora": None}
@@ -117,6 +121,7 @@ class LLMRLModule(TorchRLModule):
         allowed = batch.get("allowed_responses")
         if allowed is not None:
             allowed = torch.as_tensor(allowed, device=device).long()
+        prepared = HOST_MASKS[1] in batch
         logprobs, entropy = forward_token_logprobs(
             self.model,
             input_ids,
@@ -125,6 +130,8 @@ class LLMRLModule(TorchRLModule):
             temperature=self.temperature,
             allowed_responses=allowed,
             autocast_dtype=self.compute_dtype,
+            host_masks=(batch[HOST_MASKS[0]], batch[HOST_MASKS[1]]) if prepared else None,
+            check_constraint=not prepared,
         )
         return {TOKEN_LOGPROBS: logprobs, TOKEN_ENTROPY: entropy}
 

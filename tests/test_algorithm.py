@@ -128,7 +128,7 @@ def test_two_learners_give_the_single_learner_advantages(ray_session, grouping):
                                           method="mean_std", grouping=grouping,
                                           tag_ids=torch.as_tensor(batch["tag_ids"]))
         expected = shape_advantages(single.advantages, torch.as_tensor(batch["response_mask"].sum(-1)),
-                                    whiten=True, clip=config.advantage_clip).numpy()
+                                    scaling="scale", clip=config.advantage_clip).numpy()
         for rank, rows in enumerate(shard_rows(batch, 2, by=by)):
             np.testing.assert_allclose(by_rank[rank], expected[rows], rtol=1e-5, atol=1e-6)
         whole_batch_groups = anchor_group_stats(single.anchor_group_ids).num_groups

@@ -3,7 +3,7 @@ import pathlib
 import pytest
 
 from gigpo_rllib.config import GIGPO_KEYS, GiGPOConfig, markdown_reference
-from tests.seed_config import SEED_VALUES, has_seed_value
+from tests.seed_config import SEED_VALUES, SEED_VALUES_NOT_DEFAULT, has_seed_value
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -18,6 +18,15 @@ def test_defaults_are_the_seed_values():
     for key in SEED_VALUES:
         assert has_seed_value(config, key), key
     config.validate()
+    valid_config(**SEED_VALUES_NOT_DEFAULT).validate()  # still accepted
+
+
+@pytest.mark.parametrize("value, scaling", [(True, "scale"), (False, "none"), ("scale", "scale"),
+                                            ("standardize", "standardize")])
+def test_whiten_advantages_true_means_scale_without_recentring(value, scaling):
+    config = valid_config(whiten_advantages=value)
+    config.validate()
+    assert config.advantage_scaling == scaling
 
 
 def test_nested_keys_merge_partial_dicts():
@@ -79,7 +88,7 @@ def test_partition_must_match_tags():
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"whiten_advantages": "false"}, "whiten_advantages must be true or false, got 'false'"),
+    ({"whiten_advantages": "false"}, "whiten_advantages must be true, false or one of 'scale', 'standardize', got 'false'"),
     ({"ppo_epochs": 1.5}, "ppo_epochs must be an integer >= 1, got 1.5"),
     ({"max_new_tokens": 16.5}, "max_new_tokens must be an integer >= 1, got 16.5"),
     ({"lr": -1.0}, "lr must be a number >= 0"),

@@ -71,7 +71,7 @@ def test_grpo_conflicting_with_the_config_is_an_error():
     ({"step_reward_gamma": "0.9"}, r"step_reward_gamma must be a number in \[0, 1\], got '0.9' \(str\)"),
     ({"env_config": [1, 2]}, r"env_config must be a mapping of env arguments, got \[1, 2\] \(list\)"),
     ({"ppo_epochs": 1.5}, r"ppo_epochs must be an integer >= 1, got 1.5"),
-    ({"whiten_advantages": "yes"}, r"whiten_advantages must be true or false"),
+    ({"whiten_advantages": "yes"}, r"whiten_advantages must be true, false or one of 'scale', 'standardize'"),
     ({"num_env_runners": "two"}, r"num_env_runners must be an integer, got 'two'"),
     ({"reward_normalization": "mean"}, r"reward_normalization must be a mapping"),
     ({"max_new_tokens": None}, r"max_new_tokens must be an integer >= 1, got None"),

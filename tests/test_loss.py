@@ -2,7 +2,11 @@
 
 import torch
 
-from gigpo_rllib.losses import gigpo_policy_loss, k3_kl, shape_advantages
+import pytest
+
+from gigpo_rllib import GiGPOConfig
+from gigpo_rllib.advantages import compute_gigpo_advantages
+from gigpo_rllib.losses import gigpo_policy_loss, k3_kl, loss_token_weights, shape_advantages
 
 
 def test_ratio_one_gives_minus_mean_advantage_and_no_clipping():
@@ -47,77 +51,73 @@ def test_k3_kl_is_zero_at_equality_and_positive_elsewhere():
     torch.testing.assert_close(kl, log_ratio.exp() - log_ratio - 1)
 
 
-def test_whitening_weighs_samples_by_response_tokens_then_clamps():
+def test_scalings_weigh_samples_by_response_tokens_then_clamp():
     advantages = torch.tensor([1.0, -1.0, 3.0])
     lengths = torch.tensor([1, 3, 0])
-    out = shape_advantages(advantages, lengths, whiten=True, clip=None)
     tokens = torch.tensor([1.0, -1.0, -1.0, -1.0])  # the token-level view; the empty reply has no tokens
-    expected = (advantages - tokens.mean()) / tokens.std(unbiased=False)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    clipped = shape_advantages(advantages, lengths, whiten=False, clip=0.5)
+    standardized = shape_advantages(advantages, lengths, scaling="standardize", clip=None)
+    torch.testing.assert_close(standardized, (advantages - tokens.mean()) / tokens.std(unbiased=False),
+                               rtol=1e-5, atol=1e-5)
+    scaled = shape_advantages(advantages, lengths, scaling="scale", clip=None)
+    torch.testing.assert_close(scaled, advantages / tokens.pow(2).mean().sqrt(), rtol=1e-5, atol=1e-5)
+    clipped = shape_advantages(advantages, lengths, scaling="none", clip=0.5)
     assert clipped.tolist() == [0.5, -0.5, 0.5]
-    assert shape_advantages(advantages, lengths, whiten=False, clip=None).tolist() == advantages.tolist()
+    assert shape_advantages(advantages, lengths, scaling="none", clip=None).tolist() == advantages.tolist()
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        shape_advantages(advantages, lengths, scaling="whiten", clip=None)
 
 
-def test_whitening_with_a_learner_sum_uses_global_statistics():
-    first, second = torch.tensor([1.0, 2.0]), torch.tensor([5.0, -3.0, 0.5])
-    lengths_first, lengths_second = torch.tensor([2, 1]), torch.tensor([1, 4, 2])
-    whole = shape_advantages(torch.cat([first, second]), torch.cat([lengths_first, lengths_second]), whiten=True,
-                             clip=None)
-    parts = {}
-
-    def partial_sums(lengths, values):
-        weights = lengths.double()
-        return torch.stack([weights.sum(), (weights * values).sum(), (weights * values * values).sum()])
-
-    totals = partial_sums(lengths_first, first.double()) + partial_sums(lengths_second, second.double())
-    parts["first"] = shape_advantages(first, lengths_first, whiten=True, clip=None, sum_over_learners=lambda _: totals)
-    torch.testing.assert_close(parts["first"], whole[:2], rtol=1e-6, atol=1e-6)
-
-
-def test_a_huge_log_ratio_gives_a_finite_loss_and_gradient():
-    old = torch.tensor([[0.0, -200.0]])  # the old policy thought the token impossible
-    new = torch.tensor([[0.0, -0.1]], requires_grad=True)
-    mask = torch.tensor([[False, True]])
-    for advantage in (1.0, -1.0):
-        loss, diagnostics = gigpo_policy_loss(new, old, torch.tensor([advantage]), mask, pg_clip=0.2,
-                                              dual_clip_ratio=3.0)
-        loss.backward()
-        assert torch.isfinite(loss) and torch.isfinite(new.grad).all()
-        assert torch.isfinite(diagnostics["policy_kl"])
+def two_maps_batch():
+    """Issue 16's case: map 0 won 2 of 8 tries (a win takes 6 turns, a loss runs out its 20), map 1 lost 8 of 8.
+    One sample per turn, 3 reply tokens each, every turn from a state of its own (no shared anchor states)."""
+    rewards, traj_ids, step_ids, group_ids = [], [], [], []
+    for traj in range(16):
+        group = traj // 8
+        won = group == 0 and traj < 2
+        turns = 6 if won else 20
+        rewards += [0.0] * (turns - 1) + [1.0 if won else 0.0]
+        traj_ids += [traj] * turns
+        step_ids += list(range(turns))
+        group_ids += [group] * turns
+    n = len(rewards)
+    columns = [torch.tensor(rewards), torch.tensor(traj_ids), torch.tensor(step_ids), torch.tensor(group_ids),
+               torch.arange(n)]
+    return columns, torch.full((n,), 3), torch.tensor(group_ids)
 
 
-def test_truncated_importance_weights_are_capped_and_finite():
-    from gigpo_rllib.losses import truncated_is_weights
-
-    learner = torch.tensor([[0.0, -1.0, -0.5]])
-    sampler = torch.tensor([[-300.0, -1.0, -0.1]])
-    weights = truncated_is_weights(learner, sampler, cap=2.0)
-    torch.testing.assert_close(weights, torch.tensor([[2.0, 1.0, float(torch.exp(torch.tensor(-0.4)))]]))
-
-
-def test_clip_higher_lets_a_positive_advantage_grow_further():
-    old = torch.zeros(1, 2)
-    new = torch.tensor([[0.0, 0.25]])  # ratio e^0.25 ≈ 1.28
-    mask = torch.tensor([[False, True]])
-    symmetric, _ = gigpo_policy_loss(new, old, torch.tensor([1.0]), mask, pg_clip=0.2)
-    higher, diagnostics = gigpo_policy_loss(new, old, torch.tensor([1.0]), mask, pg_clip=0.2, pg_clip_high=0.3)
-    assert torch.isclose(symmetric, torch.tensor(-1.2)) and torch.isclose(higher, -torch.exp(torch.tensor(0.25)))
-    assert diagnostics["clip_fraction"].item() == 0.0
-    # The lower side keeps pg_clip: a negative advantage at ratio 0.7 is clipped at 0.8.
-    low, _ = gigpo_policy_loss(torch.log(torch.tensor([[1.0, 0.7]])), old, torch.tensor([-1.0]), mask, pg_clip=0.2,
-                               pg_clip_high=0.3)
-    assert torch.isclose(low, torch.tensor(0.8))
+def test_default_scaling_keeps_a_group_without_signal_at_exactly_zero():
+    (rewards, traj_ids, step_ids, group_ids, anchor_ids), lengths, groups = two_maps_batch()
+    config = GiGPOConfig()
+    combined = compute_gigpo_advantages(rewards, traj_ids, step_ids, group_ids, anchor_ids,
+                                        method=config.reward_normalization["method"]).advantages
+    assert combined[groups == 1].abs().max().item() == 0.0
+    shaped = shape_advantages(combined, lengths, scaling=config.advantage_scaling, clip=config.advantage_clip)
+    assert shaped[groups == 1].abs().max().item() == 0.0  # the all-lost map teaches nothing, and says so
+    winners = shaped[(groups == 0) & (traj_ids < 2)]
+    losers = shaped[(groups == 0) & (traj_ids >= 2)]
+    assert (winners > 0).all() and (losers < 0).all()
+    # Magnitudes survive (no sign-only clamp): a win is pushed 3x as hard as a loss is pulled (+0.75 vs -0.25).
+    torch.testing.assert_close(winners[0] / losers[0], torch.tensor(-3.0))
+    # ROLL-style whitening moves the all-lost map by -mean/std (the token mean is -0.072, not 0).
+    standardized = shape_advantages(combined, lengths, scaling="standardize", clip=None)
+    assert standardized[groups == 1].min().item() > 0.3
 
 
-def test_length_buckets_keep_every_row_and_sort_each_megabatch():
-    from gigpo_rllib.learner import BUCKET_MINIBATCHES, bucket_by_length
+def test_loss_token_weights_give_each_mode_its_aggregate():
+    counted = torch.tensor([[True, True, True, False], [True, False, False, False], [False, False, False, False]])
+    losses = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0], [9.0, 9.0, 9.0, 9.0]])
 
-    lengths = torch.randint(10, 300, (1000,), generator=torch.Generator().manual_seed(0))
-    order = bucket_by_length(lengths, minibatch_size=16)
-    assert sorted(order.tolist()) == list(range(1000))
-    megabatch = 16 * BUCKET_MINIBATCHES
-    for start in range(0, 1000, megabatch):
-        chunk = order[start:start + megabatch]
-        assert (chunk >= start).all() and (chunk < start + megabatch).all()  # rows stay in their megabatch
-        assert (lengths[chunk][:-1] >= lengths[chunk][1:]).all()
+    def aggregate(mode, scale=1.0):
+        return (losses * loss_token_weights(counted, mode, scale=scale)).sum().item()
+
+    assert aggregate("token-mean") == pytest.approx((1 + 2 + 3 + 4) / 4)
+    assert aggregate("seq-mean-token-mean") == pytest.approx((2 + 4) / 2)  # the empty row is no sequence
+    assert aggregate("seq-mean-token-sum") == pytest.approx((6 + 4) / 2)
+    assert aggregate("token-mean", scale=3.0) == pytest.approx(3 * 2.5)
+    with pytest.raises(ValueError, match="loss_agg_mode must be one of"):
+        loss_token_weights(counted, "mean", scale=1.0)
+    # The PPO surrogate takes the same weights: at ratio 1 it is -sum(weights x advantage).
+    weights = loss_token_weights(counted, "token-mean")
+    loss, _ = gigpo_policy_loss(torch.zeros(3, 4), torch.zeros(3, 4), torch.tensor([1.0, -2.0, 5.0]), counted,
+                                pg_clip=0.2, token_weights=weights)
+    assert loss.item() == pytest.approx(-(3 * 1.0 - 2.0) / 4)
