@@ -292,7 +292,9 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
               "128-token blocks are longer than a compact prompt, and only whole blocks are prefix-cached)."),
     ConfigKey("old_logprobs_source", "auto", "Where the PPO \"old\" log-probs come from: `sampler` (recorded while "
               "sampling; exact when sampler and learner share numerics), `learner` (recomputed with the pre-update "
-              "weights in one no-grad pass over the shard before the first minibatch), or `auto`: `learner` with "
+              "weights in one no-grad pass over the shard before the first minibatch; when an update is one optimizer "
+              "step, one minibatch and one epoch, taken from that step's own forward instead, which runs on the "
+              "pre-update weights: no extra pass), or `auto`: `learner` with "
               "vLLM, on GPUs and in bfloat16, `sampler` for the HF sampler in float32 on CPU. With `learner` the "
               "sampler-vs-learner gap is logged (`logprob_gap_mean`, `logprob_gap_max`). `sampler` is refused with vLLM "
               "and `top_p` < 1 or `top_k` > 0 (vLLM records the truncated distribution's log-probs).",

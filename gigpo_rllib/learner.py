@@ -80,6 +80,7 @@ class GiGPOTorchLearner(TorchLearner):
             torch.backends.cudnn.allow_tf32 = True
         module = self.module[DEFAULT_MODULE_ID].unwrapped()
         self._compute_dtype = module.compute_dtype
+        self._old_logprobs_from_forward = False
         self._reference_model = None
         if self.config.init_kl_coef > 0:
             # A frozen copy of the initial policy, kept only when the KL term is on, and held exactly like the policy
@@ -168,8 +169,16 @@ class GiGPOTorchLearner(TorchLearner):
         # instead of waiting for the device. copy=True keeps them apart from the device columns on a CPU learner.
         for host_name, name in zip(HOST_MASKS, ("attention_mask", "response_mask")):
             adjusted[host_name] = adjusted[name].to("cpu", copy=True)
+        # One optimizer step per update (one minibatch, one epoch): its own forward runs on the pre-update weights, so
+        # its detached log-probs are the learner's old log-probs and the separate no-grad pass would repeat it.
+        self._old_logprobs_from_forward = (self.config.resolved_old_logprobs_source == "learner"
+                                           and minibatches == 1 and self.config.ppo_epochs == 1)
         if self.config.resolved_old_logprobs_source == "learner":
-            self._use_learner_old_logprobs(adjusted)
+            started = time.perf_counter()
+            if not self._old_logprobs_from_forward:
+                learner_logprobs = self._score_without_grad(self.module[DEFAULT_MODULE_ID].unwrapped().model, adjusted)
+                self._use_learner_old_logprobs(adjusted, learner_logprobs)
+            self.metrics.log_value((ALL_MODULES, "old_logprobs_time_s"), time.perf_counter() - started, window=1)
         if self._reference_model is not None:
             adjusted["reference_logprobs"] = self._score_without_grad(self._reference_model, adjusted)
         return MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(adjusted)}, env_steps=len(keep))
@@ -186,19 +195,16 @@ class GiGPOTorchLearner(TorchLearner):
         return loss_token_weights(counted, self.config.loss_agg_mode, scale=minibatches * learners,
                                   sum_over_learners=_all_reduce_sum if distributed else None)
 
-    def _use_learner_old_logprobs(self, columns: dict[str, torch.Tensor]) -> None:
+    def _use_learner_old_logprobs(self, columns: dict[str, torch.Tensor], learner_logprobs: torch.Tensor) -> None:
         """Replace the sampler's old log-probs with the learner's own (pre-update weights), log the gap between the
         two and, with ``truncated_is_cap``, add the truncated importance weights."""
         sampler_logprobs = columns[OLD_LOGPROBS]
-        started = time.perf_counter()
-        learner_logprobs = self._score_without_grad(self.module[DEFAULT_MODULE_ID].unwrapped().model, columns)
-        self.metrics.log_value((ALL_MODULES, "old_logprobs_time_s"), time.perf_counter() - started, window=1)
         mask = columns["response_mask"].bool()
-        gap = (learner_logprobs - sampler_logprobs).abs()[mask]
-        self.metrics.log_value((DEFAULT_MODULE_ID, "logprob_gap_mean"), float(gap.mean()) if gap.numel() else 0.0,
+        gap = (learner_logprobs - sampler_logprobs).abs().masked_fill(~mask, 0.0)
+        # Device tensors, reduced with the other per-update metrics: no host read here.
+        self.metrics.log_value((DEFAULT_MODULE_ID, "logprob_gap_mean"), gap.sum() / mask.sum().clamp(min=1),
                                window=1)
-        self.metrics.log_value((DEFAULT_MODULE_ID, "logprob_gap_max"), float(gap.max()) if gap.numel() else 0.0,
-                               window=1)
+        self.metrics.log_value((DEFAULT_MODULE_ID, "logprob_gap_max"), gap.max(), window=1)
         columns[OLD_LOGPROBS] = learner_logprobs
         if self.config.truncated_is_cap is not None:
             columns[IS_WEIGHTS] = truncated_is_weights(learner_logprobs, sampler_logprobs,
@@ -257,6 +263,9 @@ class GiGPOTorchLearner(TorchLearner):
         weights = batch[LOSS_WEIGHTS]
         counted = weights > 0  # the tokens that count: diagnostics are means over them
         logprobs = fwd_out[TOKEN_LOGPROBS]
+        if self._old_logprobs_from_forward:
+            batch = dict(batch)
+            self._use_learner_old_logprobs(batch, logprobs.detach())
         loss, diagnostics = gigpo_policy_loss(
             logprobs, batch[OLD_LOGPROBS], batch[ADVANTAGES], counted, pg_clip=config.pg_clip,
             pg_clip_high=config.pg_clip_high, dual_clip_ratio=config.dual_clip_ratio if config.dual_clip_loss else None,

@@ -224,6 +224,32 @@ def test_a_restore_reaches_runners_whose_rllib_sync_was_skipped(ray_session, tmp
         restored.stop()
 
 
+def test_one_step_updates_take_the_learner_old_logprobs_from_their_own_forward(ray_session, monkeypatch):
+    """With one minibatch and one epoch the update's forward runs on the pre-update weights: the learner's old
+    log-probs come from it (no second no-grad pass), and the step equals the one with the sampler's log-probs, which
+    the HF sampler in float32 on CPU computes identically."""
+    from gigpo_rllib.learner import GiGPOTorchLearner
+
+    passes = []
+    score = GiGPOTorchLearner._score_without_grad
+    monkeypatch.setattr(GiGPOTorchLearner, "_score_without_grad",
+                        lambda self, *args: passes.append(1) or score(self, *args))
+    weights = {}
+    for source in ("learner", "sampler"):
+        algo = tiny_config(minibatch_size=64, old_logprobs_source=source).debugging(seed=3).build()
+        try:
+            result = algo.train()
+            weights[source] = module_weights(algo)
+        finally:
+            algo.stop()
+        if source == "learner":
+            learner = result["learners"]["default_policy"]
+            assert learner["logprob_gap_max"] < 1e-5 and learner["policy_kl"] == pytest.approx(0.0, abs=1e-7)
+    assert passes == []
+    for name in weights["learner"]:
+        np.testing.assert_allclose(weights["learner"][name], weights["sampler"][name], rtol=0, atol=1e-6, err_msg=name)
+
+
 def test_tune_runs_gigpo_by_name(ray_session, tmp_path):
     from ray import tune
 
