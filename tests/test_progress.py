@@ -6,7 +6,8 @@ from gigpo_rllib.cli import main
 from gigpo_rllib.progress import COLUMNS, CsvLog, format_progress, iteration_metrics, plot_runs, read_csv
 
 RESULT = {"training_iteration": 2, "time_this_iter_s": 1.5,
-          "env_runners": {"episode_return_mean": 0.25, "success_rate": 0.5, "invalid_action_rate": 0.1},
+          "env_runners": {"episode_return_mean": 0.25, "success_rate": 0.5, "invalid_action_rate": 0.1,
+                          "groups_with_signal_fraction": 0.75, "dynamic_sampling_rounds": 1.0},
           "timers": {"env_runner_sampling_timer": 0.7, "learner_update_timer": 0.6, "synch_weights": 0.01},
           "learners": {"__all_modules__": {"advantages_time_s": 0.1}, "default_policy": {"entropy": 1.2}}}
 
@@ -15,6 +16,8 @@ def test_row_splits_the_update_and_marks_missing_metrics():
     row = iteration_metrics(RESULT)
     assert row["update_s"] == pytest.approx(0.5) and row["advantages_s"] == 0.1
     assert math.isnan(row["policy_kl"]) and set(row) == set(COLUMNS)
+    # How much of a batch can teach anything: what a run on a peaked pretrained policy is watched by.
+    assert (row["groups_with_signal_fraction"], row["dynamic_sampling_rounds"]) == (0.75, 1.0)
     assert "advantages 100.0ms, update 0.50s" in format_progress(row)
 
 
