@@ -252,7 +252,7 @@ class GiGPO(Algorithm):
             rollouts.append(self._rollout(new_groups, group_size, seed=sampling_seed))
             groups += new_groups
             with_signal.append(groups_with_signal(rollouts[-1]))
-        sampled = merge_rollouts(rollouts, sequential=True)
+        sampled = merge_rollouts(rollouts, sequential=True) if len(rollouts) > 1 else rollouts[0]
         signal = np.concatenate(with_signal)
         self.metrics.log_dict({"groups_with_signal_fraction": len(signal) / len(groups),
                                "dynamic_sampling_rounds": float(len(rollouts) - 1)}, key=ENV_RUNNER_RESULTS, window=1)

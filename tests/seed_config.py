@@ -2,7 +2,7 @@
 config defaults and configs/example_gigpo.yaml.
 
 Every seed key works; one seed value is no longer the default: ``advantage_clip: 0.2`` clamped the scaled advantages
-(units of their root mean square) to little more than their sign, so the default is ``null`` (issue 16).
+(units of their root mean square) to little more than their sign, so the default is ``null``.
 ``whiten_advantages: true`` keeps its name and value, and now scales without re-centring (README "Advantage scaling").
 """
 
