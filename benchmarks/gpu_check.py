@@ -2,18 +2,22 @@
 
 1. **Advantages**: ``compute_gigpo_advantages`` on the GPU equals the CPU result on a shuffled batch of 1,024
    trajectories of up to 50 steps, for every normalisation method and grouping (max |difference|).
-2. **Learner update** of a model of Qwen2.5-0.5B's shape with random weights, built in memory and prepared for
-   training as the learner's module prepares its own (``prepare_for_training``): float32 master weights and AdamW
-   state, forward passes under bfloat16 autocast, the clipped-PPO loss on response positions only. Median time and
-   peak GPU memory per update, with and without gradient checkpointing, and the full-vocabulary forward for
-   comparison; and decoder-layer calls per update, twice the layer count when checkpointing recomputes.
-3. **Log-prob agreement** between what a sampler records (bfloat16 weights, left-padded rows, eval mode) and what
+2. **Learner update** of models of Qwen2.5-0.5B's and 1.5B's shapes with random weights, built in memory and
+   prepared for training as the learner's module prepares its own (``prepare_for_training``): float32 master
+   weights and AdamW state, forward passes under bfloat16 autocast, the clipped-PPO loss on response positions
+   only. Median time and peak GPU memory per update, with and without gradient checkpointing, and the
+   full-vocabulary forward for comparison (the README's memory table); and decoder-layer calls per update, twice
+   the layer count when checkpointing recomputes.
+3. **LoRA update** of the first model (peft adapters of rank 16 on every linear layer, as ``lora`` trains them):
+   time and peak memory per update, trainable parameters, and whether the merged weights the samplers get
+   (``merged_state_dict``) reproduce the adapted model's log-probs after the adapters have moved (float32).
+4. **Log-prob agreement** between what a sampler records (bfloat16 weights, left-padded rows, eval mode) and what
    the learner computes (float32 master weights under bfloat16 autocast, right-padded rows): mean and max
    |difference| over response tokens; and the same pair in float32, which should agree to ~1e-6 (TF32 off).
 
-    python3 benchmarks/gpu_check.py [--out gpu_check.json] [--model gigpo-0.5b] [--rows 16] [--prompt 768]
-                                    [--response 256] [--repeats 3]
-    python3 benchmarks/gpu_check.py --device cpu --model gigpo-tiny --rows 4 --prompt 48 --response 8  # smoke
+    python3 benchmarks/gpu_check.py [--out gpu_check.json] [--models gigpo-0.5b gigpo-1.5b] [--rows 16]
+                                    [--prompt 768] [--response 256] [--repeats 3]
+    python3 benchmarks/gpu_check.py --device cpu --models gigpo-tiny --rows 4 --prompt 48 --response 8  # smoke
 
 Prints one line per check and writes every number to ``--out`` (JSON).
 """
@@ -33,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gigpo_rllib.advantages import EPISODE_GROUPINGS, NORMALIZATION_METHODS, compute_gigpo_advantages  # noqa: E402
 from gigpo_rllib.logprobs import forward_token_logprobs  # noqa: E402
+from gigpo_rllib.lora import add_lora_adapters, merged_state_dict  # noqa: E402
 from gigpo_rllib.losses import gigpo_policy_loss  # noqa: E402
 from gigpo_rllib.models import (_without_dropout, build_tokenizer, offline_model_config,  # noqa: E402
                                 prepare_for_training)
@@ -99,6 +104,40 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_update(model, optimizer, batch, device: torch.device, response_only: bool) -> float:
+    """Seconds of one clipped-PPO update of ``model`` on ``batch`` (ids, attention, responses, old log-probs,
+    advantages) under bfloat16 autocast."""
+    ids, attention, responses, old, advantages = batch
+    synchronize(device)
+    started = time.perf_counter()
+    logprobs, _ = forward_token_logprobs(model, ids, attention, responses, autocast_dtype=torch.bfloat16,
+                                         response_only=response_only)
+    loss, _ = gigpo_policy_loss(logprobs, old, advantages, responses, pg_clip=0.2)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def update_batch(model, device: torch.device, rows: int, prompt: int, response: int):
+    ids, attention, responses = token_batch(rows, prompt, response, model.config.vocab_size, device, True)
+    with torch.no_grad():
+        old, _ = forward_token_logprobs(model, ids, attention, responses, autocast_dtype=torch.bfloat16)
+    return ids, attention, responses, old, torch.randn(rows, device=device)
+
+
+def release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
 def check_update(name: str, device: torch.device, rows: int, prompt: int, response: int, repeats: int
                  ) -> dict[str, dict[str, float]]:
     """Median seconds, peak memory and decoder-layer calls of one bfloat16-autocast update, three ways."""
@@ -106,46 +145,59 @@ def check_update(name: str, device: torch.device, rows: int, prompt: int, respon
     for label, checkpointing, response_only in (("response logits", False, True),
                                                 ("response logits + checkpointing", True, True),
                                                 ("full-vocabulary logits", False, False)):
-        model = prepare_for_training(make_model(name, device, torch.float32), gradient_checkpointing=checkpointing)
-        # Pre-hooks count recomputed layers too (a checkpointed recompute stops before forward hooks would run).
-        layer_calls = []
-        for layer in model.model.layers:
-            layer.register_forward_pre_hook(lambda *args: layer_calls.append(1))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-        ids, attention, responses = token_batch(rows, prompt, response, model.config.vocab_size, device, True)
-        with torch.no_grad():
-            old, _ = forward_token_logprobs(model, ids, attention, responses, autocast_dtype=torch.bfloat16)
-        advantages = torch.randn(rows, device=device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
-        def update() -> float:
-            synchronize(device)
-            started = time.perf_counter()
-            logprobs, _ = forward_token_logprobs(model, ids, attention, responses, autocast_dtype=torch.bfloat16,
-                                                 response_only=response_only)
-            loss, _ = gigpo_policy_loss(logprobs, old, advantages, responses, pg_clip=0.2)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            synchronize(device)
-            return time.perf_counter() - started
-
+        release(device)
         try:
+            model = prepare_for_training(make_model(name, device, torch.float32),
+                                         gradient_checkpointing=checkpointing)
+            # Pre-hooks count recomputed layers too (a checkpointed recompute stops before forward hooks would run).
+            layer_calls = []
+            for layer in model.model.layers:
+                layer.register_forward_pre_hook(lambda *args: layer_calls.append(1))
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+            batch = update_batch(model, device, rows, prompt, response)
             layer_calls.clear()
-            update()  # warm-up: kernels, allocator, AdamW state
+            timed_update(model, optimizer, batch, device, response_only)  # warm-up: kernels, allocator, AdamW state
             calls = len(layer_calls)
-            seconds = statistics.median(update() for _ in range(repeats))
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-            results[label] = {"seconds": seconds, "peak_gib": peak, "decoder_layer_calls": calls,
+            seconds = statistics.median(timed_update(model, optimizer, batch, device, response_only)
+                                        for _ in range(repeats))
+            results[label] = {"seconds": seconds, "peak_gib": peak_gib(device), "decoder_layer_calls": calls,
                               "decoder_layers": len(model.model.layers)}
         except torch.OutOfMemoryError:
             results[label] = {"seconds": float("nan"), "peak_gib": float("inf")}
-        del model, optimizer
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        model = optimizer = batch = None
+    release(device)
     return results
+
+
+def check_lora(name: str, device: torch.device, rows: int, prompt: int, response: int, repeats: int
+               ) -> dict[str, float]:
+    """Median seconds and peak memory of a LoRA update (rank 16, every linear layer); then, with the adapters
+    moved, max |log-prob difference| between the adapted model and a plain model holding the merged weights."""
+    release(device)
+    model = add_lora_adapters(prepare_for_training(make_model(name, device, torch.float32),
+                                                   gradient_checkpointing=False), {"r": 16, "alpha": 32})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)  # large enough that B A is far from 0 after a few steps
+    batch = update_batch(model, device, rows, prompt, response)
+    timed_update(model, optimizer, batch, device, True)
+    seconds = statistics.median(timed_update(model, optimizer, batch, device, True) for _ in range(repeats))
+    result = {"seconds": seconds, "peak_gib": peak_gib(device),
+              "trainable_parameters": sum(p.numel() for p in trainable),
+              "parameters": sum(p.numel() for p in model.parameters())}
+    ids, attention, responses = batch[:3]
+    plain = make_model(name, device, torch.float32).eval()
+    model.eval()
+    with torch.no_grad():
+        adapted, _ = forward_token_logprobs(model, ids, attention, responses)
+        base, _ = forward_token_logprobs(plain, ids, attention, responses)
+        plain.load_state_dict(merged_state_dict(model))
+        merged, _ = forward_token_logprobs(plain, ids, attention, responses)
+    # How far the adapters moved the policy, beside how far the merged weights are from the adapted model.
+    result["adapters_max_abs_change"] = float((adapted - base)[responses].abs().max())
+    result["merged_max_abs_difference"] = float((adapted - merged)[responses].abs().max())
+    del model, plain, optimizer, batch
+    release(device)
+    return result
 
 
 def logprob_gap(name: str, device: torch.device, rows: int, prompt: int, response: int, compute: torch.dtype
@@ -173,7 +225,9 @@ def logprob_gap(name: str, device: torch.device, rows: int, prompt: int, respons
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--model", default="gigpo-0.5b", help="an offline shape of gigpo_rllib.models.OFFLINE_MODELS")
+    parser.add_argument("--models", nargs="+", default=["gigpo-0.5b", "gigpo-1.5b"],
+                        help="offline shapes of gigpo_rllib.models.OFFLINE_MODELS; the update check runs for each, "
+                             "the LoRA and log-prob checks for the first")
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--prompt", type=int, default=768, help="longest prompt, tokens")
     parser.add_argument("--response", type=int, default=256, help="response tokens per row")
@@ -186,19 +240,29 @@ def main() -> None:
             sys.exit("no CUDA device: run with --device cpu for a smoke test")
         torch.backends.cuda.matmul.allow_tf32 = False  # the float32 agreement below must not be TF32's
     report = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else "cpu", "model": args.model, "rows": args.rows, "prompt": args.prompt, "response": args.response}
-    print(f"torch {report['torch']} on {report['device']}; model {args.model}; {args.rows} rows of up to "
+              else "cpu", "models": args.models, "rows": args.rows, "prompt": args.prompt, "response": args.response}
+    print(f"torch {report['torch']} on {report['device']}; models {', '.join(args.models)}; {args.rows} rows of up to "
           f"{args.prompt} + {args.response} tokens", flush=True)
 
     report["advantages"] = check_advantages(device)
     print(f"advantages: {device.type} vs cpu max |difference| {report['advantages']['max_abs_difference']:.2e} over "
           f"{report['advantages']['samples']} samples", flush=True)
-    report["update"] = check_update(args.model, device, args.rows, args.prompt, args.response, args.repeats)
-    for label, values in report["update"].items():
-        calls = (f", {values['decoder_layer_calls']} decoder-layer calls for {values['decoder_layers']} layers"
-                 if "decoder_layer_calls" in values else "")
-        print(f"update ({label}): {values['seconds']:.3f} s, peak {values['peak_gib']:.2f} GiB{calls}", flush=True)
-    report["logprob_gap"] = {dtype: logprob_gap(args.model, device, args.rows, args.prompt, args.response,
+    report["update"] = {}
+    for name in args.models:
+        report["update"][name] = check_update(name, device, args.rows, args.prompt, args.response, args.repeats)
+        for label, values in report["update"][name].items():
+            calls = (f", {values['decoder_layer_calls']} decoder-layer calls for {values['decoder_layers']} layers"
+                     if "decoder_layer_calls" in values else "")
+            print(f"update {name} ({label}): {values['seconds']:.3f} s, peak {values['peak_gib']:.2f} GiB{calls}",
+                  flush=True)
+    first = args.models[0]
+    report["lora"] = check_lora(first, device, args.rows, args.prompt, args.response, args.repeats)
+    lora = report["lora"]
+    print(f"lora update {first} (r 16, all linear): {lora['seconds']:.3f} s, peak {lora['peak_gib']:.2f} GiB, "
+          f"{lora['trainable_parameters']:,} of {lora['parameters']:,} parameters train; adapters moved log-probs by up "
+          f"to {lora['adapters_max_abs_change']:.2e}, merged weights differ from them by up to "
+          f"{lora['merged_max_abs_difference']:.2e}", flush=True)
+    report["logprob_gap"] = {dtype: logprob_gap(first, device, args.rows, args.prompt, args.response,
                                                 getattr(torch, dtype))
                              for dtype in ("bfloat16", "float32")}
     for dtype, values in report["logprob_gap"].items():

@@ -74,6 +74,10 @@ OFFLINE_MODELS: dict[str, OfflineModelSpec] = {
     # sync, memory and update cost at a realistic size without downloading anything.
     "gigpo-0.5b": OfflineModelSpec(num_layers=24, hidden_size=896, intermediate_size=4864, num_heads=14,
                                    num_kv_heads=2, vocab_size=151_936),
+    # Qwen2.5-1.5B's shape (~1.54B parameters): for measuring the learner's GPU memory at the README's 1.5B row
+    # (benchmarks/gpu_check.py); its float32 folder is ~6 GB, so nothing builds it unless asked for by name.
+    "gigpo-1.5b": OfflineModelSpec(num_layers=28, hidden_size=1536, intermediate_size=8960, num_heads=12,
+                                   num_kv_heads=2, vocab_size=151_936),
 }
 
 

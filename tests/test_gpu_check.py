@@ -24,7 +24,7 @@ sys.meta_path.insert(0, Block())
 def test_gpu_check_runs_without_ray_vllm_or_gymnasium(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(BLOCK_IMPORTS)
     out = tmp_path / "report.json"
-    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--model", "gigpo-tiny",
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--models", "gigpo-tiny",
                "--rows", "4", "--prompt", "48", "--response", "8", "--repeats", "1", "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
@@ -32,8 +32,12 @@ def test_gpu_check_runs_without_ray_vllm_or_gymnasium(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["advantages"]["max_abs_difference"] == 0.0  # cpu vs cpu
-    assert set(report["update"]) == {"response logits", "response logits + checkpointing", "full-vocabulary logits"}
-    for label, update in report["update"].items():  # checkpointing recomputes every decoder layer
+    updates = report["update"]["gigpo-tiny"]
+    assert set(updates) == {"response logits", "response logits + checkpointing", "full-vocabulary logits"}
+    for label, update in updates.items():  # checkpointing recomputes every decoder layer
         recomputes = 2 if label == "response logits + checkpointing" else 1
         assert update["decoder_layer_calls"] == recomputes * update["decoder_layers"], label
     assert report["logprob_gap"]["float32"]["max_abs"] < 1e-5
+    lora = report["lora"]  # only adapters train, and the samplers' merged weights compute what the adapters do
+    assert 0 < lora["trainable_parameters"] < lora["parameters"]
+    assert lora["merged_max_abs_difference"] < 1e-5 < lora["adapters_max_abs_change"]
