@@ -53,7 +53,8 @@ def run_one(shape: str, response_only: bool, repeats: int, threads: int) -> dict
 
     from gigpo_rllib.losses import gigpo_policy_loss
     from gigpo_rllib.logprobs import forward_token_logprobs
-    from gigpo_rllib.models import OFFLINE_MODELS, TINY_MODEL_NAME, build_offline_model, load_model_and_tokenizer
+    from gigpo_rllib.models import (OFFLINE_MODELS, TINY_MODEL_NAME, build_offline_model, load_model_and_tokenizer,
+                                    prepare_for_training)
 
     torch.set_num_threads(threads)
     vocab, rows, prompt_tokens, reply_tokens = SHAPES[shape]
@@ -64,7 +65,7 @@ def run_one(shape: str, response_only: bool, repeats: int, threads: int) -> dict
         spec = replace(spec, vocab_size=vocab)
     with tempfile.TemporaryDirectory() as directory:
         model, _ = load_model_and_tokenizer(str(build_offline_model(Path(directory) / "model", spec)))
-    model.train()
+    model = prepare_for_training(model, gradient_checkpointing=False)  # as the learner's module prepares its own
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(prompt_tokens // 2, prompt_tokens + 1, (rows,), generator=generator)
