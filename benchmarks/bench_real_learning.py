@@ -43,9 +43,9 @@ def training_config(args: argparse.Namespace, estimator: str):
                       train_env_manager={"num_env_groups": 4, "group_size": 8, "seed_pool": POOL,
                                          "max_env_num_per_worker": 32},
                       rollout_batch_size=32, minibatch_size=args.minibatch_size, max_new_tokens=16,
-                      action_constraint=True, history_length=0, sequence_length=512, val_batch_size=args.val_episodes, val_interval=0,
-                      eval_greedy=True, dynamic_sampling=args.dynamic_rounds > 0,
-                      dynamic_sampling_max_rounds=max(args.dynamic_rounds, 1),
+                      action_constraint=True, history_length=0, sequence_length=512,
+                      val_batch_size=args.val_episodes, val_interval=0, eval_greedy=True,
+                      dynamic_sampling=args.dynamic_rounds > 0, dynamic_sampling_max_rounds=max(args.dynamic_rounds, 1),
                       # vLLM runs in float32 here: its recorded log-probs match the learner's to ~1e-4 (the
                       # real-model tests), so the learner's extra no-grad pass over the batch is not needed.
                       old_logprobs_source="sampler")
