@@ -11,7 +11,8 @@ rounds), because the untrained policy is peaked (~0.7 on Left) and most groups c
 Greedy success on the pool and on held-out maps (``--val-episodes`` each; held-out maps are fresh at every
 validation) is measured before training (zero-shot), every ``--val-every`` iterations, and at the end. Writes
 ``real_learning.json`` (the settings, every iteration's training metrics, every validation) and
-``real_learning.png`` (training success by env steps; greedy pool and held-out success) into ``--out``.
+``real_learning.png`` (training success by env steps; greedy pool and held-out success) into ``--out``, and each
+run's curve so far into ``--out``/partial/ after every iteration.
 
     python3 benchmarks/bench_real_learning.py [--minutes 55] [--estimators gigpo grpo] [--lr 5e-4]
                                               [--temperature 1.0] [--dynamic-rounds 2] [--out DIR]
@@ -82,6 +83,9 @@ def train_run(args: argparse.Namespace, estimator: str) -> dict:
             print(f"{estimator} iteration {len(iterations)}: success {iterations[-1]['success']:.3f}, groups with "
                   f"signal {iterations[-1]['groups_with_signal_fraction']:.2f}, {iterations[-1]['seconds']:.0f} s",
                   flush=True)
+            if args.partial_dir:  # an hour-long run that is stopped early still leaves its curve
+                pathlib.Path(args.partial_dir, f"{estimator}.json").write_text(
+                    json.dumps({"iterations": iterations, "validations": validations}))
             if args.val_every and len(iterations) % args.val_every == 0:
                 validations.append(greedy_success(algo, len(iterations), env_steps))
         if not validations or validations[-1]["iteration"] != len(iterations):
@@ -139,6 +143,8 @@ def main() -> None:
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    args.partial_dir = str(out / "partial")
+    pathlib.Path(args.partial_dir).mkdir(exist_ok=True)
 
     import ray
 
@@ -163,7 +169,7 @@ def main() -> None:
         print(f"{run['estimator']:<9} | {len(run['iterations']):>10} | {last['env_steps']:>9,} | "
               f"{first['pool']:.3f} -> {last['pool']:.3f} | {first['held_out']:.3f} -> {last['held_out']:.3f} | "
               f"{training:>23.3f} | {run['wall_s']:>6.0f}")
-    settings = {name: value for name, value in vars(args).items() if name not in ("out", "workers")}
+    settings = {name: value for name, value in vars(args).items() if name not in ("out", "workers", "partial_dir")}
     (out / "real_learning.json").write_text(json.dumps(
         {"settings": {**settings, "pool": POOL}, "runs": runs, "total_wall_s": time.perf_counter() - started},
         indent=1))
