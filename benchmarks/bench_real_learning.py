@@ -73,12 +73,12 @@ def train_run(args: argparse.Namespace, estimator: str) -> dict:
         while (time.perf_counter() - training_started < args.minutes * 60
                and (args.iterations is None or len(iterations) < args.iterations)):
             result = algo.train()
-            runners, learners = result["env_runners"], result["learners"]["__all_modules__"]
+            runners, policy = result["env_runners"], result["learners"]["default_policy"]
             env_steps = (iterations[-1]["env_steps"] if iterations else 0) + int(runners["num_env_steps"])
             iterations.append({"env_steps": env_steps, "success": float(runners["success_rate"]),
                                "groups_with_signal_fraction": float(runners["groups_with_signal_fraction"]),
                                "dynamic_sampling_rounds": float(runners["dynamic_sampling_rounds"]),
-                               "policy_entropy": float(learners.get("entropy", float("nan"))),
+                               "token_entropy": float(policy["entropy"]),
                                "seconds": float(result["time_this_iter_s"])})
             print(f"{estimator} iteration {len(iterations)}: success {iterations[-1]['success']:.3f}, groups with "
                   f"signal {iterations[-1]['groups_with_signal_fraction']:.2f}, {iterations[-1]['seconds']:.0f} s",

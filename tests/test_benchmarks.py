@@ -90,7 +90,7 @@ def test_bench_real_learning_validates_before_and_after_training(tmp_path):
     report = json.loads((tmp_path / "real_learning.json").read_text())
     assert [run["estimator"] for run in report["runs"]] == ["gigpo", "grpo"]
     for run in report["runs"]:
-        assert len(run["iterations"]) == 2
+        assert len(run["iterations"]) == 2 and all(row["token_entropy"] >= 0 for row in run["iterations"])
         # Zero-shot, then after each iteration: greedy success on the pool and on held-out maps, by env steps.
         assert [row["iteration"] for row in run["validations"]] == [0, 1, 2]
         assert [row["env_steps"] for row in run["validations"]][1:] == [row["env_steps"] for row in run["iterations"]]
