@@ -11,6 +11,7 @@ the reference model scores the rows too. The loss (:mod:`gigpo_rllib.learner`) t
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -145,7 +146,9 @@ class ShardPreparation:
 
     def _use_learner_old_logprobs(self, columns: dict[str, torch.Tensor], learner_logprobs: torch.Tensor) -> None:
         """Replace the sampler's old log-probs with the learner's own (pre-update weights), log the gap between the
-        two and, with ``truncated_is_cap``, add the truncated importance weights."""
+        two and, with a truncated-importance cap (``truncated_is_cap``, or the default cap of stale batches), add the
+        importance weights ``min(π_learner / π_sampler, cap)`` of the decoupled objective (docs/design.md "Overlapped
+        sampling and the decoupled objective"), logging their mean, max and the share of tokens at the cap."""
         sampler_logprobs = columns[OLD_LOGPROBS]
         mask = columns["response_mask"].bool()
         gap = (learner_logprobs - sampler_logprobs).abs().masked_fill(~mask, 0.0)
@@ -154,9 +157,16 @@ class ShardPreparation:
                                window=1)
         self.metrics.log_value((DEFAULT_MODULE_ID, "logprob_gap_max"), gap.max(), window=1)
         columns[OLD_LOGPROBS] = learner_logprobs
-        if self.config.truncated_is_cap is not None:
-            columns[IS_WEIGHTS] = truncated_is_weights(learner_logprobs, sampler_logprobs,
-                                                       self.config.truncated_is_cap)
+        cap = self.config.resolved_truncated_is_cap
+        if cap is not None:
+            weights = truncated_is_weights(learner_logprobs, sampler_logprobs, cap)
+            columns[IS_WEIGHTS] = weights
+            tokens = mask.sum().clamp(min=1)
+            capped = (learner_logprobs - sampler_logprobs >= math.log(cap)) & mask
+            on_tokens = weights.masked_fill(~mask, 0.0)
+            self.metrics.log_value((DEFAULT_MODULE_ID, "is_weight_mean"), on_tokens.sum() / tokens, window=1)
+            self.metrics.log_value((DEFAULT_MODULE_ID, "is_weight_max"), on_tokens.max(), window=1)
+            self.metrics.log_value((DEFAULT_MODULE_ID, "is_capped_fraction"), capped.sum() / tokens, window=1)
 
     def compute_advantages(self, columns: dict[str, torch.Tensor]) -> torch.Tensor:
         """Final per-sample advantages ``(N,)`` of this learner's shard (device tensors), before batch_adjust.
