@@ -103,7 +103,7 @@ class ShardPreparation:
         advantages = self.compute_advantages(columns)
         self.metrics.log_value((ALL_MODULES, "advantages_time_s"), time.perf_counter() - started, window=1)
         config = self.config
-        # the row order is built on the host
+        # The row order is built on the host: the lengths are read back once.
         lengths = columns["attention_mask"].sum(-1).cpu() if config.length_bucketing else None
         keep, trained, minibatches = training_rows(len(advantages), config.minibatch_size, config.batch_adjust_mode,
                                                    seed=self._weights_seq_no, lengths=lengths,
