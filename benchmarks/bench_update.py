@@ -102,7 +102,7 @@ def padding_fractions(rows: int = 512, minibatch: int = 64, reply_tokens: int = 
     import torch
 
     from benchmarks.bench_rollout import frozenlake_prompts
-    from gigpo_rllib.learner import bucket_by_length
+    from gigpo_rllib.preparation import bucket_by_length
     from gigpo_rllib.models import load_tokenizer
 
     lengths = torch.tensor([len(prompt) + reply_tokens for prompt in frozenlake_prompts(load_tokenizer("gigpo-tiny"),

@@ -1,4 +1,6 @@
-"""`GiGPO(Algorithm)`: one training iteration = sample → advantages + update (on the learners) → weight sync.
+"""`GiGPO(Algorithm)`: one training iteration = sample → prepare (padded rows here; each learner prepares its shard:
+:mod:`gigpo_rllib.preparation`) → update → weight sync. With ``max_off_policy_steps: 1`` the runners sample the
+next iteration's batch during the update (on a driver thread), and the sync waits for both.
 
 Each block is timed under RLlib's ``timers``; rollout metrics go under ``env_runners``, learner metrics under
 ``learners``, validation under ``validation`` and throughput under ``throughput``.
@@ -9,6 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -27,8 +31,8 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
-from gigpo_rllib.batch import (groups_with_signal, merge_rollouts, minibatches_per_shard, pad_token_batch, shard_rows,
-                               take_groups, take_rows)
+from gigpo_rllib.batch import (WEIGHTS_VERSION, groups_with_signal, merge_rollouts, minibatches_per_shard,
+                               pad_token_batch, shard_rows, take_groups, take_rows)
 from gigpo_rllib.config import PER_SEED_METRICS_MAX_POOL, POOL_SEED_LIMIT, GiGPOConfig
 from gigpo_rllib.rollout import GroupSpec, mix_seeds
 from gigpo_rllib.weight_sync import distinct_tensors, synced_bytes
@@ -151,6 +155,21 @@ def episode_group_seeds(first_draw: int, count: int, base: int, pool: Sequence[i
     return seeds
 
 
+@dataclass
+class TrainingSample:
+    """One training batch as the runners delivered it: ``sampled`` (every step sample, whose ``weights_seq_no``
+    column numbers the weights that sampled it), its ``groups``, ``training`` (the samples to train on: all of
+    them, or with dynamic sampling the groups with signal), ``signal_metrics`` (dynamic sampling's), and when its
+    sampling ``started`` and ``ended`` (``time.perf_counter``)."""
+
+    sampled: dict[str, Any]
+    groups: list[GroupSpec]
+    training: dict[str, Any]
+    signal_metrics: dict[str, float]
+    started: float
+    ended: float
+
+
 class GiGPO(Algorithm):
     """GiGPO (arXiv 2505.10978) for LLM agents on text environments; configure it with :class:`GiGPOConfig`."""
 
@@ -176,6 +195,10 @@ class GiGPO(Algorithm):
         # The sequence number of the weights every sampler must hold (see learner_weights_seq_no); None: ask the
         # learner (after a restore).
         self._weights_seq_no: int | None = 0
+        # max_off_policy_steps > 0: the batch sampled during the last update, to be trained next (or the error that
+        # sampling it raised), and the driver thread that samples beside the update.
+        self._pending_sample: TrainingSample | BaseException | None = None
+        self._sampling_thread: ThreadPoolExecutor | None = None
 
     @property
     def checkpoint_is_consistent(self) -> bool:
@@ -197,20 +220,11 @@ class GiGPO(Algorithm):
     def training_step(self) -> None:
         self._check_not_stopped()
         config = self.config
-        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER), **THIS_ITERATION):
-            started = time.perf_counter()
-            sampled, groups, training = self._sample_training_batch()
-            sample_seconds = time.perf_counter() - started
-        self._log_rollout(sampled, ENV_RUNNER_RESULTS, sample_seconds, groups if self._per_seed_metrics else None)
-        self.metrics.log_value((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), len(sampled["rewards"]),
-                               reduce="lifetime_sum")
-
-        batch = pad_token_batch(training, self._pad_token_id, training.get("allowed_replies"))
+        sample = self._training_sample()
+        self._log_sample(sample)
+        batch = pad_token_batch(sample.training, self._pad_token_id, sample.training.get("allowed_replies"))
         self._update_started = True
-        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER), **THIS_ITERATION):
-            started = time.perf_counter()
-            learner_results = self._update(batch)
-            update_seconds = time.perf_counter() - started
+        learner_results, update_seconds = self._update_beside_sampling(batch, sample)
         self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
         # The learners' own count: after batch adjust, over all epochs and learners.
         trained_tokens = self.metrics.peek((LEARNER_RESULTS, DEFAULT_MODULE_ID, "response_tokens"), default=0.0)
@@ -222,13 +236,78 @@ class GiGPO(Algorithm):
         if config.val_interval and (self.iteration + 1) % config.val_interval == 0:
             self.validate()
 
-    def _sample_training_batch(self) -> tuple[dict[str, Any], list[GroupSpec], dict[str, Any]]:
-        """``(everything sampled, its groups, the rollout to train on)``. Without ``dynamic_sampling`` one round of
+    def _update_beside_sampling(self, batch: dict[str, np.ndarray], sample: TrainingSample) -> tuple[list[dict], float]:
+        """The learners' update of ``batch``: ``(their results, seconds)``. With ``max_off_policy_steps`` > 0 the
+        runners sample the next batch meanwhile, with the weights they hold; it is collected before the weight sync,
+        so each of its groups comes from one weight version."""
+        overlapped = self.config.overlaps_sampling
+        if overlapped:
+            self._log_staleness(sample)
+        next_sample = self._start_sampling() if overlapped else None
+        started = time.perf_counter()
+        try:
+            with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER), **THIS_ITERATION):
+                learner_results = self._update(batch)
+            update_ended = time.perf_counter()
+        finally:
+            if next_sample is not None:
+                self._pending_sample = self._finish_sampling(next_sample, started, time.perf_counter())
+        return learner_results, update_ended - started
+
+    def _training_sample(self) -> TrainingSample:
+        """This iteration's batch: the one sampled during the last update (``max_off_policy_steps`` > 0), or a new
+        one. A sampling failure of the last iteration is raised here, before any update, so the state saved after it
+        is that of the last iteration."""
+        pending, self._pending_sample = self._pending_sample, None
+        if isinstance(pending, BaseException):
+            raise pending
+        return pending if pending is not None else self._sample_training_batch()
+
+    def _start_sampling(self) -> Future:
+        """Sample the next batch on a driver thread, with the weights the runners hold now. The thread only waits on
+        the runners and merges their outputs; it logs nothing (the metrics logger is not thread-safe)."""
+        if self._sampling_thread is None:
+            self._sampling_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gigpo-sampling")
+        self._current_weights_seq_no()  # asked of the learners here, never from the thread
+        return self._sampling_thread.submit(self._sample_training_batch)
+
+    def _finish_sampling(self, future: Future, update_started: float, update_ended: float
+                         ) -> TrainingSample | BaseException:
+        """Wait for the batch sampled during the update; log how long each side waited for the other and how long
+        both were busy. A failed sampling is returned, to be raised at the start of the next iteration."""
+        try:
+            sample = future.result()
+        except Exception as error:  # noqa: BLE001 - raised by the next iteration, see _training_sample
+            return error
+        overlap = max(0.0, min(sample.ended, update_ended) - max(sample.started, update_started))
+        self.metrics.log_dict({"overlap_s": overlap, "learner_waited_s": max(0.0, sample.ended - update_ended),
+                               "sampler_waited_s": max(0.0, update_ended - sample.ended)}, key=TIMERS,
+                              **THIS_ITERATION)
+        return sample
+
+    def _log_staleness(self, sample: TrainingSample) -> None:
+        """How many weight versions the batch lags the learner that trains it (the most of its samples)."""
+        versions = sample.training[WEIGHTS_VERSION]
+        staleness = self._current_weights_seq_no() - int(versions.min()) if len(versions) else 0
+        self.metrics.log_value((LEARNER_RESULTS, ALL_MODULES, "staleness"), float(staleness), window=1)
+
+    def _log_sample(self, sample: TrainingSample) -> None:
+        self.metrics.log_value((TIMERS, ENV_RUNNER_SAMPLING_TIMER), sample.ended - sample.started, **THIS_ITERATION)
+        self._log_rollout(sample.sampled, ENV_RUNNER_RESULTS, sample.ended - sample.started,
+                          sample.groups if self._per_seed_metrics else None)
+        self.metrics.log_dict(sample.signal_metrics, key=ENV_RUNNER_RESULTS, window=1)
+        self.metrics.log_value((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), len(sample.sampled["rewards"]),
+                               reduce="lifetime_sum")
+
+    def _sample_training_batch(self) -> TrainingSample:
+        """A new training batch (see :class:`TrainingSample`). Without ``dynamic_sampling`` one round of
         ``num_env_groups`` groups, all trained on. With it, groups without return spread are left out and further
         rounds (each about the expected shortfall, at the signal rate seen so far) sample more, until
         ``num_env_groups`` groups with signal are in or ``dynamic_sampling_max_rounds`` extra rounds are spent;
         the batch then takes the first ``num_env_groups`` groups with signal (all of the first round when none has
-        any). Each round draws fresh env seeds, so a resumed run continues exactly."""
+        any). Each round draws fresh env seeds, so a resumed run continues exactly. Logs nothing (it may run on
+        the sampling thread)."""
+        started = time.perf_counter()
         config = self.config
         group_size = config.train_env_manager["group_size"]
         wanted = sum(config.groups_per_tag)
@@ -254,11 +333,13 @@ class GiGPO(Algorithm):
             with_signal.append(groups_with_signal(rollouts[-1]))
         sampled = merge_rollouts(rollouts, sequential=True) if len(rollouts) > 1 else rollouts[0]
         signal = np.concatenate(with_signal)
-        self.metrics.log_dict({"groups_with_signal_fraction": len(signal) / len(groups),
-                               "dynamic_sampling_rounds": float(len(rollouts) - 1)}, key=ENV_RUNNER_RESULTS, window=1)
+        signal_metrics = {"groups_with_signal_fraction": len(signal) / len(groups),
+                          "dynamic_sampling_rounds": float(len(rollouts) - 1)}
         if not config.dynamic_sampling:
-            return sampled, groups, sampled
-        return sampled, groups, take_groups(sampled, signal[:wanted]) if len(signal) else rollouts[0]
+            training = sampled
+        else:
+            training = take_groups(sampled, signal[:wanted]) if len(signal) else rollouts[0]
+        return TrainingSample(sampled, groups, training, signal_metrics, started, time.perf_counter())
 
     def validate(self, episodes: int | None = None, transcripts: int = 0) -> dict[str, Any]:
         """Roll out one episode on each of ``episodes`` (default ``val_batch_size``) tasks on held-out seeds (never
@@ -330,6 +411,8 @@ class GiGPO(Algorithm):
 
     def stop(self) -> None:
         self._stopped = True
+        if getattr(self, "_sampling_thread", None) is not None:
+            self._sampling_thread.shutdown(wait=True)
         super().stop()
 
     def _check_not_stopped(self) -> None:
@@ -515,6 +598,9 @@ class GiGPO(Algorithm):
     def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
         state = super().get_state(components, not_components=not_components, **kwargs)
         state["seed_counters"] = {"train": self._train_draws, "validation": self._val_draws}
+        # The batch sampled during the last update is saved with the weights it was not yet trained on, so a resume
+        # trains it next, as the run would have: none is lost or trained twice.
+        state["pending_sample"] = self._pending_sample if isinstance(self._pending_sample, TrainingSample) else None
         return state
 
     def restore_from_path(self, path, *args, **kwargs) -> None:
@@ -530,3 +616,5 @@ class GiGPO(Algorithm):
         counters = state.get("seed_counters")
         if counters:
             self._train_draws, self._val_draws = counters["train"], counters["validation"]
+        if "pending_sample" in state:
+            self._pending_sample = state["pending_sample"]

@@ -18,6 +18,8 @@ from gigpo_rllib.rollout import EPISODE_COLUMNS, SAMPLE_COLUMNS
 
 # Per-sample columns held as lists of variable-length rows (token ids, log-probs, allowed replies).
 ROW_LIST_COLUMNS = ("prompt_ids", "response_ids", "response_logprobs", "allowed_replies")
+# The per-sample number of the weights that sampled it, added by the env runner (see max_off_policy_steps).
+WEIGHTS_VERSION = "weights_seq_no"
 
 
 def merge_rollouts(rollouts: list[dict[str, Any]], sequential: bool = False) -> dict[str, Any]:
@@ -25,6 +27,8 @@ def merge_rollouts(rollouts: list[dict[str, Any]], sequential: bool = False) -> 
     kept). Timings are those of the slowest rollout (runners sample side by side), or their sum when the rollouts
     ran one after another (``sequential``)."""
     merged: dict[str, Any] = {name: np.concatenate([r[name] for r in rollouts]) for name in SAMPLE_COLUMNS}
+    if WEIGHTS_VERSION in rollouts[0]:
+        merged[WEIGHTS_VERSION] = np.concatenate([r[WEIGHTS_VERSION] for r in rollouts])
     for name in ROW_LIST_COLUMNS:
         if name in rollouts[0]:
             merged[name] = [row for r in rollouts for row in r[name]]
@@ -60,7 +64,7 @@ def take_groups(rollout: dict[str, Any], group_ids: np.ndarray) -> dict[str, Any
     timings stay whole: they describe what was sampled)."""
     rows = np.flatnonzero(np.isin(rollout["group_ids"], group_ids))
     taken = dict(rollout)
-    for name in SAMPLE_COLUMNS:
+    for name in SAMPLE_COLUMNS + ((WEIGHTS_VERSION,) if WEIGHTS_VERSION in rollout else ()):
         taken[name] = rollout[name][rows]
     for name in ROW_LIST_COLUMNS:
         if name in rollout:

@@ -103,6 +103,8 @@ class FlagOrChoice:
 
 
 POSITIVE_INT, NON_NEGATIVE_INT = Number(low=1, integer=True), Number(low=0, integer=True)
+# The truncated-importance cap of stale batches (max_off_policy_steps > 0) when truncated_is_cap is not set.
+OFF_POLICY_IS_CAP = 2.0
 POSITIVE, NON_NEGATIVE, ANY_NUMBER = Number(low=0, low_open=True), Number(low=0), Number()
 FLAG = Flag()
 
@@ -303,6 +305,18 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
               "al. 2025, \"Your efficient RL framework secretly brings you off-policy RL training\"): each token's "
               "loss is weighted by `min(exp(learner_old − sampler_old), cap)`. `null` disables it; needs learner "
               "old log-probs. A typical cap is 2.", check=Number(low=1, nullable=True)),
+    ConfigKey("max_off_policy_steps", 0, "How many weight versions a training batch may lag behind the learner. `0`: "
+              "sampling and update take turns, every batch is sampled with the current weights. `1`: the env runners "
+              "sample the next batch with the current weights while the learner updates on this one, so an "
+              "iteration takes about max(rollout, update) instead of their sum (one-step off-policy); every episode "
+              "group is sampled by one weight version, recorded per sample. Stale batches are trained with the "
+              "decoupled objective: the learner recomputes the proximal log-probs with its pre-update weights "
+              "(`old_logprobs_source: auto` resolves to `learner`, `sampler` is refused), clips the PPO ratio around "
+              "them and weights each token by `min(π_proximal / π_behaviour, truncated_is_cap)` (a cap of "
+              f"{OFF_POLICY_IS_CAP:g} when `truncated_is_cap` is null). Needs remote env runners: with "
+              "`num_env_runners: 0` there is nothing to overlap, which is reported at build, and it runs as 0. A "
+              "checkpoint holds the batch sampled for the next iteration, so a resume trains it (none is lost or "
+              "trained twice).", check=Number(low=0, high=1, integer=True)),
     ConfigKey("temperature", 1.0, "Sampling temperature; the learner scores tokens at the same temperature.", check=POSITIVE),
     ConfigKey("top_p", 1.0, "Nucleus-sampling mass in (0, 1].", check=Number(low=0, high=1, low_open=True)),
     ConfigKey("top_k", -1, "Sample from the k most likely tokens; -1 disables.", check=Number(low=-1, integer=True)),
@@ -477,10 +491,25 @@ class GiGPOConfig(AlgorithmConfig):
         numbers (the HF sampler and the learner both in float32 on CPU), else "learner"."""
         if self.old_logprobs_source != "auto":
             return self.old_logprobs_source
+        if self.overlaps_sampling:
+            return "learner"  # the proximal policy of a stale batch: the learner's pre-update weights
         identical = (self.resolved_sampler_backend == "hf" and self.runner_device == "cpu"
                      and not self.num_gpus_per_learner and self.model_dtype == "float32"
                      and self.resolved_sampler_dtype == "float32")
         return "sampler" if identical else "learner"
+
+    @property
+    def overlaps_sampling(self) -> bool:
+        """Whether the runners sample the next batch during the update (``max_off_policy_steps`` > 0 with remote
+        env runners; without them nothing can overlap)."""
+        return self.max_off_policy_steps > 0 and self.num_env_runners > 0
+
+    @property
+    def resolved_truncated_is_cap(self) -> float | None:
+        """``truncated_is_cap``, or :data:`OFF_POLICY_IS_CAP` for stale batches when it is not set."""
+        if self.truncated_is_cap is None and self.overlaps_sampling:
+            return OFF_POLICY_IS_CAP
+        return self.truncated_is_cap
 
     @property
     def resolved_sampler_dtype(self) -> str:
@@ -601,6 +630,15 @@ class GiGPOConfig(AlgorithmConfig):
             raise ValueError("truncated_is_cap corrects the gap between the sampler's and the learner's old "
                              "log-probs, so it needs old_logprobs_source='learner' (or 'auto' resolving to it); "
                              f"got old_logprobs_source={self.old_logprobs_source!r}, which resolves to 'sampler'")
+        if self.overlaps_sampling and self.resolved_old_logprobs_source != "learner":
+            raise ValueError("max_off_policy_steps > 0 trains on batches sampled by older weights, so the PPO ratio "
+                             "must be taken around the learner's own pre-update log-probs: use old_logprobs_source="
+                             f"'learner' or 'auto', got {self.old_logprobs_source!r}")
+        # RLlib's evaluation copy of the config has no runners of its own (GiGPO evaluates on the training ones).
+        if self.max_off_policy_steps > 0 and self.num_env_runners == 0 and not self.in_evaluation:
+            warnings.warn(f"max_off_policy_steps={self.max_off_policy_steps} needs remote env runners to sample "
+                          "while the learner updates, but num_env_runners is 0: sampling and update take turns, as "
+                          "with max_off_policy_steps=0", stacklevel=2)
         truncated = self.top_p < 1 or self.top_k > 0
         if truncated and self.resolved_sampler_backend == "vllm" and self.resolved_old_logprobs_source == "sampler":
             # vLLM records log-probs after its top-p/top-k truncation, the learner scores the full distribution: the

@@ -14,6 +14,7 @@ import traceback
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 import ray
 import torch
 from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
@@ -21,6 +22,7 @@ from ray.rllib.env.env_runner import EnvRunner
 from ray.rllib.utils.checkpoints import Checkpointable
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, WEIGHTS_SEQ_NO
 
+from gigpo_rllib.batch import WEIGHTS_VERSION
 from gigpo_rllib.rl_module import MODULE_PREFIX, state_dict_to_numpy, to_sampler_state_dict
 from gigpo_rllib.rollout import GroupSpec, RolloutSettings, StepCollector
 from gigpo_rllib.sampling import make_sampler
@@ -153,7 +155,8 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
                temperature: float | None = None, **kwargs) -> dict[str, Any]:
         """Roll out ``groups`` (``group_size`` trajectories each; greedy replies with ``greedy``, else sampled at
         ``temperature`` when given: :meth:`StepCollector.collect`) and return their
-        step samples (with this runner's ``worker_index``), or ``{"error": traceback, "worker_index": i}`` when the
+        step samples (with this runner's ``worker_index``, and per sample the number of the weights that sampled it,
+        ``weights_seq_no``), or ``{"error": traceback, "worker_index": i}`` when the
         rollout failed as a whole, or when the sampler does not hold the weights numbered ``weights_seq_no`` (a sync
         that never arrived)."""
         if groups is None or group_size is None:
@@ -171,6 +174,7 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
             return {"error": traceback.format_exc(), "worker_index": self.worker_index}
         self.num_env_steps_sampled_lifetime += len(out["rewards"])
         out["worker_index"] = self.worker_index
+        out[WEIGHTS_VERSION] = np.full(len(out["rewards"]), self.weights_seq_no, dtype=np.int64)
         return out
 
     def get_spaces(self):

@@ -47,6 +47,8 @@ def test_bench_learning_quick_covers_every_task_and_estimator(tmp_path):
     ("bench_constraint.py", ["--rows", "4", "--repeats", "1"], "ms/step"),
     ("bench_update.py", ["--repeats", "1"], "MiB"),
     ("bench_sync.py", ["--models", "gigpo-tiny", "--repeats", "1"], "MB"),
+    ("bench_async.py", ["--iterations", "1", "--warmup", "1", "--num-env-groups", "2", "--group-size", "4"],
+     "iteration / max(rollout, update)"),
 ])
 def test_benchmark_prints_its_table(script, arguments, header):
     assert header in run_benchmark(script, *arguments)
