@@ -197,3 +197,20 @@ def test_a_checkpoint_between_overlapped_iterations_loses_no_batch_and_trains_no
     for name, value in uninterrupted_weights.items():
         np.testing.assert_allclose(resumed_weights[name], value, rtol=0, atol=1e-6, err_msg=name)
 
+
+
+@pytest.mark.slow
+def test_staleness_zero_reproduces_the_recorded_sequential_run(ray_session):
+    import json
+
+    from tests.recorded_runs import RECORDED_METRICS, recorded_run_config, run_metrics
+
+    recorded = json.loads(RECORDED_METRICS.read_text())
+    now = run_metrics(recorded_run_config().training(max_off_policy_steps=0))
+    for iteration, (before, after) in enumerate(zip(recorded, now, strict=True)):
+        # Every metric recorded before the overlap existed is still there with its value (new ones may be added).
+        assert set(before) <= set(after), (iteration, sorted(set(before) - set(after)))
+        changed = {key: (value, after[key]) for key, value in before.items()
+                   if not (math.isclose(value, after[key], rel_tol=1e-6, abs_tol=1e-9)
+                           or math.isnan(value) and math.isnan(after[key]))}
+        assert not changed, (iteration, changed)
