@@ -17,7 +17,9 @@ group's one reset state, so its anchor is always shared and says nothing about r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import random
 import string
 import types
@@ -28,6 +30,7 @@ import torch
 
 from gigpo_rllib.advantages import anchor_group_stats, compute_gigpo_advantages
 from gigpo_rllib.models import TINY_MODEL_NAME
+from gigpo_rllib import rollout as rollout_module
 from gigpo_rllib.rollout import GroupSpec, RolloutSettings, StepCollector, make_env_factory
 from gigpo_rllib.sampling.base import Completion, Sampler, SamplingParams
 
@@ -43,6 +46,8 @@ DEFAULT_HISTORY_LENGTH = 2
 """``history_length``'s default in ``GIGPO_KEYS`` (a test keeps them equal; the config module needs RLlib)."""
 DEFAULT_GROUP_SIZE = 8
 """``train_env_manager.group_size``'s default in ``GIGPO_KEYS``."""
+DEFAULT_GROUPS = 8
+"""Episode groups played when no number of episodes is given."""
 DEFAULT_INVALID_ACTION_PENALTY = -0.1
 """``invalid_action_penalty``'s default in ``GIGPO_KEYS``."""
 ANSWER_FORMATS = ("answer", "think_answer")
@@ -71,7 +76,7 @@ class TurnAnchors:
     """Mean size of the anchor groups these steps belong to, weighted by step."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class EnvCheckReport:
     """What :func:`check_env` found; ``str(report)`` (or :meth:`text`) is what ``rllib check-env`` prints."""
 
@@ -168,7 +173,7 @@ class PolicySampler(Sampler):
         raise NotImplementedError("the check-env policy has no weights")
 
 
-def check_env(env: str, env_config: dict[str, Any] | None = None, *, episodes: int = 64,
+def check_env(env: str, env_config: dict[str, Any] | None = None, *, episodes: int | None = None,
               group_size: int = DEFAULT_GROUP_SIZE, policy: str = "random", actions: Sequence[str] | None = None,
               model: str = TINY_MODEL_NAME, seed: int = 0, history_length: int = DEFAULT_HISTORY_LENGTH,
               anchor_canonicalizer: str | None = None, anchor_similarity_threshold: float | None = None,
@@ -181,7 +186,8 @@ def check_env(env: str, env_config: dict[str, Any] | None = None, *, episodes: i
         env: an env tag (``FrozenLake``, ``Sokoban``, a TextArena game), a registered Gymnasium id, or
             ``"module:EnvId"``, as the config's ``env``.
         env_config: the env's keyword arguments, as the config's ``env_config``.
-        episodes: episodes in all; a multiple of ``group_size``, at least one group.
+        episodes: episodes in all; a multiple of ``group_size``, at least one group (default
+            :data:`DEFAULT_GROUPS` groups).
         group_size: episodes per group (training's ``train_env_manager.group_size``).
         policy: ``random`` or ``first`` (see :data:`POLICIES`).
         actions: what the policy answers in an env without ``action_words`` (free text), e.g. TicTacToe's
@@ -196,6 +202,8 @@ def check_env(env: str, env_config: dict[str, Any] | None = None, *, episodes: i
             constructor or ``reset`` raised, every trajectory lost) or the bad argument.
     """
     env_config = dict(env_config or {})
+    if episodes is None and isinstance(group_size, int):
+        episodes = DEFAULT_GROUPS * group_size
     _check_arguments(episodes, group_size, policy, anchor_similarity_threshold, history_length)
     if answer_format not in ANSWER_FORMATS:
         raise EnvCheckError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
@@ -233,7 +241,8 @@ def check_env(env: str, env_config: dict[str, Any] | None = None, *, episodes: i
     num_groups = episodes // group_size
     groups = [GroupSpec(group_id=g, tag=env, tag_id=0, seed=seed + g) for g in range(num_groups)]
     try:
-        rollout = collector.collect(groups, group_size, sample_seed=seed, transcripts=True)
+        with _rollout_warnings_silenced():
+            rollout = collector.collect(groups, group_size, sample_seed=seed, transcripts=True)
     except ValueError as error:  # e.g. an env made later in the rollout without a turn limit
         raise EnvCheckError(f"env {env!r}: {error}") from error
     lost = sum(rollout["lost"].values())
@@ -242,6 +251,19 @@ def check_env(env: str, env_config: dict[str, Any] | None = None, *, episodes: i
                             f"{_first_line(rollout['first_fault'])}")
     return _report(env, env_config, policy, group_size, groups, shape, policy_actions, rollout, lost, model,
                    history_length, anchor_canonicalizer, anchor_similarity_threshold)
+
+
+@contextlib.contextmanager
+def _rollout_warnings_silenced():
+    """The collector logs each lost trajectory's traceback; the report carries the count and the first fault in
+    one line instead."""
+    rollout_logger = logging.getLogger(rollout_module.__name__)
+    level = rollout_logger.level
+    rollout_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        rollout_logger.setLevel(level)
 
 
 def _check_arguments(episodes: int, group_size: int, policy: str, threshold: float | None,

@@ -346,7 +346,7 @@ def _json_strings(text: str) -> list[str]:
 
 
 def _add_check_env_parser(commands) -> None:
-    from gigpo_rllib.check_env import DEFAULT_GROUP_SIZE, POLICIES, RECURRENCE_THRESHOLD
+    from gigpo_rllib.check_env import DEFAULT_GROUP_SIZE, DEFAULT_GROUPS, POLICIES, RECURRENCE_THRESHOLD
 
     parser = commands.add_parser(
         "check-env", help="will GiGPO help this env? play it with a random policy and report (no model, no Ray)",
@@ -360,8 +360,8 @@ def _add_check_env_parser(commands) -> None:
                         help="env tag (FrozenLake, Sokoban, a TextArena game), registered Gymnasium id, or "
                              "'module:EnvId'")
     parser.add_argument("--env-config", metavar="JSON", help="JSON object of the env's keyword arguments")
-    parser.add_argument("--episodes", type=_positive_int, default=64, metavar="N",
-                        help="episodes in all, a multiple of --group-size (default 64)")
+    parser.add_argument("--episodes", type=_positive_int, default=None, metavar="N",
+                        help=f"episodes in all, a multiple of --group-size (default {DEFAULT_GROUPS} groups)")
     parser.add_argument("--group-size", type=_positive_int, default=DEFAULT_GROUP_SIZE, metavar="G",
                         help=f"episodes per group, all reset with one seed (default {DEFAULT_GROUP_SIZE}, the "
                              "config's train_env_manager.group_size)")

@@ -100,8 +100,9 @@ def test_one_turn_episodes_say_gigpo_is_grpo():
     assert report.verdict.startswith("episodes last one turn")
 
 
-def test_lost_trajectories_are_reported():
+def test_lost_trajectories_are_reported_in_one_line(caplog):
     report = check_env("tests.learning_env:OddSeedFailing-v0", episodes=4, group_size=2)  # seed 1 fails in reset
+    assert not caplog.records  # no traceback logged per lost trajectory
     assert report.trajectories_lost == 2 and report.episodes == 2
     assert "RuntimeError: deliberate failure for seed 1" in report.first_fault
     assert f"lost         {report.trajectories_lost} trajectories" in str(report)
@@ -146,6 +147,10 @@ def test_the_defaults_are_the_configs():
     assert defaults["invalid_action_penalty"].default == DEFAULT_INVALID_ACTION_PENALTY
     assert defaults["model_name_or_path"].default == TINY_MODEL_NAME
     assert tuple(defaults["answer_format"].choices) == ANSWER_FORMATS
+
+
+def test_default_episodes_are_eight_groups():
+    assert check_env("FrozenLake", group_size=3).episodes == 24
 
 
 def test_bad_arguments_raise_env_check_errors():
