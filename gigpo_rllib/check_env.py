@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import random
+import re
 import string
 import types
 from typing import Any, Sequence
@@ -29,9 +30,10 @@ import numpy as np
 import torch
 
 from gigpo_rllib.advantages import anchor_group_stats, compute_gigpo_advantages
+from gigpo_rllib.anchors import anchor_ids
 from gigpo_rllib.models import TINY_MODEL_NAME
 from gigpo_rllib import rollout as rollout_module
-from gigpo_rllib.rollout import GroupSpec, RolloutSettings, StepCollector, make_env_factory
+from gigpo_rllib.rollout import GroupSpec, RolloutSettings, StepCollector, load_function, make_env_factory
 from gigpo_rllib.sampling.base import Completion, Sampler, SamplingParams
 
 POLICIES = ("random", "first")
@@ -54,6 +56,7 @@ ANSWER_FORMATS = ("answer", "think_answer")
 """``answer_format``'s choices in ``GIGPO_KEYS``."""
 
 _FREE_TEXT_CHARS = string.ascii_lowercase + string.digits
+_NUMBERS = re.compile(r"\d+")
 _MAX_ENVS_AT_ONCE = 256
 _NO_PROMPT_LIMIT = 1 << 30  # prompts are measured, never cut
 
@@ -113,6 +116,9 @@ class EnvCheckReport:
     """Share of all steps in an anchor group with another step: where GiGPO's step baseline applies."""
     shared_step_fraction_after_first_turn: float | None
     """The same over the steps after each episode's first turn; None when every episode lasted one turn."""
+    shared_after_first_turn_without_numbers: float | None
+    """:attr:`shared_step_fraction_after_first_turn` were every number in the observations ignored: how much a
+    counter or clock in the text may be hiding (real state in numbers is ignored too)."""
     by_turn: tuple[TurnAnchors, ...]
     anchor_canonicalizer: str | None
     anchor_similarity_threshold: float | None
@@ -134,8 +140,11 @@ class EnvCheckReport:
                    f"({self.shared_step_fraction_after_first_turn:.0%} after the first turn)")
         if self.states_recur:
             return f"states recur: {applies}"
-        return (f"states rarely recur: {applies}; GiGPO reduces to GRPO here; consider `anchor_canonicalizer` (a "
-                "function that drops volatile text such as turn counters before hashing) or "
+        numbers = self.shared_after_first_turn_without_numbers
+        hint = (f"; numbers in the observations split anchors (with every number ignored, {numbers:.0%} of later "
+                "steps would share one: is one a turn counter or a clock?)" if numbers >= RECURRENCE_THRESHOLD else "")
+        return (f"states rarely recur: {applies}; GiGPO reduces to GRPO here{hint}; consider `anchor_canonicalizer` "
+                "(a function that drops volatile text such as turn counters before hashing) or "
                 "`anchor_similarity_threshold` (near-duplicate states share an anchor)")
 
     def text(self) -> str:
@@ -329,14 +338,11 @@ def _tokenizer(model: str):
 
 def _report(env, env_config, policy, group_size, groups, shape, policy_actions, rollout, lost, model,
             history_length, canonicalizer, threshold) -> EnvCheckReport:
-    columns = {name: torch.as_tensor(rollout[name]) for name in ("traj_ids", "step_ids", "group_ids", "anchor_ids")}
-    # The anchor groups of training's advantage computation (episode group x anchor id, Eq. 6).
-    anchor_groups = compute_gigpo_advantages(torch.as_tensor(rollout["rewards"], dtype=torch.float32),
-                                             **columns).anchor_group_ids
+    anchor_groups, group_size_of_step = _anchor_groups(rollout, rollout["anchor_ids"])
     stats = anchor_group_stats(anchor_groups)
-    group_size_of_step = torch.bincount(anchor_groups)[anchor_groups].numpy()
     step_ids = rollout["step_ids"]
     later = step_ids > 0
+    group_size_without_numbers = _anchor_groups(rollout, _anchor_ids_without_numbers(rollout, canonicalizer))[1]
     episodes = rollout["episodes"]
     prompt_lengths = np.array([len(ids) for ids in rollout["prompt_ids"]])
     return EnvCheckReport(
@@ -352,8 +358,30 @@ def _report(env, env_config, policy, group_size, groups, shape, policy_actions, 
         anchor_singleton_fraction=stats.singleton_fraction,
         shared_step_fraction=float(np.mean(group_size_of_step > 1)),
         shared_step_fraction_after_first_turn=float(np.mean(group_size_of_step[later] > 1)) if later.any() else None,
+        shared_after_first_turn_without_numbers=(float(np.mean(group_size_without_numbers[later] > 1))
+                                                 if later.any() else None),
         by_turn=_by_turn(step_ids, group_size_of_step), anchor_canonicalizer=canonicalizer,
         anchor_similarity_threshold=threshold, rollout=rollout)
+
+
+def _anchor_groups(rollout: dict[str, Any], anchors: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """Training's anchor groups of the rollout's steps (episode group x anchor id, Eq. 6) under ``anchors``, and the
+    size of each step's group."""
+    columns = {name: torch.as_tensor(rollout[name]) for name in ("traj_ids", "step_ids", "group_ids")}
+    groups = compute_gigpo_advantages(torch.as_tensor(rollout["rewards"], dtype=torch.float32),
+                                      anchor_ids=torch.as_tensor(anchors), **columns).anchor_group_ids
+    return groups, torch.bincount(groups)[groups].numpy()
+
+
+def _anchor_ids_without_numbers(rollout: dict[str, Any], canonicalizer: str | None) -> np.ndarray:
+    """The anchor id of each step's observation with every number replaced by ``#`` (after the configured
+    canonicalizer). The samples of the rollout follow its episodes in order, less the groups that were dropped."""
+    user_function = load_function(canonicalizer) if canonicalizer else None
+    kept = set(rollout["group_ids"].tolist())
+    episodes = rollout["episodes"]
+    observations = [turn["observation"] for group, transcript in zip(episodes["group_id"], episodes["transcript"])
+                    if group in kept for turn in transcript]
+    return anchor_ids(observations, lambda text: _NUMBERS.sub("#", user_function(text) if user_function else text))
 
 
 def _by_turn(step_ids: np.ndarray, group_size_of_step: np.ndarray, rows: int = 10) -> tuple[TurnAnchors, ...]:
@@ -378,8 +406,8 @@ def _distribution(values: np.ndarray, digits: int) -> str:
 def _report_lines(report: EnvCheckReport) -> list[str]:
     seeds = report.seeds
     lines = [f"check-env {report.env}" + (f" env_config={report.env_config}" if report.env_config else ""),
-             f"  {report.episodes} episodes of the {report.policy} policy, {len(seeds)} groups of {report.group_size} "
-             f"(group g reset with seed {seeds[0]} + g, as training resets a group with one seed)"]
+             f"  {report.episodes} episodes of the {report.policy} policy in {len(seeds)} groups of {report.group_size} "
+             f"(group g reset with seed {seeds[0]} + g: one seed per group, as in training)"]
     if report.anchor_canonicalizer or report.anchor_similarity_threshold is not None:
         lines.append(f"  anchor_canonicalizer={report.anchor_canonicalizer} "
                      f"anchor_similarity_threshold={report.anchor_similarity_threshold}")

@@ -51,6 +51,7 @@ def test_anchor_figures_match_a_direct_count(env, env_config):
         assert row.first_turn == row.last_turn
         assert row.shared_fraction == pytest.approx(counted["by_turn"][row.first_turn])
     assert report.by_turn[0].shared_fraction == 1.0  # a group's episodes all start from its one reset state
+    assert report.shared_after_first_turn_without_numbers >= report.shared_step_fraction_after_first_turn
     assert len(report.episode_lengths) == 12 and report.episode_lengths.sum() == len(report.rollout["rewards"])
 
 
@@ -60,6 +61,8 @@ def test_a_turn_counter_makes_states_rarely_recur_and_the_report_names_the_fix()
     assert report.verdict.startswith("states rarely recur")
     assert "`anchor_canonicalizer`" in report.verdict and "`anchor_similarity_threshold`" in report.verdict
     assert "GiGPO reduces to GRPO here" in str(report)
+    assert "numbers in the observations split anchors (with every number ignored, 100% of later steps" in \
+        report.verdict  # the cell number is ignored too: the hint is an upper bound
     fixed = check_env(RING, episodes=16, group_size=4, anchor_canonicalizer="tests.turn_counter_env:strip_turn")
     assert fixed.states_recur and fixed.verdict.startswith("states recur: GiGPO's step baseline applies to")
     without_counter = check_env(RING, {"show_turn": False}, episodes=16, group_size=4)
