@@ -52,6 +52,10 @@ DEFAULT_GROUPS = 8
 """Episode groups played when no number of episodes is given."""
 DEFAULT_INVALID_ACTION_PENALTY = -0.1
 """``invalid_action_penalty``'s default in ``GIGPO_KEYS``."""
+DEFAULT_SEQUENCE_LENGTH = 1024
+"""``sequence_length``'s default in ``GIGPO_KEYS``."""
+DEFAULT_MAX_NEW_TOKENS = 32
+"""``max_new_tokens``'s default in ``GIGPO_KEYS``."""
 ANSWER_FORMATS = ("answer", "think_answer")
 """``answer_format``'s choices in ``GIGPO_KEYS``."""
 
@@ -439,7 +443,9 @@ def _report_lines(report: EnvCheckReport) -> list[str]:
     first = report.first_prompt_tokens
     lines += ["", f"prompt tokens ({report.model}'s tokenizer, history_length {report.history_length})",
               f"  first turn   mean {np.mean(first):.0f}, max {np.max(first)}",
-              f"  any turn     max {report.max_prompt_tokens}: sequence_length must hold it plus max_new_tokens",
+              f"  any turn     max {report.max_prompt_tokens}: with max_new_tokens {DEFAULT_MAX_NEW_TOKENS}, "
+              f"sequence_length >= {report.max_prompt_tokens + DEFAULT_MAX_NEW_TOKENS} keeps every prompt whole "
+              f"(default {DEFAULT_SEQUENCE_LENGTH})",
               "", f"anchors (episode groups of {report.group_size}, as training groups them)",
               f"  step samples per anchor group   mean {report.anchor_mean_group_size:.2f} "
               f"over {report.anchor_num_groups} anchor groups",

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from gigpo_rllib.check_env import (ANSWER_FORMATS, DEFAULT_GROUP_SIZE, DEFAULT_HISTORY_LENGTH,
-                                   DEFAULT_INVALID_ACTION_PENALTY, EnvCheckError, check_env)
+                                   DEFAULT_INVALID_ACTION_PENALTY, DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEQUENCE_LENGTH,
+                                   EnvCheckError, check_env)
 from gigpo_rllib.cli import main
 from gigpo_rllib.models import TINY_MODEL_NAME
 
@@ -150,6 +151,8 @@ def test_the_defaults_are_the_configs():
     assert defaults["invalid_action_penalty"].default == DEFAULT_INVALID_ACTION_PENALTY
     assert defaults["model_name_or_path"].default == TINY_MODEL_NAME
     assert tuple(defaults["answer_format"].choices) == ANSWER_FORMATS
+    assert defaults["sequence_length"].default == DEFAULT_SEQUENCE_LENGTH
+    assert defaults["max_new_tokens"].default == DEFAULT_MAX_NEW_TOKENS
 
 
 def test_default_episodes_are_eight_groups():
