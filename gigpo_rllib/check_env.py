@@ -455,6 +455,9 @@ def _report_lines(report: EnvCheckReport) -> list[str]:
         turns = str(row.first_turn) if row.first_turn == row.last_turn else f"{row.first_turn}-{row.last_turn}"
         lines.append(f"  {turns:<7}{row.steps:>6}  {row.shared_fraction:>18.1%}  {row.mean_group_size:>22.2f}")
     lines += ["", f"verdict: {report.verdict}"]
+    if report.policy_actions is None:
+        lines.append("  (the policy's random words are rarely real moves, so the env may only have rejected them: "
+                     "pass `actions` for figures that mean something)")
     return lines
 
 

@@ -93,6 +93,12 @@ def test_the_report_on_bundled_and_plain_envs(env, env_config, actions, action_l
     assert 0.0 <= report.success_rate <= 1.0 and report.max_prompt_tokens >= report.first_prompt_tokens.max() > 0
 
 
+def test_random_words_in_a_free_text_env_come_with_a_warning():
+    report = check_env("TicTacToe", episodes=4, group_size=2)
+    assert report.policy_actions is None
+    assert "pass `actions` for figures that mean something" in str(report)
+
+
 def test_the_first_policy_in_a_deterministic_env_shares_every_anchor():
     report = check_env("FrozenLake", episodes=4, group_size=2, policy="first")
     assert report.shared_step_fraction == 1.0 and report.anchor_singleton_fraction == 0.0
