@@ -14,6 +14,8 @@ Usage::
     rllib evaluate CHECKPOINT_OR_RUN_DIR [--episodes N] [--greedy | --sample] [--pass-k K] [--num-env-runners N]
     rllib export CHECKPOINT_OR_RUN_DIR --out DIR [--force]
     rllib plot RUN_DIR [RUN_DIR ...] [--out progress.png]
+    rllib check-env ENV_ID_OR_TAG [--env-config JSON] [--episodes N] [--group-size G] [--policy random|first]
+                    [--actions JSON] [--model MODEL] [--config JSON]
 
 Exit status: 0 done; 1 training failed (the run directory, ``error.txt`` with the traceback and the last
 checkpoint are named); 2 bad arguments, config, experiment file or checkpoint (one line ``rllib: error: ...``);
@@ -324,7 +326,76 @@ def build_parser() -> argparse.ArgumentParser:
                     "runs (directories written by `rllib train`) into one PNG. Needs matplotlib.")
     plot_parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories holding progress.csv")
     plot_parser.add_argument("--out", default="gigpo_progress.png", help="PNG path (default gigpo_progress.png)")
+    _add_check_env_parser(commands)
     return parser
+
+
+CHECK_ENV_CONFIG_KEYS = ("anchor_canonicalizer", "anchor_similarity_threshold", "answer_format", "history_length",
+                         "invalid_action_penalty", "model_name_or_path", "system_prompt")
+"""The config keys `rllib check-env --config` takes: those that change the env, its anchors or its prompts."""
+
+
+def _json_strings(text: str) -> list[str]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text!r}") from None
+    if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value):
+        raise argparse.ArgumentTypeError(f'expected a JSON list of strings like \'["[0]", "[4]"]\', got {text!r}')
+    return value
+
+
+def _add_check_env_parser(commands) -> None:
+    from gigpo_rllib.check_env import DEFAULT_GROUP_SIZE, DEFAULT_GROUPS, POLICIES, RECURRENCE_THRESHOLD
+
+    parser = commands.add_parser(
+        "check-env", help="will GiGPO help this env? play it with a random policy and report (no model, no Ray)",
+        description="Play an env with a random (or scripted) policy over its allowed actions, through the same "
+                    "wrappers, episode groups and anchor ids as training, without a model, and print its spaces, "
+                    "whether it can train, episode lengths and returns, the policy's success rate, prompt tokens, "
+                    "and how often states recur within an episode group (GiGPO's step baseline needs them to): "
+                    f"states recur when at least {RECURRENCE_THRESHOLD:.0%} of the steps after the first turn "
+                    "share an anchor. An env that cannot be checked is reported in one line (exit 2).")
+    parser.add_argument("env", metavar="ENV_ID_OR_TAG",
+                        help="env tag (FrozenLake, Sokoban, a TextArena game), registered Gymnasium id, or "
+                             "'module:EnvId'")
+    parser.add_argument("--env-config", metavar="JSON", help="JSON object of the env's keyword arguments")
+    parser.add_argument("--episodes", type=_positive_int, default=None, metavar="N",
+                        help=f"episodes in all, a multiple of --group-size (default {DEFAULT_GROUPS} groups)")
+    parser.add_argument("--group-size", type=_positive_int, default=DEFAULT_GROUP_SIZE, metavar="G",
+                        help=f"episodes per group, all reset with one seed (default {DEFAULT_GROUP_SIZE}, the "
+                             "config's train_env_manager.group_size)")
+    parser.add_argument("--policy", choices=POLICIES, default="random",
+                        help="random: a uniformly random allowed action per turn; first: always the first one")
+    parser.add_argument("--actions", type=_json_strings, metavar="JSON",
+                        help="JSON list of the moves the policy picks from in a free-text env (no action_words), "
+                             "e.g. '[\"[0]\", \"[4]\"]'; without it, it answers random short words")
+    parser.add_argument("--model", metavar="MODEL", default=argparse.SUPPRESS,
+                        help="whose tokenizer counts the prompt tokens (default: the config's model_name_or_path, "
+                             "gigpo-tiny; e.g. smollm2-135m-instruct)")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="env seed of the first group (default 0)")
+    parser.add_argument("--config", metavar="JSON",
+                        help=f"JSON object of config keys, any of {', '.join(CHECK_ENV_CONFIG_KEYS)}, e.g. "
+                             "'{\"anchor_canonicalizer\": \"my_module:strip_turn\"}'")
+
+
+def _check_env_report(args: argparse.Namespace):
+    """The :class:`~gigpo_rllib.check_env.EnvCheckReport` of the `rllib check-env` arguments."""
+    from gigpo_rllib.check_env import EnvCheckError, check_env
+
+    settings = _json_flag(args, "config")
+    unknown = sorted(set(settings) - set(CHECK_ENV_CONFIG_KEYS))
+    if unknown:
+        raise ExperimentError(f"--config: check-env takes the keys {', '.join(CHECK_ENV_CONFIG_KEYS)}; got {unknown}")
+    model = _flag(args, "model", settings.pop("model_name_or_path", None))
+    try:
+        return check_env(args.env, _json_flag(args, "env_config"), episodes=args.episodes, group_size=args.group_size,
+                         policy=args.policy, actions=args.actions, seed=args.seed,
+                         **({"model": model} if model else {}), **settings)
+    except EnvCheckError as error:
+        raise ExperimentError(str(error)) from error
+    except TypeError as error:  # a config value of the wrong type reached the env or the policy
+        raise ExperimentError(f"--config: {error}") from error
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -465,8 +536,12 @@ def _plot_command(args: argparse.Namespace) -> None:
     print(f"plot written: {plot(args.runs, args.out)}")
 
 
+def _check_env_command(args: argparse.Namespace) -> None:
+    print(_check_env_report(args))
+
+
 COMMANDS = {"train": _train_command, "evaluate": _evaluate_command, "export": _export_command,
-            "plot": _plot_command}
+            "plot": _plot_command, "check-env": _check_env_command}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,9 +7,7 @@ returns plain numpy step samples that the algorithm turns into learner batches.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import re
 import traceback
 from typing import Any
 
@@ -24,7 +22,9 @@ from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, WEIGHTS_SEQ_
 
 from gigpo_rllib.batch import WEIGHTS_VERSION
 from gigpo_rllib.rl_module import MODULE_PREFIX, state_dict_to_numpy, to_sampler_state_dict
-from gigpo_rllib.rollout import GroupSpec, RolloutSettings, StepCollector
+# load_function and system_prompt_for are imported from here too (tests, older user code).
+from gigpo_rllib.rollout import (GroupSpec, RolloutSettings, StepCollector, load_function,  # noqa: F401
+                                 make_env_factory, system_prompt_for)
 from gigpo_rllib.sampling import make_sampler
 from gigpo_rllib.sampling.base import SamplingParams
 from gigpo_rllib.weight_sync import unpack_weights
@@ -38,52 +38,6 @@ PLACEHOLDER_SPACES = (gym.spaces.Box(0.0, 1.0, (1,)), gym.spaces.Discrete(1))
 def sampling_params(config) -> SamplingParams:
     return SamplingParams(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                           max_new_tokens=config.max_new_tokens)
-
-
-FUNCTION_REFERENCE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
-"""What a ``"module:function"`` reference looks like (any other string is plain text)."""
-
-
-def load_function(reference: str):
-    """Import ``"module:function"``."""
-    module_name, _, attribute = reference.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot import {reference!r} (expected 'module:function'): {error}") from error
-
-
-def system_prompt_for(system_prompt: str | None):
-    """``tag -> task text or None`` for the ``system_prompt`` key: None (the env's own), a plain string, or a
-    ``"module:function"`` reference to a ``tag -> str`` function."""
-    if system_prompt is None or not FUNCTION_REFERENCE.fullmatch(system_prompt):
-        return lambda tag: system_prompt
-    function = load_function(system_prompt)
-
-    def instructions(tag: str) -> str:
-        text = function(tag)
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"system_prompt function {system_prompt!r} must return a non-empty str for tag {tag!r}, "
-                             f"got {text!r}")
-        return text
-
-    return instructions
-
-
-def make_env_factory(config):
-    """``tag -> fully wrapped LLM env``, built from the config's env keys."""
-    import envs
-
-    canonicalize = load_function(config.anchor_canonicalizer) if config.anchor_canonicalizer else None
-    instructions = system_prompt_for(config.system_prompt)
-
-    def make(tag: str) -> gym.Env:
-        return envs.make_llm_env(tag, invalid_action_penalty=config.invalid_action_penalty,
-                                 require_think=config.answer_format == "think_answer", canonicalize=canonicalize,
-                                 include_canonical_text=config.anchor_similarity_threshold is not None,
-                                 instructions=instructions(tag), **dict(config.env_config))
-
-    return make
 
 
 def probe_envs(config) -> None:

@@ -17,9 +17,11 @@ episode metrics).
 from __future__ import annotations
 
 import concurrent.futures
+import importlib
 import logging
 import math
 import queue
+import re
 import threading
 import time
 import traceback
@@ -140,6 +142,55 @@ def mix_seeds(*seeds: int) -> int:
 EPISODE_COLUMNS = ("return", "length", "success", "invalid_turns", "tag", "group_id")
 SAMPLE_COLUMNS = ("rewards", "traj_ids", "step_ids", "group_ids", "tag_ids", "anchor_ids", "action_is_valid",
                   "prompt_truncated", "episode_ends", "episode_success")
+
+
+FUNCTION_REFERENCE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+"""What a ``"module:function"`` reference looks like (any other string is plain text)."""
+
+
+def load_function(reference: str):
+    """Import ``"module:function"``."""
+    module_name, _, attribute = reference.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot import {reference!r} (expected 'module:function'): {error}") from error
+
+
+def system_prompt_for(system_prompt: str | None):
+    """``tag -> task text or None`` for the ``system_prompt`` key: None (the env's own), a plain string, or a
+    ``"module:function"`` reference to a ``tag -> str`` function."""
+    if system_prompt is None or not FUNCTION_REFERENCE.fullmatch(system_prompt):
+        return lambda tag: system_prompt
+    function = load_function(system_prompt)
+
+    def instructions(tag: str) -> str:
+        text = function(tag)
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"system_prompt function {system_prompt!r} must return a non-empty str for tag {tag!r}, "
+                             f"got {text!r}")
+        return text
+
+    return instructions
+
+
+def make_env_factory(config):
+    """``tag -> fully wrapped LLM env``, built from the config's env keys: ``env_config``, ``invalid_action_penalty``,
+    ``answer_format``, ``anchor_canonicalizer``, ``anchor_similarity_threshold`` and ``system_prompt`` (a
+    :class:`~gigpo_rllib.config.GiGPOConfig`, or any object with these attributes: ``rllib check-env`` builds
+    its envs with it too, without RLlib)."""
+    import envs
+
+    canonicalize = load_function(config.anchor_canonicalizer) if config.anchor_canonicalizer else None
+    instructions = system_prompt_for(config.system_prompt)
+
+    def make(tag: str) -> gym.Env:
+        return envs.make_llm_env(tag, invalid_action_penalty=config.invalid_action_penalty,
+                                 require_think=config.answer_format == "think_answer", canonicalize=canonicalize,
+                                 include_canonical_text=config.anchor_similarity_threshold is not None,
+                                 instructions=instructions(tag), **dict(config.env_config))
+
+    return make
 
 
 def merge_similar_anchors(anchor_ids: np.ndarray, group_ids: np.ndarray, canonical_texts: list[str | None],
