@@ -9,7 +9,9 @@ speaks RLlib's dialect (``--algo``, ``--env``, ``--config``, ``--stop``, ``--sto
 Usage::
 
     rllib train file configs/frozenlake_gigpo.yaml [--stop JSON | --stop-iters N] [--storage-path DIR |
-                     --checkpoint-dir RUN_DIR] [--checkpoint-freq K] [--no-checkpoint-at-end] [--resume] [--verbose]
+                     --checkpoint-dir RUN_DIR] [--checkpoint-freq K] [--no-checkpoint-at-end]
+                     [--resume [--allow-config-change]] [--wandb PROJECT] [--mlflow URI] [--verbose]
+    rllib train file RUN_DIR/params.json ...      # the resolved config a run recorded: the same run again
     rllib train --algo GiGPO|GRPO --env ENV --config JSON [same flags]
     rllib evaluate CHECKPOINT_OR_RUN_DIR [--episodes N] [--greedy | --sample] [--pass-k K] [--num-env-runners N]
     rllib export CHECKPOINT_OR_RUN_DIR --out DIR [--force]
@@ -39,7 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from gigpo_rllib.checkpoints import PROGRESS_FILE, plan_run, resolve_checkpoint
+from gigpo_rllib.checkpoints import PROGRESS_FILE, resolve_checkpoint
 from gigpo_rllib.checkpoints import config_from_checkpoint as _read_checkpoint_config
 from gigpo_rllib.experiment import (DEFAULT_STOP_ITERS, Experiment, ExperimentError, build_config,
                                     build_stop, check_envs, experiment_from_mapping, normalize_algo,
@@ -47,7 +49,8 @@ from gigpo_rllib.experiment import (DEFAULT_STOP_ITERS, Experiment, ExperimentEr
 from gigpo_rllib.logging_utils import filtered_native_stderr, quiet_output, start_ray
 from gigpo_rllib.progress import format_progress, iteration_metrics, plot_runs, read_csv
 from gigpo_rllib.stopping import TRAINING_ITERATION, StopCriteria
-from gigpo_rllib.training import TrainingFailed, train
+from gigpo_rllib.trackers import TrackerHooks, mlflow_callback, require_extra, wandb_callback
+from gigpo_rllib.training import TrainingFailed, prepare_run, train
 
 if TYPE_CHECKING:
     from gigpo_rllib.config import GiGPOConfig
@@ -242,7 +245,18 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     add("--resume", action="store_true", default=argparse.SUPPRESS,
         help="continue the run in the run directory from its last complete checkpoint (iteration, weights, "
              "optimizer, seeds); progress rows after it are dropped. Without it, a directory holding a run is an "
-             "error")
+             "error. A config that differs from the run's params.json (stop aside) is refused, naming each key")
+    add("--allow-config-change", action="store_true", default=argparse.SUPPRESS,
+        help="with --resume: continue even though the config differs from params.json (the changed keys are "
+             "recorded in run_info.json)")
+    add("--wandb", default=argparse.SUPPRESS, metavar="PROJECT",
+        help="also log to Weights & Biases project PROJECT (Tune's WandbLoggerCallback): every metric under its "
+             "result path, the config (params.json), the learning curve at the end; W&B's files go to "
+             "RUN_DIR/wandb, WANDB_MODE=offline keeps them there. Needs the wandb extra")
+    add("--mlflow", default=argparse.SUPPRESS, metavar="URI",
+        help="also log to the MLflow tracking store URI (a server, or file:///path) under the experiment's name "
+             "(Tune's MLflowLoggerCallback): metrics, params, the learning curve as an artifact. Needs the mlflow "
+             "extra")
     add("--num-env-runners", type=_non_negative_int, default=argparse.SUPPRESS, metavar="N",
         help="override num_env_runners (remote sampling actors; 0 samples in the driver)")
     add("--verbose", action="store_true", default=argparse.SUPPRESS,
@@ -273,13 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(train_parser)
     train_modes = train_parser.add_subparsers(dest="train_mode", metavar="file")
     file_parser = train_modes.add_parser(
-        "file", help="train from a YAML experiment file",
+        "file", help="train from a YAML experiment file (or a run directory's params.json)",
         description="Train from a YAML experiment file, in either layout: flat GiGPOConfig keys (nested dicts "
                     "for reward_normalization / train_env_manager, RLlib keys env, env_config, num_env_runners, "
                     "num_learners, lr, minibatch_size, seed) with an optional stop: {...}; or RLlib's "
-                    "tuned-example layout NAME: {run: GiGPO|GRPO, env: ..., stop: {...}, config: {...}}. Flags "
+                    "tuned-example layout NAME: {run: GiGPO|GRPO, env: ..., stop: {...}, config: {...}}. A .json "
+                    "file is read as JSON: a run directory's params.json trains that run's config again. Flags "
                     "override the file.")
-    file_parser.add_argument("path", metavar="PATH.yaml", help="the experiment file")
+    file_parser.add_argument("path", metavar="PATH.yaml", help="the experiment file (YAML, or JSON such as params.json)")
     _add_run_flags(file_parser)
 
     evaluate_parser = commands.add_parser(
@@ -411,6 +426,8 @@ class TrainJob:
     checkpoint_freq: int
     checkpoint_at_end: bool
     resume: bool
+    allow_config_change: bool
+    callbacks: list[Any]
 
 
 def _flag(args: argparse.Namespace, name: str, default: Any = None) -> Any:
@@ -447,6 +464,9 @@ def _experiment_from_args(args: argparse.Namespace) -> Experiment:
 
 
 def _train_job(args: argparse.Namespace) -> TrainJob:
+    for module in ("wandb", "mlflow"):  # a missing tracker package fails at once, before the config is built
+        if _flag(args, module):
+            require_extra(module)
     experiment = _experiment_from_args(args)
     stop = dict(experiment.stop)
     if _flag(args, "stop_iters") is not None:
@@ -459,11 +479,23 @@ def _train_job(args: argparse.Namespace) -> TrainJob:
     criteria = build_stop(stop, source="--stop" if _flag(args, "stop") else source)
     check_envs(config, source=source)
     at_end = _flag(args, "checkpoint_at_end")
+    run_dir = _run_dir(args, experiment)
     return TrainJob(
-        config=config, stop=criteria, run_dir=_run_dir(args, experiment),
+        config=config, stop=criteria, run_dir=run_dir,
         checkpoint_freq=_first_given(_flag(args, "checkpoint_freq"), experiment.checkpoint_freq, 0),
         checkpoint_at_end=_first_given(at_end, experiment.checkpoint_at_end, True),
-        resume=bool(_flag(args, "resume", False)))
+        resume=bool(_flag(args, "resume", False)), allow_config_change=bool(_flag(args, "allow_config_change", False)),
+        callbacks=_tracker_callbacks(args, run_dir, experiment.name))
+
+
+def _tracker_callbacks(args: argparse.Namespace, run_dir: pathlib.Path, name: str) -> list[Any]:
+    """Tune's logger callbacks for --wandb / --mlflow (a missing package is a one-line error naming the extra)."""
+    callbacks = []
+    if _flag(args, "wandb"):
+        callbacks.append(wandb_callback(args.wandb, run_dir=run_dir, quiet=not _flag(args, "verbose", False)))
+    if _flag(args, "mlflow"):
+        callbacks.append(mlflow_callback(args.mlflow, experiment_name=name))
+    return callbacks
 
 
 def _first_given(*values: Any) -> Any:
@@ -505,10 +537,16 @@ def _train_command(args: argparse.Namespace) -> None:
     quiet = not _flag(args, "verbose", False)
     with quiet_output(quiet):  # from the start: RLlib logs its new-API-stack note when the config is validated
         job = _train_job(args)
-        plan_run(job.run_dir, resume=job.resume)  # a run already there without --resume: fail before Ray starts
+        # A run already there without --resume, a resume with another config, a tracker that cannot start: fail
+        # before Ray starts.
+        start = prepare_run(job.config, job.stop, checkpoint_dir=job.run_dir, resume=job.resume,
+                            allow_config_change=job.allow_config_change)
+        TrackerHooks(job.callbacks, run_dir=job.run_dir, params=start.params).setup(job.stop.thresholds)
         with _ray_session(quiet=quiet):
             train(job.config, job.stop, checkpoint_dir=job.run_dir, checkpoint_every=job.checkpoint_freq,
-                  checkpoint_at_end=job.checkpoint_at_end, resume=job.resume, quiet=quiet)
+                  checkpoint_at_end=job.checkpoint_at_end, resume=job.resume,
+                  allow_config_change=job.allow_config_change, quiet=quiet, command=args.command_line,
+                  callbacks=job.callbacks)
 
 
 def _evaluate_command(args: argparse.Namespace) -> None:
@@ -548,6 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rllib`` console script. Returns the exit status: 0 done, 1 training failed, 2 bad
     arguments, config or checkpoint, 130 interrupted."""
     args = build_parser().parse_args(argv)
+    args.command_line = list(sys.argv) if argv is None else ["rllib", *argv]  # recorded in run_info.json
     try:
         COMMANDS[args.command](args)
     except ExperimentError as error:

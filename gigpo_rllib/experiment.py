@@ -17,6 +17,8 @@ Two YAML layouts are read:
 from __future__ import annotations
 
 import copy
+import importlib
+import json
 import pathlib
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -74,12 +76,19 @@ def merge_settings(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict
 
 
 def read_experiment_file(path: str | pathlib.Path) -> Experiment:
-    """Parse a YAML experiment file in either layout (see module docstring); nothing is validated yet."""
+    """Parse a YAML experiment file in either layout (see module docstring); nothing is validated yet. A ``.json``
+    file (such as a run directory's ``params.json``) is read as JSON: YAML would take ``1e-05`` for a string."""
     import yaml
 
     path = pathlib.Path(path)
     if not path.is_file():
         raise ExperimentError(f"experiment file not found: {str(path)!r}")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ExperimentError(f"{path}: not valid JSON: {error}") from error
+        return experiment_from_mapping(data, source=str(path), default_name=path.stem)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
@@ -153,6 +162,70 @@ def normalize_algo(name: Any, *, source: str = "--algo") -> str:
                           "(GRPO = GiGPO with adv_estimator: grpo)")
 
 
+# ------------------------------------------------------------------------------------- Python objects in files
+
+PYTHON_OBJECT = "__python__"
+"""``{"__python__": "module:qualified.name"}`` in a file stands for the class or function of that import path (the
+form :func:`encode_settings` gives config values JSON cannot hold, such as RLlib's ``env_runner_cls``)."""
+UNRECORDED_OBJECT = "__unrecorded__"
+"""``{"__unrecorded__": "repr"}``: a value that has no import path (a lambda, a local class); it cannot be read back."""
+
+
+def encode_settings(value: Any) -> Any:
+    """``value`` (config keys and their values) in a form JSON holds and :func:`build_config` reads back: classes
+    and functions become ``{"__python__": "module:name"}``, tuples and sets lists; anything else JSON cannot
+    hold becomes ``{"__unrecorded__": repr}``."""
+    if isinstance(value, Mapping):
+        return {str(key): encode_settings(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_settings(item) for item in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((encode_settings(item) for item in value), key=repr)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    path = _import_path(value)
+    return {PYTHON_OBJECT: path} if path is not None else {UNRECORDED_OBJECT: repr(value)}
+
+
+def _import_path(value: Any) -> str | None:
+    module, name = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    if not module or not name or "<" in name:
+        return None
+    try:
+        return f"{module}:{name}" if _resolve_import_path(module, name) is value else None
+    except (ImportError, AttributeError):
+        return None
+
+
+def _resolve_import_path(module: str, name: str) -> Any:
+    found = importlib.import_module(module)
+    for part in name.split("."):
+        found = getattr(found, part)
+    return found
+
+
+def decode_settings(value: Any, *, source: str, key: str = "") -> Any:
+    """The inverse of :func:`encode_settings`: import the objects named by ``{"__python__": ...}``. An object that
+    was not recorded, or an import path that does not resolve, raises :class:`ExperimentError` naming the key."""
+    if isinstance(value, list):
+        return [decode_settings(item, source=source, key=key) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {UNRECORDED_OBJECT}:
+        raise ExperimentError(f"{source}: {key} was a Python object without an import path ({value[UNRECORDED_OBJECT]}), "
+                              "so the file could not record it; set it in Python, or give "
+                              f'{{"{PYTHON_OBJECT}": "module:name"}}')
+    if set(value) == {PYTHON_OBJECT}:
+        module, _, name = str(value[PYTHON_OBJECT]).partition(":")
+        try:
+            return _resolve_import_path(module, name)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise ExperimentError(f"{source}: {key}: cannot import {value[PYTHON_OBJECT]!r} ({type(error).__name__}: "
+                                  f"{error}); expected \"module:name\"") from error
+    return {name: decode_settings(item, source=source, key=f"{key}/{name}" if key else name)
+            for name, item in value.items()}
+
+
 # ------------------------------------------------------------------------------------------------ validation
 
 
@@ -172,7 +245,7 @@ def build_config(settings: Mapping[str, Any], *, algo: str = "GiGPO", source: st
 
     if not isinstance(settings, Mapping):
         raise ExperimentError(f"{source}: expected a mapping of config keys, got {type(settings).__name__}")
-    settings = dict(settings)
+    settings = decode_settings(dict(settings), source=source)
     if "stop" in settings:
         raise ExperimentError(f"{source}: 'stop' is not a config key; put it next to the config (flat layout: at "
                               "the top level; RLlib layout: beside `config:`), or pass --stop")

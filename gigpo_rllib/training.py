@@ -12,14 +12,17 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from gigpo_rllib.checkpoints import (clear_leftovers, config_from_checkpoint, plan_run,
                                      save_checkpoint, write_error_file)
 from gigpo_rllib.experiment import DEFAULT_STOP_ITERS, ExperimentError, build_stop
 from gigpo_rllib.logging_utils import filtered_native_stderr
 from gigpo_rllib.progress import RunLogs, format_progress, iteration_metrics
+from gigpo_rllib.run_records import (check_resume_config, forget_run_records, read_params, run_params,
+                                     write_run_records)
 from gigpo_rllib.stopping import TRAINING_ITERATION, StopCriteria, StopKeyError
+from gigpo_rllib.trackers import TrackerHooks
 
 TIME_SPLIT = ("rollout_s", "advantages_s", "update_s", "sync_s")
 # Settings compared with a checkpoint's when resuming, to point out what the user changed in between.
@@ -64,7 +67,8 @@ def as_stop_criteria(stop: int | Mapping[str, Any] | StopCriteria | None) -> Sto
 
 def train(config, stop: int | Mapping[str, Any] | StopCriteria | None = None, *,
           checkpoint_dir: str | pathlib.Path, checkpoint_every: int = 0, checkpoint_at_end: bool = True,
-          resume: bool = False, quiet: bool = True, out=None) -> dict[str, Any]:
+          resume: bool = False, allow_config_change: bool = False, quiet: bool = True, out=None,
+          command: Sequence[str] | None = None, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Train until a stop criterion is met, printing one progress line per iteration.
 
     Args:
@@ -77,36 +81,73 @@ def train(config, stop: int | Mapping[str, Any] | StopCriteria | None = None, *,
         resume: continue the run in ``checkpoint_dir`` from its last complete checkpoint (iteration counter,
             weights, optimizer and seed counters restored; later progress rows dropped). Without it a directory
             that already holds a run is an error.
+        allow_config_change: resume even when ``config`` differs from the run's ``params.json`` (the changed
+            keys are recorded in ``run_info.json``); without it such a resume raises
+            :class:`~gigpo_rllib.run_records.ConfigChanged` listing them. ``stop`` may always change.
         quiet: drop Ray's known-harmless native log line while the actors are built.
+        command: the command line recorded in ``run_info.json`` (default ``sys.argv``).
+        callbacks: Ray Tune callbacks, such as ``ray.air.integrations.wandb.WandbLoggerCallback`` and
+            ``ray.air.integrations.mlflow.MLflowLoggerCallback``: they get the run's config, every iteration's result
+            and, at the end, the learning curve, as under ``tune.Tuner`` (see :mod:`gigpo_rllib.trackers`).
 
     Returns:
         A summary dict: ``iterations`` (trained in this call), ``time_s``, ``final``/``best`` return and success,
         ``mean_iteration_times``, ``checkpoint`` (the last path), ``progress_csv``, ``run_dir``, ``stopped_by``.
 
     Raises:
-        ExperimentError: a bad stop key, or a run directory that does not fit ``resume``.
+        ExperimentError: a bad stop key, a run directory that does not fit ``resume``, or a resume whose config
+            differs from ``params.json`` (see ``allow_config_change``).
         TrainingFailed: training failed or was interrupted (the message says where the logs and checkpoint are).
     """
     out = out or sys.stdout
     criteria = as_stop_criteria(stop)
-    plan = plan_run(checkpoint_dir, resume=resume)
-    session = _Session(config, criteria, plan, checkpoint_every=checkpoint_every,
-                       checkpoint_at_end=checkpoint_at_end, quiet=quiet, out=out)
+    start = prepare_run(config, criteria, checkpoint_dir=checkpoint_dir, resume=resume,
+                        allow_config_change=allow_config_change, command=command)
+    session = _Session(config, criteria, start, checkpoint_every=checkpoint_every,
+                       checkpoint_at_end=checkpoint_at_end, quiet=quiet, out=out, callbacks=callbacks)
     return session.run()
+
+
+def prepare_run(config, stop: StopCriteria, *, checkpoint_dir: str | pathlib.Path, resume: bool,
+                allow_config_change: bool = False, command: Sequence[str] | None = None) -> "RunStart":
+    """Everything about the run directory that can fail before Ray starts: :func:`plan_run` (a run already there
+    without ``resume``), and a resume's config against the run's ``params.json``
+    (:func:`~gigpo_rllib.run_records.check_resume_config`). Nothing is written yet."""
+    return RunStart(config, stop, plan_run(checkpoint_dir, resume=resume), allow_change=allow_config_change,
+                    command=sys.argv if command is None else command)
+
+
+class RunStart:
+    """How a call of :func:`train` starts: its :class:`~gigpo_rllib.checkpoints.RunPlan` and the records it
+    writes (``params.json``, ``run_info.json``; see :mod:`gigpo_rllib.run_records`)."""
+
+    def __init__(self, config, stop: StopCriteria, plan, *, allow_change: bool, command: Sequence[str]):
+        self.plan, self.run_dir, self.command = plan, pathlib.Path(plan.run_dir), list(command)
+        self.params = run_params(config, stop.thresholds)
+        # A run restarting from iteration 0 (no checkpoint to resume from) is a fresh start: new records.
+        self.resumed_from = plan.iteration if plan.checkpoint is not None else None
+        self.params_were_recorded = self.resumed_from is None or read_params(self.run_dir) is not None
+        self.changes = (check_resume_config(self.run_dir, self.params, allow_change=allow_change)
+                        if self.resumed_from is not None else {})
+
+    def write_records(self) -> None:
+        write_run_records(self.run_dir, self.params, command=self.command, resumed_from=self.resumed_from,
+                          changes=self.changes)
 
 
 class _Session:
     """One call of :func:`train`: the algorithm, its logs, and what happened so far."""
 
-    def __init__(self, config, criteria: StopCriteria, plan, *, checkpoint_every: int, checkpoint_at_end: bool,
-                 quiet: bool, out):
-        self.config, self.criteria, self.plan = config, criteria, plan
-        self.run_dir = pathlib.Path(plan.run_dir)
+    def __init__(self, config, criteria: StopCriteria, start: RunStart, *, checkpoint_every: int,
+                 checkpoint_at_end: bool, quiet: bool, out, callbacks: Sequence[Any]):
+        self.config, self.criteria, self.start, self.plan = config, criteria, start, start.plan
+        self.run_dir = start.run_dir
+        self.trackers = TrackerHooks(callbacks, run_dir=self.run_dir, params=start.params)
         self.checkpoint_every, self.checkpoint_at_end, self.quiet, self.out = (checkpoint_every, checkpoint_at_end,
                                                                                 quiet, out)
         self.rows: list[dict[str, float]] = []
-        self.checkpoint: pathlib.Path | None = plan.checkpoint
-        self.checkpointed_iteration = plan.iteration if plan.checkpoint else None
+        self.checkpoint: pathlib.Path | None = start.plan.checkpoint
+        self.checkpointed_iteration = start.plan.iteration if start.plan.checkpoint else None
         self.stopped_by: list[str] = []
         self.algo = None
 
@@ -119,8 +160,10 @@ class _Session:
         started = time.perf_counter()
         self._announce_plan()
         clear_leftovers(self.plan)
+        self.start.write_records()
+        self.trackers.setup(self.criteria.thresholds)
         self.algo = self._build()
-        logs = None
+        logs, failed = None, True
         try:
             self._restore()
             # Only now that the checkpoint has loaded: a resume that fails keeps every progress row it had.
@@ -129,7 +172,10 @@ class _Session:
                      f"{self.config.rollout_batch_size} trajectories per iteration, {self.config.num_env_runners} "
                      f"env runner(s)); {self._stop_text()}; run directory {self.run_dir} (progress.csv, "
                      "TensorBoard events, checkpoints)")
+            with filtered_native_stderr(active=self.quiet):  # W&B's logging actor gets the core worker's note too
+                self.trackers.start()
             self._train_loop(logs)
+            failed = False
         except StopKeyError as error:
             self._forget_empty_run_dir()
             raise ExperimentError(str(error)) from None
@@ -140,6 +186,7 @@ class _Session:
         finally:
             if logs is not None:
                 logs.close()
+            self._end_trackers(failed=failed)
             self.algo.stop()
         summary = _summary(self.rows, time.perf_counter() - started, self.checkpoint, logs.csv.path)
         summary.update(run_dir=str(self.run_dir), stopped_by=self.stopped_by)
@@ -151,6 +198,10 @@ class _Session:
             self.say(f"warning: skipping damaged checkpoint {checkpoint}: {problem}")
         if self.plan.resume and self.plan.checkpoint is None:
             self.say(f"--resume: no complete checkpoint in {self.run_dir}; starting from iteration 0")
+        if self.start.changes:
+            changed = "; ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in self.start.changes.items())
+            self.say(f"warning: resuming with a config that differs from params.json (recorded in run_info.json): "
+                     f"{changed}")
 
     def _build(self):
         # Actor creation is where Ray's C++ core worker prints its harmless note (see logging_utils).
@@ -163,7 +214,8 @@ class _Session:
     def _restore(self) -> None:
         if self.plan.checkpoint is None:
             return
-        self._note_changed_settings()
+        if not self.start.params_were_recorded:  # a run from before params.json: compare with the checkpoint's config
+            self._note_changed_settings()
         try:
             self.algo.restore_from_path(str(self.plan.checkpoint.resolve()))
         except Exception as error:  # noqa: BLE001 - a checkpoint that passed the size checks but does not load
@@ -185,11 +237,18 @@ class _Session:
             self.rows.append(row)
             self.say(format_progress(row))
             self.stopped_by = self.criteria.reached(result)
+            self.trackers.result(result, row, last=bool(self.stopped_by))
             if self.checkpoint_every and self.algo.iteration % self.checkpoint_every == 0 and not self.stopped_by:
                 self._save()
         self.say(f"stopping: {', '.join(self.stopped_by)}")
         if self.checkpoint_at_end:
             self._save()
+
+    def _end_trackers(self, *, failed: bool) -> None:
+        try:
+            self.trackers.end(failed=failed)
+        except Exception as error:  # noqa: BLE001 - the run's own outcome (and any error of it) matters more
+            self.say(f"warning: an experiment tracker failed to finish: {type(error).__name__}: {error}")
 
     def _save(self) -> None:
         if self.checkpointed_iteration == self.algo.iteration:
@@ -226,8 +285,10 @@ class _Session:
 
     def _forget_empty_run_dir(self) -> None:
         # A bad stop key stops a fresh run before anything is written: leave no empty run directory behind.
-        if not self.plan.resume and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
-            self.run_dir.rmdir()
+        if not self.plan.resume and self.run_dir.is_dir():
+            forget_run_records(self.run_dir)
+            if not any(self.run_dir.iterdir()):
+                self.run_dir.rmdir()
 
     # ----------------------------------------------------------------------------------------- reporting
 

