@@ -40,14 +40,16 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ESTIMATORS = ("gigpo", "grpo")
+# What is compared: each variant's name -> (the training keys it sets, its number of remote env runners).
+ESTIMATORS = {"gigpo": ({"adv_estimator": "gigpo"}, 0), "grpo": ({"adv_estimator": "grpo"}, 0)}
 # Student's t quantile for a two-sided 95% interval, by degrees of freedom.
 T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 FINAL_WINDOW = 5
 
 
-def task_config(task: str, estimator: str, seed: int):
-    """The GiGPOConfig of one run, and its env-step budget."""
+def task_config(task: str, training: dict, env_runners: int, seed: int):
+    """The GiGPOConfig of one run (the task's, with ``training`` keys set and ``env_runners`` remote env runners of one
+    CPU), and its env-step budget."""
     from gigpo_rllib.cli import load_experiment
 
     if task == "frozenlake":
@@ -70,16 +72,19 @@ def task_config(task: str, estimator: str, seed: int):
         budget = 15_000
     else:
         raise ValueError(f"unknown task {task!r}; tasks: frozenlake, long, corridor")
-    config.training(adv_estimator=estimator, val_interval=0).env_runners(num_env_runners=0).debugging(seed=seed)
+    config.training(val_interval=0, **training).debugging(seed=seed)
+    config.env_runners(num_env_runners=env_runners, num_cpus_per_env_runner=1)
     return config, budget
 
 
-def train_run(task: str, estimator: str, seed: int, budget_scale: float, max_iterations: int | None) -> dict:
-    """One training run until the env-step budget: its curve (env steps, success rate) and wall time."""
+def train_run(task: str, variant: str, settings: tuple[dict, int], seed: int, budget_scale: float,
+              max_iterations: int | None) -> dict:
+    """One training run of ``variant`` (its ``settings``: training keys, remote env runners) until the env-step
+    budget: its curve (env steps, success rate) and wall time."""
     import torch
 
     torch.set_num_threads(1)
-    config, budget = task_config(task, estimator, seed)
+    config, budget = task_config(task, *settings, seed)
     budget = int(budget * budget_scale)
     started = time.perf_counter()
     algo = config.build_algo()
@@ -95,7 +100,7 @@ def train_run(task: str, estimator: str, seed: int, budget_scale: float, max_ite
             per_seed.append(runners.get("pool_seed_success", {}))
     finally:
         algo.stop()
-    return {"task": task, "estimator": estimator, "seed": seed, "env_steps": steps, "success": success,
+    return {"task": task, "variant": variant, "seed": seed, "env_steps": steps, "success": success,
             "pool_seed_success": pool_curves(per_seed), "anchor_mean_group_size": group_size,
             "anchor_singleton_fraction": singletons, "wall_s": time.perf_counter() - started, "budget": budget}
 
@@ -148,7 +153,7 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
-def plot(runs: list[dict], tasks: list[str], path: pathlib.Path) -> None:
+def plot(runs: list[dict], tasks: list[str], variants: list[str], title: str, path: pathlib.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,8 +162,8 @@ def plot(runs: list[dict], tasks: list[str], path: pathlib.Path) -> None:
 
     figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
     for axis, task in zip(axes[0], tasks):
-        for estimator, colour in zip(ESTIMATORS, ("tab:blue", "tab:orange")):
-            group = [run for run in runs if run["task"] == task and run["estimator"] == estimator]
+        for variant, colour in zip(variants, ("tab:blue", "tab:orange", "tab:green")):
+            group = [run for run in runs if run["task"] == task and run["variant"] == variant]
             if not group:
                 continue
             grid = np.linspace(0, min(run["env_steps"][-1] for run in group), 60)
@@ -166,7 +171,7 @@ def plot(runs: list[dict], tasks: list[str], path: pathlib.Path) -> None:
             mean = curves.mean(0)
             half = (T_95.get(len(group) - 1, 1.96) * curves.std(0, ddof=1) / math.sqrt(len(group))
                     if len(group) > 1 else np.zeros_like(mean))
-            axis.plot(grid, mean, color=colour, label=f"{estimator} ({len(group)} seeds)")
+            axis.plot(grid, mean, color=colour, label=f"{variant} ({len(group)} seeds)")
             axis.fill_between(grid, np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1), color=colour, alpha=0.2)
         axis.set_title(task)
         axis.set_xlabel("env steps")
@@ -174,39 +179,44 @@ def plot(runs: list[dict], tasks: list[str], path: pathlib.Path) -> None:
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
         axis.legend(loc="lower right")
-    figure.suptitle("GiGPO vs GRPO: mean success with 95% interval")
+    figure.suptitle(f"{title}: mean success with 95% interval")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
 def print_table(summaries: dict) -> None:
-    print(f"\n{'task':<11}| {'estimator':<9}| {'final success (95% CI)':>22} | {'steps to 50%':>14} | "
+    print(f"\n{'task':<11}| {'variant':<13}| {'final success (95% CI)':>22} | {'steps to 50%':>14} | "
           f"{'steps to 80%':>14} | {'AUC':>5} | {'wall s':>6} | {'anchor group':>12} | {'singletons':>10}")
-    print("-" * 126)
-    for (task, estimator), summary in summaries.items():
+    print("-" * 130)
+    for (task, variant), summary in summaries.items():
         def steps(threshold: int) -> str:
             value = summary[f"steps_to_{threshold}"]
             reached = f"({summary[f'reached_{threshold}']}/{summary['seeds']})"
             return f"{value:>7,.0f} {reached}" if value is not None else f"{'never':>7} {reached}"
 
         final = f"{summary['final_success_mean']:.3f} ± {summary['final_success_ci95']:.3f}"
-        print(f"{task:<11}| {estimator:<9}| {final:>22} | {steps(50):>14} | {steps(80):>14} | "
+        print(f"{task:<11}| {variant:<13}| {final:>22} | {steps(50):>14} | {steps(80):>14} | "
               f"{summary['auc_mean']:>5.3f} | {summary['wall_s_mean']:>6.0f} | "
               f"{summary['anchor_mean_group_size']:>12.1f} | {summary['anchor_singleton_fraction']:>10.2f}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", nargs="+", default=["frozenlake", "long", "corridor"])
-    parser.add_argument("--seeds", type=int, default=5, help="training seeds per task and estimator")
+def add_arguments(parser: argparse.ArgumentParser, tasks: list[str], out: pathlib.Path) -> None:
+    """The options of a learning comparison (this script's, and ``bench_async.py --learning``'s)."""
+    parser.add_argument("--tasks", nargs="+", default=tasks, choices=["frozenlake", "long", "corridor"])
+    parser.add_argument("--seeds", type=int, default=5, help="training seeds per task and variant")
     parser.add_argument("--first-seed", type=int, default=0,
                         help="the training seeds are first-seed .. first-seed + seeds - 1 (e.g. 10 for seeds that "
                              "no setting was tuned on)")
-    parser.add_argument("--workers", type=int, default=2, help="runs at a time (one CPU each)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "learning"))
+    parser.add_argument("--workers", type=int, default=2, help="runs at a time")
+    parser.add_argument("--out", default=str(out))
     parser.add_argument("--quick", action="store_true", help="smoke mode: one seed, 2 iterations per run")
-    args = parser.parse_args()
+
+
+def compare(variants: dict[str, tuple[dict, int]], args: argparse.Namespace, title: str) -> dict:
+    """Train every task x variant x seed (``--workers`` runs at a time, each with one CPU for the learner and one
+    per remote env runner), print the table, write ``learning.json`` and ``learning.png`` into ``--out``; returns
+    the summaries by ``(task, variant)``."""
     seeds = 1 if args.quick else args.seeds
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,37 +224,53 @@ def main() -> None:
     import ray
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
+    cpus_per_run = 1 + max(env_runners for _, env_runners in variants.values())
+    ray.init(num_cpus=args.workers * cpus_per_run, include_dashboard=False, log_to_driver=False,
+             configure_logging=False,
+             # The benchmarks folder too: train_run travels by reference when another script imports this one.
+             runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}",
+                                       "OMP_NUM_THREADS": "1"}})
     remote_run = ray.remote(num_cpus=1)(train_run)
     started = time.perf_counter()
+    queued = [(task, name, settings, seed, 1.0, 2 if args.quick else None)
+              for task in args.tasks for seed in range(args.first_seed, args.first_seed + seeds)
+              for name, settings in variants.items()]
     try:
-        pending = [remote_run.remote(task, estimator, seed, 1.0, 2 if args.quick else None)
-                   for task in args.tasks for seed in range(args.first_seed, args.first_seed + seeds)
-                   for estimator in ESTIMATORS]
-        runs = []
-        while pending:
+        # Submitted --workers at a time: Ray frees a task's CPU while it waits on its env runners, so CPU
+        # reservations alone would start more runs at once.
+        pending, runs = [], []
+        while queued or pending:
+            while queued and len(pending) < args.workers:
+                pending.append(remote_run.remote(*queued.pop(0)))
             done, pending = ray.wait(pending, num_returns=1)
             run = ray.get(done[0])
             runs.append(run)
-            print(f"[{time.perf_counter() - started:6.0f}s] {run['task']:<10} {run['estimator']:<5} seed {run['seed']}: "
+            print(f"[{time.perf_counter() - started:6.0f}s] {run['task']:<10} {run['variant']:<12} seed {run['seed']}: "
                   f"final success {statistics.fmean(run['success'][-FINAL_WINDOW:]):.3f} after "
                   f"{run['env_steps'][-1]:,} env steps ({run['wall_s']:.0f} s)", flush=True)
     finally:
         ray.shutdown()
-    summaries = {(task, estimator): summarize([run for run in runs if run["task"] == task
-                                               and run["estimator"] == estimator])
-                 for task in args.tasks for estimator in ESTIMATORS}
+    summaries = {(task, name): summarize([run for run in runs if run["task"] == task and run["variant"] == name])
+                 for task in args.tasks for name in variants}
     print_table(summaries)
     (out / "learning.json").write_text(json.dumps(
-        {"runs": sorted(runs, key=lambda run: (run["task"], run["estimator"], run["seed"])),
-         "summary": {f"{task}/{estimator}": summary for (task, estimator), summary in summaries.items()},
+        {"variants": {name: {"training": training, "num_env_runners": env_runners}
+                      for name, (training, env_runners) in variants.items()},
+         "runs": sorted(runs, key=lambda run: (run["task"], run["variant"], run["seed"])),
+         "summary": {f"{task}/{name}": summary for (task, name), summary in summaries.items()},
          "total_wall_s": time.perf_counter() - started}, indent=1))
     try:
-        plot(runs, args.tasks, out / "learning.png")
+        plot(runs, args.tasks, list(variants), title, out / "learning.png")
         print(f"\nwritten: {out / 'learning.json'}, {out / 'learning.png'}")
     except ImportError:
         print(f"\nwritten: {out / 'learning.json'} (no plot: matplotlib is not installed)")
+    return summaries
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser, ["frozenlake", "long", "corridor"], ROOT / "benchmarks" / "results" / "learning")
+    compare(ESTIMATORS, parser.parse_args(), "GiGPO vs GRPO")
 
 
 if __name__ == "__main__":

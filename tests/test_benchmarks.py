@@ -41,6 +41,17 @@ def test_bench_learning_quick_covers_every_task_and_estimator(tmp_path):
     assert "final success (95% CI)" in out
 
 
+def test_bench_async_learning_compares_sequential_and_one_step_off_runs(tmp_path):
+    out = run_benchmark("bench_async.py", "--learning", "--quick", "--tasks", "corridor", "--out", tmp_path)
+    report = json.loads((tmp_path / "learning.json").read_text())
+    assert sorted(report["summary"]) == ["corridor/one-step off", "corridor/sequential"]
+    assert {name: variant["training"]["max_off_policy_steps"] for name, variant in report["variants"].items()} == {
+        "sequential": 0, "one-step off": 1}
+    assert all(variant["num_env_runners"] == 1 for variant in report["variants"].values())
+    assert all(len(run["success"]) == 2 and run["env_steps"][-1] > 0 for run in report["runs"])
+    assert "final success (95% CI)" in out
+
+
 @pytest.mark.parametrize("script, arguments, header", [
     ("bench_advantages.py", ["--repeats", "1", "--loop-repeats", "1"], "ms/51,200"),
     ("bench_envs.py", ["--steps", "50", "--repeats", "1", "--generations", "5"], "steps/s"),

