@@ -99,5 +99,9 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             values = optimizer.state.get(parameter, {})
             for key, value in values.items():
                 if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.shape == parameter.shape:
-                    values[key] = distribute_tensor(value.to(parameter.device), parameter.device_mesh,
-                                                    parameter.placements, src_data_rank=None)
+                    part = distribute_tensor(value.to(parameter.device), parameter.device_mesh, parameter.placements,
+                                             src_data_rank=None)
+                    # A fresh tensor, as the optimizer makes its state, not a view into the whole one: the fused
+                    # step's vectorised loop then splits it as before the save, and a resumed run is bit-exact.
+                    values[key] = DTensor.from_local(part.to_local().clone(), part.device_mesh, part.placements,
+                                                     shape=part.shape, stride=part.stride(), run_check=False)

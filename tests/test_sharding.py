@@ -137,8 +137,13 @@ def test_fsdp_holds_about_half_of_ddp_per_learner(runs):
 
 
 def test_fsdp_resume_is_exact(runs):
+    # The restored state is bit-exact (next test). The update after it matches to float rounding only: two
+    # identical updates of two gloo learners differ in the last bit even with DDP (measured), from the
+    # reductions, not from the checkpoint.
     fsdp = runs["fsdp"]
-    np.testing.assert_array_equal(fsdp["resumed_second_update"], fsdp["after_second_update"])
+    resumed, uninterrupted = (fsdp[key].view(np.float32) for key in ("resumed_second_update", "after_second_update"))
+    assert not np.allclose(uninterrupted, fsdp["packed"].buffer.view(np.float32))  # the second update moved them
+    np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-6, atol=1e-7)  # a step moves weights by ~lr = 1e-3
 
 
 def test_fsdp_checkpoint_restores_into_one_learner_and_back(runs):
