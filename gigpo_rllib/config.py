@@ -276,6 +276,18 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("gradient_checkpointing", False, "Recompute the decoder's activations in the backward pass instead of "
               "keeping them (non-reentrant, as DDP needs): much less learner memory for about a third more "
               "compute.", check=FLAG),
+    ConfigKey("learner_sharding", "ddp", "How several learners (`num_learners` > 1) hold the model: `ddp` (each "
+              "learner keeps the whole model, its gradients and AdamW state, 16 bytes per parameter; gradients are "
+              "averaged) or `fsdp` (PyTorch FSDP2 `fully_shard` per decoder layer, then the whole model: each of N "
+              "learners keeps 1/N of the float32 weights, gradients and optimizer state, gathering a layer's weights "
+              "only while it runs; with `model_dtype: bfloat16` the gathered weights are cast to bfloat16 for "
+              "compute and gradients are reduced in float32). Checkpoints hold the full (unsharded) state, so a run "
+              "resumes on another number of learners. With one learner both are the same. Not with "
+              "`init_kl_coef` > 0 (the frozen reference copy is not sharded).", ("ddp", "fsdp")),
+    ConfigKey("fsdp_cpu_offload", False, "With `learner_sharding: fsdp`, keep each learner's shard of the weights, "
+              "gradients and optimizer state in host memory and move a layer to the GPU only to compute it (FSDP2 "
+              "`CPUOffloadPolicy`; the optimizer step runs on the CPU): fits larger models, slower updates.",
+              check=FLAG),
     ConfigKey("lora", None, "LoRA fine-tuning (peft, the `lora` extra): `null` trains every weight; a dict "
               "`{r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear}` (a partial dict is merged into these "
               "defaults; `target_modules` also takes a list of module names such as `[q_proj, v_proj]`) adds "
@@ -598,6 +610,7 @@ class GiGPOConfig(AlgorithmConfig):
                  "anchor_canonicalizer", 'null or "module:function"', self.anchor_canonicalizer)
         self._validate_sampler()
         self._validate_env_manager()
+        self._validate_batch_split_over_learners()
         self._validate_learner_sharding()
 
     def _validate_rllib_keys(self) -> None:
@@ -686,6 +699,15 @@ class GiGPOConfig(AlgorithmConfig):
                           "centred advantage is 0 and nothing is learned; use group_size >= 2", stacklevel=2)
 
     def _validate_learner_sharding(self) -> None:
+        if self.learner_sharding == "fsdp" and self.init_kl_coef > 0:
+            raise ValueError("learner_sharding='fsdp' does not shard the frozen reference model that init_kl_coef > 0 "
+                             f"keeps (a whole copy per learner); got init_kl_coef={self.init_kl_coef}. Use "
+                             "learner_sharding='ddp' or init_kl_coef=0")
+        if self.fsdp_cpu_offload and self.learner_sharding != "fsdp":
+            raise ValueError("fsdp_cpu_offload offloads the shards of learner_sharding='fsdp'; got "
+                             f"learner_sharding={self.learner_sharding!r}")
+
+    def _validate_batch_split_over_learners(self) -> None:
         grouping = self.reward_normalization["grouping"]
         if self.num_learners > 1 and grouping == "batch":
             raise ValueError("reward_normalization.grouping='batch' normalises over the whole batch, which needs "

@@ -22,11 +22,13 @@ import torch
 from ray.rllib.core import ALL_MODULES, DEFAULT_MODULE_ID
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
+from ray.rllib.utils.numpy import convert_to_numpy
 from ray.rllib.utils.schedules.piecewise_schedule import PiecewiseSchedule
 
 from gigpo_rllib.losses import gigpo_policy_loss, k3_kl, masked_mean
 from gigpo_rllib.preparation import ADVANTAGES, IS_WEIGHTS, LOSS_WEIGHTS, OLD_LOGPROBS, ShardPreparation
 from gigpo_rllib.rl_module import TOKEN_ENTROPY, TOKEN_LOGPROBS
+from gigpo_rllib.sharding import full_tensor, gathered_optimizer_state, shard_model, shard_optimizer_state
 from gigpo_rllib.weight_sync import pack_weights
 
 # Per-minibatch metrics are averaged over the minibatches of one update and stay tensors until RLlib reduces them
@@ -62,14 +64,87 @@ class GiGPOTorchLearner(ShardPreparation, TorchLearner):
         self._entropy_schedule = PiecewiseSchedule(points, outside_value=points[-1][1], framework=None)
         self._entropy_coef = float(points[0][1])
 
+    @property
+    def is_sharded(self) -> bool:
+        """Whether the model is sharded over the learners (``learner_sharding: fsdp`` with several learners)."""
+        return self.config.learner_sharding == "fsdp" and self.config.num_learners > 1
+
+    def _make_module(self):
+        """RLlib's module on the learner's device, sharded per decoder layer when :attr:`is_sharded`: before the
+        optimizer is built, so that it holds (and keeps state for) this learner's shards only."""
+        module = super()._make_module()
+        if self.is_sharded:
+            rl_module = module[DEFAULT_MODULE_ID]
+            shard_model(rl_module.model, compute_dtype=rl_module.compute_dtype,
+                        cpu_offload=self.config.fsdp_cpu_offload)
+        return module
+
+    def _make_modules_ddp_if_necessary(self) -> None:
+        # A sharded model already reduces its gradients (FSDP2); DDP would hold a whole copy again.
+        if not self.is_sharded:
+            super()._make_modules_ddp_if_necessary()
+
+    # ------------------------------------------------------------------ state of a sharded learner
+
+    def gather_state(self) -> None:
+        """Gather this sharded learner's whole state (weights and optimizer state, each tensor in turn), for the
+        next :meth:`get_state`. A collective: every learner calls it (the algorithm does, before it saves). RLlib
+        then asks one learner for the state, which alone could not gather it; rank 0 keeps it, the layout of one
+        unsharded learner, so a checkpoint restores into any number of learners."""
+        state = super().get_state()
+        self._gathered_state = state if torch.distributed.get_rank() == 0 else None
+
+    def get_state(self, components=None, *, not_components=None, **kwargs):
+        """RLlib's learner state; a sharded learner returns the state of its last :meth:`gather_state` (or the one
+        it was last given by :meth:`set_state`), as asked for by ``components``."""
+        if not self.is_sharded:
+            return super().get_state(components, not_components=not_components, **kwargs)
+        state = getattr(self, "_gathered_state", None)
+        if state is None:
+            raise RuntimeError("a sharded learner's (learner_sharding='fsdp') state is gathered by all learners "
+                               "together: call gather_state() on every learner first, then get_state() on rank 0")
+        return {name: value for name, value in state.items()
+                if name not in self._state_component_names or self._check_component(name, components, not_components)}
+
+    def set_state(self, state) -> None:
+        super().set_state(state)
+        if self.is_sharded:
+            # RLlib's restore reads the weights back from one learner right after: the state just loaded is that.
+            self._gathered_state = state if torch.distributed.get_rank() == 0 else None
+
+    @property
+    def _state_component_names(self) -> set[str]:
+        from ray.rllib.core import COMPONENT_METRICS_LOGGER, COMPONENT_OPTIMIZER, COMPONENT_RL_MODULE
+
+        return {COMPONENT_RL_MODULE, COMPONENT_OPTIMIZER, COMPONENT_METRICS_LOGGER}
+
+    def _get_optimizer_state(self):
+        """RLlib's optimizer state; a sharded learner's gathered whole, tensor by tensor (see
+        :func:`gathered_optimizer_state`)."""
+        if not self.is_sharded:
+            return super()._get_optimizer_state()
+        return {name: {"module_id": self._optimizer_name_to_module[name],
+                       "state": convert_to_numpy(gathered_optimizer_state(optimizer))}
+                for name, optimizer in self._named_optimizers.items()}
+
+    def _set_optimizer_state(self, state) -> None:
+        super()._set_optimizer_state(state)
+        if self.is_sharded:
+            for optimizer in self._named_optimizers.values():
+                shard_optimizer_state(optimizer)
+
+    # ------------------------------------------------------------------------------ weights out
+
     def packed_weights(self, dtype: str):
         """The policy's weights for the samplers: :func:`pack_weights` of the HF model in ``dtype`` (rank 0 only: with
-        several learners the weights are identical, and one copy is enough; other ranks return None)."""
+        several learners one copy is enough; other ranks return None). A sharded model is gathered tensor by tensor,
+        so every rank takes part in the gathers, and only rank 0 holds the buffer."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if distributed and torch.distributed.get_rank() != 0:
+        keep = not distributed or torch.distributed.get_rank() == 0
+        if not keep and not self.is_sharded:
             return None
         with torch.no_grad():
-            return pack_weights(self.module[DEFAULT_MODULE_ID].unwrapped().sampler_state_dict(), dtype)
+            return pack_weights(self.module[DEFAULT_MODULE_ID].unwrapped().sampler_state_dict(), dtype, keep=keep)
 
     def get_parameters(self, module) -> list[torch.nn.Parameter]:
         """The parameters the optimizer updates: the trainable ones (with LoRA the adapters alone, so the optimizer
@@ -85,6 +160,7 @@ class GiGPOTorchLearner(ShardPreparation, TorchLearner):
         self._entropy_coef = float(self._entropy_schedule.value(timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0)))
         self.metrics.log_value((DEFAULT_MODULE_ID, "entropy_coef"), self._entropy_coef, window=1)
         self._start_update_totals()
+        self._gathered_state = None  # a gathered state describes the weights before this update
 
     def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
         super().after_gradient_based_update(timesteps=timesteps)
@@ -121,7 +197,8 @@ class GiGPOTorchLearner(ShardPreparation, TorchLearner):
         """Clip the global gradient norm; a non-finite norm (from a non-finite loss or gradient) marks the step to be
         skipped. All on the device: whether it was finite is read once per update (:meth:`_end_of_update_checks`)."""
         gradients = [g for g in module_gradients_dict.values() if g is not None]
-        norm = torch.nn.utils.get_total_norm(gradients).float()
+        # Sharded gradients give a partial norm; its full value is the global norm over all shards.
+        norm = full_tensor(torch.nn.utils.get_total_norm(gradients)).float()
         self._step_is_finite = torch.isfinite(norm)
         if config.max_grad_norm is not None:
             # A non-finite norm makes the gradients NaN here; the step is skipped anyway.

@@ -34,7 +34,9 @@ every forward pass runs under ``torch.autocast`` in bfloat16. Pure bfloat16 weig
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,6 +48,7 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 from gigpo_rllib.logprobs import forward_token_logprobs
 from gigpo_rllib.lora import add_lora_adapters, adapter_state_dict, is_lora_model, merged_state_dict
 from gigpo_rllib.models import TINY_MODEL_NAME, load_model_and_tokenizer, prepare_for_training
+from gigpo_rllib.sharding import call_as_forward, copy_whole_into, full_tensor
 
 MODEL_ATTR = "model"
 MODULE_PREFIX = MODEL_ATTR + "."
@@ -61,9 +64,13 @@ COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def state_dict_to_numpy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """CPU numpy copies of a torch state dict; bfloat16 tensors become float32 (numpy has no bfloat16, and every
-    ``set_state``/``load_weights`` casts back to the model's own dtype)."""
-    return {name: (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).detach().cpu().numpy()
-            for name, tensor in state_dict.items()}
+    ``set_state``/``load_weights`` casts back to the model's own dtype). Sharded tensors are gathered whole, one at
+    a time (a collective: every rank of a sharded model must call this)."""
+    arrays = {}
+    for name, tensor in state_dict.items():
+        whole = full_tensor(tensor.detach())
+        arrays[name] = (whole.float() if whole.dtype == torch.bfloat16 else whole).cpu().numpy()
+    return arrays
 
 
 def to_sampler_state_dict(module_state: Mapping[str, Any]) -> dict[str, Any]:
@@ -122,18 +129,23 @@ class LLMRLModule(TorchRLModule):
         if allowed is not None:
             allowed = torch.as_tensor(allowed, device=device).long()
         prepared = HOST_MASKS[1] in batch
-        logprobs, entropy = forward_token_logprobs(
+        score = functools.partial(
+            forward_token_logprobs,
             self.model,
-            input_ids,
-            attention_mask,
-            response_mask,
             temperature=self.temperature,
             allowed_responses=allowed,
             autocast_dtype=self.compute_dtype,
             host_masks=(batch[HOST_MASKS[0]], batch[HOST_MASKS[1]]) if prepared else None,
             check_constraint=not prepared,
         )
+        logprobs, entropy = call_as_forward(self.model, score, input_ids, attention_mask, response_mask)
         return {TOKEN_LOGPROBS: logprobs, TOKEN_ENTROPY: entropy}
+
+    def no_sync(self):
+        """RLlib's update enters DDP's ``no_sync`` of every module when there are several learners (around the
+        gradient post-processing); a sharded module is not wrapped in DDP, and its gradients are already reduced in
+        the backward, so there is nothing to hold back."""
+        return contextlib.nullcontext()
 
     def _forward_inference(self, batch: dict[str, Any], **kwargs):
         raise NotImplementedError(
@@ -160,7 +172,7 @@ class LLMRLModule(TorchRLModule):
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Load a (numpy or torch) state dict in place; it may hold a part of the weights (a LoRA module's state is
         its adapters). Tied parameters may appear under one name or both; unknown keys and shape mismatches raise
-        ValueError instead of being skipped silently."""
+        ValueError instead of being skipped silently. A sharded model takes the whole tensors and keeps its parts."""
         own = self.state_dict(keep_vars=True)
         unknown = sorted(set(state) - set(own))
         if unknown:
@@ -174,7 +186,7 @@ class LLMRLModule(TorchRLModule):
                     raise ValueError(
                         f"LLMRLModule.set_state: {name!r} has shape {tuple(src.shape)}, expected {tuple(target.shape)}"
                     )
-                target.data.copy_(src.to(device=target.device, dtype=target.dtype))
+                copy_whole_into(target.data, src)
 
     def sampler_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights a sampler loads: the HF model's own state dict (keys without the ``"model."`` prefix; with

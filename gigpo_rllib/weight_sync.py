@@ -7,6 +7,10 @@ bfloat16), so a sync is one device-to-host copy, one object in Ray's object stor
 :func:`unpack_weights` views into that buffer that the sampler copies in place. Integer tensors (buffers such as
 position ids) travel apart, unchanged: bfloat16 holds integers exactly only up to 256.
 
+A sharded learner's weights (``DTensor`` shards, see :mod:`gigpo_rllib.sharding`) are gathered one tensor at a
+time straight into the buffer, on every rank (the gather is a collective), while only the rank that keeps the
+buffer allocates it.
+
 Pure torch and numpy: no Ray here (the algorithm puts the packed weights into the object store once per iteration).
 """
 
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from gigpo_rllib.sharding import full_tensor, local_tensor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,7 +57,8 @@ def distinct_tensors(named_tensors: Mapping[str, torch.Tensor]) -> tuple[dict[st
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
     tensors, aliases = {}, {}
     for name, tensor in named_tensors.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        local = local_tensor(tensor)
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(tensor.shape))
         if key in seen:
             aliases[name] = seen[key]
         else:
@@ -65,10 +72,11 @@ def synced_bytes(tensors: Mapping[str, torch.Tensor], dtype: str) -> int:
     return sum(tensor.numel() for tensor in tensors.values() if tensor.is_floating_point()) * DTYPES[dtype].itemsize
 
 
-def pack_weights(named_tensors: Mapping[str, torch.Tensor], dtype: str) -> PackedWeights:
+def pack_weights(named_tensors: Mapping[str, torch.Tensor], dtype: str, *, keep: bool = True) -> PackedWeights | None:
     """Pack ``named_tensors`` (a state dict, on any device) into one buffer of ``dtype``; tensors that share
     storage (tied embeddings) are packed once and recorded as aliases, and non-floating tensors are kept apart in
-    their own dtype (``exact``)."""
+    their own dtype (``exact``). ``DTensor`` shards are gathered whole one at a time; ranks that only take part in
+    those gathers pass ``keep=False`` (nothing is allocated, None is returned)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     tensors, aliases = distinct_tensors(named_tensors)
@@ -81,9 +89,13 @@ def pack_weights(named_tensors: Mapping[str, torch.Tensor], dtype: str) -> Packe
     # Each tensor is cast while it is copied into one preallocated buffer on its device (one pass, no per-tensor
     # temporaries), then the buffer goes to the host in one copy (none on CPU), not tensor by tensor.
     device = tensors[entries[0][0]].device if entries else torch.device("cpu")
-    flat = torch.empty(offset, dtype=DTYPES[dtype], device=device)
+    flat = torch.empty(offset if keep else 0, dtype=DTYPES[dtype], device=device)
     for name, _, start in entries:
-        flat[start:start + tensors[name].numel()].copy_(tensors[name].reshape(-1))
+        whole = full_tensor(tensors[name])
+        if keep:
+            flat[start:start + whole.numel()].copy_(whole.reshape(-1))
+    if not keep:
+        return None
     buffer = flat.cpu().view(torch.uint8).numpy()
     return PackedWeights(buffer=buffer, dtype=dtype, entries=tuple(entries), aliases=aliases, exact=exact)
 

@@ -146,6 +146,17 @@ def test_batch_grouping_needs_one_learner():
         config.validate()
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"learner_sharding": "zero3"}, r"learner_sharding must be one of \['ddp', 'fsdp'\], got 'zero3'"),
+    ({"learner_sharding": "fsdp", "init_kl_coef": 0.1}, "does not shard the frozen reference model"),
+    ({"fsdp_cpu_offload": True}, "fsdp_cpu_offload offloads the shards of learner_sharding='fsdp'"),
+    ({"learner_sharding": "fsdp", "fsdp_cpu_offload": "yes"}, "fsdp_cpu_offload must be"),
+])
+def test_bad_learner_sharding_is_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        valid_config(**settings).learners(num_learners=2).validate()
+
+
 def test_group_size_one_warns():
     config = GiGPOConfig().environment("TextFrozenLake-v0").training(
         train_env_manager={"num_env_groups": 4, "group_size": 1}, rollout_batch_size=4)
