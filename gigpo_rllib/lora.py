@@ -90,3 +90,13 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             name = f"{path}{_BASE_LAYER}.weight"
             merged[name] = merged[name] + layer.get_delta_weight(_ADAPTER_NAME).to(merged[name].dtype)
     return {name.replace(_BASE_LAYER + ".", "."): tensor for name, tensor in merged.items()}
+
+
+def peft_adapter_files(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapter of a LoRA ``model`` as peft saves it (tensor names without the adapter name, and the
+    ``adapter_config.json`` contents): what vLLM's LoRA requests load."""
+    from peft import get_peft_model_state_dict
+
+    config = model.peft_config[_ADAPTER_NAME].to_dict()
+    config = {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
+    return get_peft_model_state_dict(model, adapter_name=_ADAPTER_NAME), config

@@ -273,3 +273,44 @@ def test_gigpo_trains_with_the_vllm_sampler(ray_session, runners, constrained):
         assert result["env_runners"]["num_episodes"] == 4
         if constrained:
             assert result["env_runners"]["invalid_action_rate"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def adapter_sampler():
+    from gigpo_rllib.sampling.vllm import VLLMSampler
+
+    engine = VLLMSampler("gigpo-tiny", max_model_len=512, lora_rank=8)
+    yield engine
+    engine.close()
+
+
+def test_an_adapter_alone_syncs_the_learner_to_the_engine(adapter_sampler, learner_model):
+    from gigpo_rllib.lora import add_lora_adapters, peft_adapter_files
+
+    _, tokenizer = learner_model
+    model = add_lora_adapters(load_model_and_tokenizer("gigpo-tiny")[0], {"r": 8, "alpha": 16})
+    params = SamplingParams(temperature=TEMPERATURE, max_new_tokens=12)
+    prompt = multi_turn_prompt(tokenizer)
+    adapter_sampler.load_adapter(*peft_adapter_files(model))
+    # Fresh adapters (B = 0) are the base policy exactly.
+    before = adapter_sampler.generate([prompt], params, seed=1)[0]
+    assert gap(model, prompt, before) <= 1e-3
+    assert adapter_sampler.generate([prompt], params, seed=2)[0].extra["cached_tokens"] > 0
+
+    train_a_little(model, prompt, allowed_replies(tokenizer)[3])
+    assert gap(model, prompt, before) > 0.05, "the update changed nothing"
+    first_id = adapter_sampler._adapter.lora_int_id
+    adapter_sampler.load_adapter(*peft_adapter_files(model))
+
+    after = adapter_sampler.generate([prompt], params, seed=1)[0]
+    assert after.extra["cached_tokens"] == 0, "KV cached under the previous adapter must not be reused"
+    assert gap(model, prompt, after) <= 1e-3
+    assert adapter_sampler.llm.llm_engine.list_loras() == {first_id + 1}, "the previous adapter must be dropped"
+
+
+def test_an_adapter_needs_an_engine_built_for_lora(sampler, learner_model):
+    from gigpo_rllib.lora import add_lora_adapters, peft_adapter_files
+
+    model = add_lora_adapters(load_model_and_tokenizer("gigpo-tiny")[0], {"r": 8})
+    with pytest.raises(RuntimeError, match="lora_rank"):
+        sampler.load_adapter(*peft_adapter_files(model))

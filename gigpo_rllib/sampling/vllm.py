@@ -14,7 +14,10 @@ apply: one reason the learner recomputes the old log-probs by default with this 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -44,6 +47,9 @@ _OWNED_ENGINE_KEYS = {
     "logprobs_mode": "(fixed: processed_logprobs, the log-probs the learner can reproduce)",
     "logits_processors": "(fixed: the action-constraint processor)",
     "generation_config": "(fixed: 'vllm', so a checkpoint's generation_config.json cannot add sampling processors)",
+    "enable_lora": "(set by lora_rank)",
+    "max_lora_rank": "(set by lora_rank)",
+    "max_loras": "(set by lora_rank: one adapter slot, the current weight version's)",
     "async_scheduling": "(fixed: off, because the action-constraint processor reads each request's generated tokens "
                         "so far, which asynchronous scheduling updates one step late)",
 }
@@ -190,10 +196,19 @@ class VLLMSampler(Sampler):
     """
 
     def __init__(self, model_name_or_path: str, *, device: str = "cpu", dtype: str = "float32",
-                 max_model_len: int | None = None, seed: int = 0, engine_kwargs: Mapping[str, Any] | None = None):
+                 max_model_len: int | None = None, seed: int = 0, engine_kwargs: Mapping[str, Any] | None = None,
+                 lora_rank: int | None = None):
         require_vllm()
         engine_kwargs = dict(engine_kwargs or {})
         check_engine_kwargs(engine_kwargs)
+        if lora_rank is not None:
+            if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+                raise ValueError(f"lora_rank must be an integer >= 1 or None, got {lora_rank!r}")
+            engine_kwargs.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=1)
+        self._lora_rank = lora_rank
+        self._adapter: Any = None  # the current LoRA request (vllm.lora.request.LoRARequest), see load_adapter
+        self._adapter_dir: str | None = None
+        self._adapter_version = 0
         # In-process engine: the weight sync passes tensors by reference (no serialisation to an engine process).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from transformers import AutoConfig
@@ -263,7 +278,7 @@ class VLLMSampler(Sampler):
                 seed=request_seeds[i],
                 extra_args={ALLOWED_REPLIES_ARG: [list(r) for r in replies]} if replies else None))
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompt_ids],
-                                    requests, use_tqdm=False)
+                                    requests, use_tqdm=False, lora_request=self._adapter)
         return [_completion(output) for output in outputs]
 
     # ------------------------------------------------------------------ weights
@@ -293,6 +308,32 @@ class VLLMSampler(Sampler):
             raise RuntimeError("vLLM did not clear its prefix cache after the weight sync (it refuses while requests "
                                "are running), so later prompts would reuse KV computed with the old weights")
 
+    def load_adapter(self, tensors: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any]) -> None:
+        """Serve the base weights plus a LoRA adapter from now on (the engine must be built with ``lora_rank``).
+        ``tensors`` and ``adapter_config`` are what peft saves (see :func:`gigpo_rllib.lora.peft_adapter_files`).
+        vLLM 0.32 loads adapters only from a peft-format folder, so they go to a private temp folder; each call
+        is a new adapter id (a prefix-cache entry is keyed by it, so none computed with an older version is
+        reused) and the previous adapter and its folder are dropped."""
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        if self._lora_rank is None:
+            raise RuntimeError("load_adapter needs an engine built with LoRA: pass lora_rank to VLLMSampler")
+        if not tensors:
+            raise ValueError("load_adapter got no adapter tensors")
+        folder = tempfile.mkdtemp(prefix="gigpo-adapter-")
+        save_file({name: _as_tensor(value).contiguous() for name, value in tensors.items()},
+                  os.path.join(folder, "adapter_model.safetensors"))
+        with open(os.path.join(folder, "adapter_config.json"), "w") as config_file:
+            json.dump(dict(adapter_config), config_file)
+        self._adapter_version += 1
+        adapter = LoRARequest(f"weights-v{self._adapter_version}", self._adapter_version, folder)
+        previous, previous_dir = self._adapter, self._adapter_dir
+        self._adapter, self._adapter_dir = adapter, folder
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous_dir, ignore_errors=True)
+
     def state_dict(self) -> Mapping[str, torch.Tensor]:
         raise NotImplementedError("the vLLM engine keeps its weights in kernel formats (repacked, fused); compare "
                                   "its log-probs with the learner's to check a weight sync instead")
@@ -305,6 +346,8 @@ class VLLMSampler(Sampler):
             if engine_core is not None and hasattr(engine_core, "shutdown"):
                 engine_core.shutdown()
             self.llm = None
+            if self._adapter_dir is not None:
+                shutil.rmtree(self._adapter_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
