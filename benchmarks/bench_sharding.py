@@ -13,7 +13,6 @@ update time after the first (warm-up) update.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -22,25 +21,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _bytes(tensors) -> int:
-    from gigpo_rllib.sharding import local_tensor
-
-    return sum(local_tensor(t).numel() * local_tensor(t).element_size() for t in tensors)
+from benchmarks.local_ranks import local_bytes, run_ranks  # noqa: E402
 
 
-def _learner(rank: int, world: int, sharding: str, args, port: int, results) -> None:
+def _learner(rank: int, world: int, sharding: str, args) -> dict | None:
+    """Rank 0's bytes and median update time (other ranks return None)."""
     import torch
-    import torch.distributed as dist
 
-    torch.set_num_threads(1)
     from gigpo_rllib.logprobs import forward_token_logprobs
     from gigpo_rllib.models import load_model_and_tokenizer
     from gigpo_rllib.sharding import call_as_forward, shard_model
 
-    if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
     model, _ = load_model_and_tokenizer(args.model, dtype="float32", device="cpu")
     model.train()
     if world > 1 and sharding == "fsdp":
@@ -67,11 +58,10 @@ def _learner(rank: int, world: int, sharding: str, args, port: int, results) -> 
         optimizer.step()
         times.append(time.perf_counter() - start)
     state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    if rank == 0:
-        results.put({"parameters": _bytes(params), "gradients": _bytes(p.grad for p in params),
-                     "optimizer": _bytes(state), "update_s": statistics.median(times[1:])})
-    if world > 1:
-        dist.destroy_process_group()
+    if rank != 0:
+        return None
+    return {"parameters": local_bytes(params), "gradients": local_bytes(p.grad for p in params),
+            "optimizer": local_bytes(state), "update_s": statistics.median(times[1:])}
 
 
 def _ddp_score(model, score, ids, mask, response):
@@ -92,19 +82,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
-    import torch.multiprocessing as mp
-
-    context = mp.get_context("spawn")
     rows = []
-    for index, (learners, sharding) in enumerate([(1, "ddp"), (2, "ddp"), (2, "fsdp")]):
-        results = context.Queue()
-        processes = [context.Process(target=_learner, args=(rank, learners, sharding, args, 29600 + index, results))
-                     for rank in range(learners)]
-        for process in processes:
-            process.start()
-        result = results.get()
-        for process in processes:
-            process.join()
+    for learners, sharding in [(1, "ddp"), (2, "ddp"), (2, "fsdp")]:
+        result = run_ranks(_learner, learners, sharding, args)[0]
         rows.append((learners, sharding if learners > 1 else "-", result))
     gib = 1 << 30
     print(f"model {args.model}, {args.rows} rows x {args.tokens} tokens, median of {args.steps} updates, rank 0:")

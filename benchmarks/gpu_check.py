@@ -14,6 +14,12 @@
 4. **Log-prob agreement** between what a sampler records (bfloat16 weights, left-padded rows, eval mode) and what
    the learner computes (float32 master weights under bfloat16 autocast, right-padded rows): mean and max
    |difference| over response tokens; and the same pair in float32, which should agree to ~1e-6 (TF32 off).
+5. **Sharded learner** (``learner_sharding: fsdp``) of the first model, on a machine with 2 or more GPUs: two
+   processes (NCCL) shard it as the learners do (:func:`~gigpo_rllib.sharding.shard_model`) and take one float32
+   clipped-PPO update with AdamW, each on half of the rows; the weights after it, gathered, are compared with one
+   GPU's update on all the rows (max |difference| beside the largest weight change), with each rank's peak GPU
+   memory and bytes of parameters, gradients and AdamW state against the single GPU's. With fewer GPUs it is
+   skipped, saying why; ``--device cpu`` runs it on two CPU processes (gloo).
 
     python3 benchmarks/gpu_check.py [--out gpu_check.json] [--models gigpo-0.5b gigpo-1.5b] [--rows 16]
                                     [--prompt 768] [--response 256] [--repeats 3]
@@ -35,12 +41,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.local_ranks import local_bytes, run_ranks  # noqa: E402
 from gigpo_rllib.advantages import EPISODE_GROUPINGS, NORMALIZATION_METHODS, compute_gigpo_advantages  # noqa: E402
 from gigpo_rllib.logprobs import forward_token_logprobs  # noqa: E402
 from gigpo_rllib.lora import add_lora_adapters, merged_state_dict  # noqa: E402
 from gigpo_rllib.losses import gigpo_policy_loss  # noqa: E402
 from gigpo_rllib.models import (_without_dropout, build_tokenizer, offline_model_config,  # noqa: E402
                                 prepare_for_training)
+from gigpo_rllib.sharding import call_as_forward, full_tensor, shard_model  # noqa: E402
 
 
 def advantage_batch(trajectories: int = 1024, max_steps: int = 50, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -222,6 +230,89 @@ def logprob_gap(name: str, device: torch.device, rows: int, prompt: int, respons
     return {"mean_abs": float(difference.mean()), "max_abs": float(difference.max())}
 
 
+SHARDED_RANKS = 2
+
+
+def check_sharded_update(name: str, device: torch.device, rows: int, prompt: int, response: int) -> dict:
+    """One update of ``name`` sharded over two processes (FSDP2, as ``learner_sharding: fsdp``) against one device's
+    update of the same rows: see the module docstring (5)."""
+    if device.type == "cuda" and torch.cuda.device_count() < SHARDED_RANKS:
+        return {"skipped": f"needs {SHARDED_RANKS} GPUs, this machine has {torch.cuda.device_count()}"}
+    if rows % SHARDED_RANKS:
+        raise ValueError(f"the sharded update splits --rows over {SHARDED_RANKS} ranks: got {rows} rows")
+    release(device)  # this process's cached blocks on the first GPU would be missing from rank 0's
+    ranks = run_ranks(sharded_update_rank, SHARDED_RANKS, name, device.type, rows, prompt, response,
+                      backend="nccl" if device.type == "cuda" else "gloo")
+    return {**ranks[0].pop("single"), "ranks": ranks}
+
+
+def sharded_update_rank(rank: int, world: int, name: str, device_type: str, rows: int, prompt: int, response: int
+                        ) -> dict:
+    """One rank of :func:`check_sharded_update`: rank 0 first takes the single-device update (the reference), then
+    every rank its sharded one; the weights are gathered one tensor at a time and compared on rank 0."""
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 on both sides: they differ by reduction order only
+    batch = sharded_check_batch(name, device, rows, prompt, response)
+    single = None
+    if rank == 0:
+        release(device)
+        model = prepare_for_training(make_model(name, device, torch.float32), gradient_checkpointing=False)
+        initial = {key: value.detach().cpu().clone() for key, value in model.named_parameters()}
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        one_update(model, optimizer, batch)
+        single = {"peak_gib": peak_gib(device), "held_gib": held_gib(model, optimizer)}
+        updated = {key: value.detach().cpu() for key, value in model.named_parameters()}
+        del model, optimizer
+    release(device)
+    model = prepare_for_training(make_model(name, device, torch.float32), gradient_checkpointing=False)
+    shard_model(model, compute_dtype=torch.float32, cpu_offload=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    half = rows // world
+    one_update(model, optimizer, tuple(column[rank * half:(rank + 1) * half] for column in batch))
+    result = {"peak_gib": peak_gib(device), "held_gib": held_gib(model, optimizer)}
+    difference = change = 0.0
+    for key, parameter in model.named_parameters():
+        whole = full_tensor(parameter.detach()).cpu()  # a collective: every rank gathers, rank 0 compares
+        if rank == 0:
+            difference = max(difference, float((whole - updated[key]).abs().max()))
+            change = max(change, float((updated[key] - initial[key]).abs().max()))
+    if rank == 0:
+        result["single"] = {**{f"single_{key}": value for key, value in single.items()},
+                            "max_abs_difference": difference, "max_abs_change": change}
+    return result
+
+
+def sharded_check_batch(name: str, device: torch.device, rows: int, prompt: int, response: int):
+    """Right-padded rows with ``response`` tokens each (so each rank's token mean is a mean over as many tokens, and
+    their average the whole batch's) and one advantage per row."""
+    vocab = offline_model_config(name, build_tokenizer()).vocab_size
+    ids, attention, responses = token_batch(rows, prompt, response, vocab, device, True)
+    advantages = torch.randn(rows, generator=torch.Generator().manual_seed(1)).to(device)
+    return ids, attention, responses, advantages
+
+
+def one_update(model, optimizer, batch) -> None:
+    """One float32 clipped-PPO step on ``batch`` from the current weights (old log-probs = current: ratio 1), with
+    the global gradient norm clipped to 1 (over every shard when sharded)."""
+    ids, attention, responses, advantages = batch
+    logprobs, _ = call_as_forward(model, lambda *rows: forward_token_logprobs(model, *rows), ids, attention, responses)
+    loss, _ = gigpo_policy_loss(logprobs, logprobs.detach(), advantages, responses, pg_clip=0.2)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+    optimizer.step()
+
+
+def held_gib(model, optimizer) -> float:
+    """GiB of this rank's parameters, gradients and optimizer state (its own shards when sharded)."""
+    parameters = list(model.parameters())
+    state = [value for values in optimizer.state.values() for value in values.values()
+             if isinstance(value, torch.Tensor) and value.dim() > 0]
+    return local_bytes([*parameters, *(p.grad for p in parameters if p.grad is not None), *state]) / 2**30
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -268,6 +359,17 @@ def main() -> None:
     for dtype, values in report["logprob_gap"].items():
         print(f"sampler vs learner log-probs ({dtype}): mean |difference| {values['mean_abs']:.2e}, max "
               f"{values['max_abs']:.2e}", flush=True)
+    report["sharded_update"] = check_sharded_update(first, device, args.rows, args.prompt, args.response)
+    sharded = report["sharded_update"]
+    if "skipped" in sharded:
+        print(f"sharded update {first}: skipped ({sharded['skipped']})", flush=True)
+    else:
+        per_rank = ", ".join(f"rank {rank} peak {values['peak_gib']:.2f} GiB, holds {values['held_gib']:.3f} GiB"
+                             for rank, values in enumerate(sharded["ranks"]))
+        print(f"sharded update {first} (FSDP, {len(sharded['ranks'])} ranks, float32): {per_rank}; one device: peak "
+              f"{sharded['single_peak_gib']:.2f} GiB, holds {sharded['single_held_gib']:.3f} GiB; weights after "
+              f"the update differ from one device's by up to {sharded['max_abs_difference']:.2e} (the update moved "
+              f"them by up to {sharded['max_abs_change']:.2e})", flush=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"written: {args.out}")
 

@@ -63,6 +63,10 @@ class GiGPOTorchLearner(ShardPreparation, TorchLearner):
         points = coef if isinstance(coef, (list, tuple)) else [[0, coef]]  # a fixed value: a one-point schedule
         self._entropy_schedule = PiecewiseSchedule(points, outside_value=points[-1][1], framework=None)
         self._entropy_coef = float(points[0][1])
+        if self.is_sharded:
+            # The algorithm's setup reads the new weights from one learner (for its samplers), which alone cannot
+            # gather them: they are gathered now, while every learner builds.
+            self.gather_state()
 
     @property
     def is_sharded(self) -> bool:

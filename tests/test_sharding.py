@@ -1,6 +1,7 @@
 """Sharded learners (``learner_sharding: fsdp``) on CPU with gloo: two FSDP2 learners update like two DDP learners
 and like one learner, each holds about half the bytes, the samplers get the same weights, and the gathered
-checkpoint restores into one learner and back into two, exactly.
+checkpoint restores into one learner and back into two, exactly; and so does an algorithm checkpoint (save, then
+a resume with another number of learners).
 
 Two-learner groups take seconds to form, so one module-scoped run builds each kind once and every test reads it.
 """
@@ -166,3 +167,64 @@ def test_fsdp_checkpoint_restores_into_one_learner_and_back(runs):
     back_optimizer = _optimizer_arrays(back)
     for key, value in expected.items():
         np.testing.assert_array_equal(back_optimizer[key], value, err_msg=str(key))
+
+
+def _policy_logprobs(learner) -> np.ndarray:
+    """The learner's policy log-probs of a fixed batch of token rows (a collective when sharded: every learner runs
+    it; the ranks return the same values)."""
+    from gigpo_rllib.logprobs import forward_token_logprobs
+    from gigpo_rllib.sharding import call_as_forward
+
+    model = learner.module["default_policy"].model
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (4, 12), generator=generator)
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    response[:, 8:] = True
+    with torch.no_grad():
+        logprobs, _ = call_as_forward(model, lambda *rows: forward_token_logprobs(model, *rows), ids,
+                                      torch.ones_like(ids), response)
+    return logprobs[response].numpy()
+
+
+def _learner_logprobs_and_optimizer(algo) -> tuple[np.ndarray, dict]:
+    logprobs = [call.get() for call in algo.learner_group.foreach_learner(_policy_logprobs)]
+    return logprobs[0], _optimizer_arrays(algo.get_state()["learner_group"]["learner"])
+
+
+def _assert_same_optimizer_state(state: dict, expected: dict) -> None:
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        np.testing.assert_array_equal(state[key], value, err_msg=str(key))
+
+
+def test_an_algorithm_checkpoint_moves_from_two_sharded_learners_to_one_and_back(ray_session, tmp_path):
+    """The user trains on 2 GPUs (FSDP), resumes on 1, then on 2 again, as ``gigpo-train --resume`` does: the new
+    run's config, then the checkpoint restored into it."""
+    config = learner_config(**SETTINGS).environment(env_config={"max_steps": 3})
+    sharded = config.copy().learners(num_learners=2).training(learner_sharding="fsdp").build_algo()
+    one = None
+    try:
+        sharded.train()
+        saved_logprobs, saved_optimizer = _learner_logprobs_and_optimizer(sharded)
+        steps = {float(value) for (_, key), value in saved_optimizer.items() if key == "step"}
+        assert len(steps) == 1 and steps.pop() > 0  # every parameter took the update's Adam step
+        one = config.copy().learners(num_learners=0).build_algo()
+        untrained_logprobs, _ = _learner_logprobs_and_optimizer(one)
+        assert not np.allclose(untrained_logprobs, saved_logprobs, atol=1e-4)  # the restore has something to carry
+        one.restore_from_path(sharded.save_to_path(str(tmp_path / "two_learners")))
+        assert one.iteration == 1
+        logprobs, optimizer = _learner_logprobs_and_optimizer(one)
+        np.testing.assert_allclose(logprobs, saved_logprobs, rtol=0, atol=1e-6)
+        _assert_same_optimizer_state(optimizer, saved_optimizer)
+
+        one.train()  # the one-learner run moves on; its checkpoint goes back into the sharded learners
+        saved_logprobs, saved_optimizer = _learner_logprobs_and_optimizer(one)
+        sharded.restore_from_path(one.save_to_path(str(tmp_path / "one_learner")))
+        assert sharded.iteration == 2
+        logprobs, optimizer = _learner_logprobs_and_optimizer(sharded)
+        np.testing.assert_allclose(logprobs, saved_logprobs, rtol=0, atol=1e-6)
+        _assert_same_optimizer_state(optimizer, saved_optimizer)
+    finally:
+        sharded.stop()
+        if one is not None:
+            one.stop()
