@@ -42,9 +42,13 @@ def run_ranks(target: Callable[..., Any], world: int, *args: Any, backend: str =
                 rank, value = results.get(timeout=1.0)
                 returned[rank] = value
             except queue.Empty:
-                dead = [f"{rank} (exit code {process.exitcode})" for rank, process in enumerate(processes)
-                        if rank not in returned and process.exitcode not in (None, 0)]
-                if dead:
+                if any(process.exitcode not in (None, 0) for process in processes):
+                    # The first rank to die often takes the others down with it (a broken connection), and may
+                    # still be exiting when they are seen dead: wait a little so the message names it too.
+                    for process in processes:
+                        process.join(timeout=5.0)
+                    dead = [f"{rank} (exit code {process.exitcode})" for rank, process in enumerate(processes)
+                            if rank not in returned and process.exitcode not in (None, 0)]
                     raise RuntimeError(f"of {world} ranks, {', '.join(dead)} exited before returning (tracebacks "
                                        "are printed above)") from None
     finally:
