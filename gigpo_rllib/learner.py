@@ -139,16 +139,26 @@ class GiGPOTorchLearner(ShardPreparation, TorchLearner):
 
     # ------------------------------------------------------------------------------ weights out
 
+    def sampler_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+        """``(tensors, adapter config)``: what a sync hands the samplers. The HF model's weights and None (with LoRA
+        merged into them), or with ``lora_sync: adapter`` the adapters alone and their peft config."""
+        module = self.module[DEFAULT_MODULE_ID].unwrapped()
+        with torch.no_grad():
+            if self.config.lora_sync == "adapter":
+                return module.sampler_adapter()
+            return module.sampler_state_dict(), None
+
     def packed_weights(self, dtype: str):
-        """The policy's weights for the samplers: :func:`pack_weights` of the HF model in ``dtype`` (rank 0 only: with
-        several learners one copy is enough; other ranks return None). A sharded model is gathered tensor by tensor,
-        so every rank takes part in the gathers, and only rank 0 holds the buffer."""
+        """The policy's weights for the samplers: :func:`pack_weights` of :meth:`sampler_weights` in ``dtype`` (rank 0
+        only: with several learners one copy is enough; other ranks return None). A sharded model is gathered tensor
+        by tensor, so every rank takes part in the gathers, and only rank 0 holds the buffer."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         keep = not distributed or torch.distributed.get_rank() == 0
         if not keep and not self.is_sharded:
             return None
+        tensors, adapter_config = self.sampler_weights()
         with torch.no_grad():
-            return pack_weights(self.module[DEFAULT_MODULE_ID].unwrapped().sampler_state_dict(), dtype, keep=keep)
+            return pack_weights(tensors, dtype, keep=keep, adapter_config=adapter_config)
 
     def get_parameters(self, module) -> list[torch.nn.Parameter]:
         """The parameters the optimizer updates: the trainable ones (with LoRA the adapters alone, so the optimizer

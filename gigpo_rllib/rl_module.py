@@ -46,7 +46,8 @@ import torch
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
 from gigpo_rllib.logprobs import forward_token_logprobs
-from gigpo_rllib.lora import add_lora_adapters, adapter_state_dict, is_lora_model, merged_state_dict
+from gigpo_rllib.lora import (add_lora_adapters, adapter_state_dict, is_lora_model, merged_state_dict,
+                              peft_adapter_files)
 from gigpo_rllib.models import TINY_MODEL_NAME, load_model_and_tokenizer, prepare_for_training
 from gigpo_rllib.sharding import call_as_forward, copy_whole_into, full_tensor
 
@@ -194,3 +195,12 @@ class LLMRLModule(TorchRLModule):
         of the inference-only state."""
         weights = merged_state_dict(self.model) if is_lora_model(self.model) else self.model.state_dict()
         return {name: tensor.detach() for name, tensor in weights.items()}
+
+    def sampler_adapter(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``(tensors, adapter config)``: the LoRA adapters alone as peft saves them, for a sampler that applies them
+        to its own base weights (``lora_sync: adapter``). Raises ``ValueError`` without LoRA."""
+        if not is_lora_model(self.model):
+            raise ValueError("sampler_adapter needs a LoRA module (model_config['lora'] set); this one trains every "
+                             "weight: use sampler_state_dict")
+        tensors, config = peft_adapter_files(self.model)
+        return {name: tensor.detach() for name, tensor in tensors.items()}, config

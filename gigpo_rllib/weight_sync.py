@@ -19,6 +19,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ class PackedWeights:
         entries: ``(name, shape, element offset)`` of each distinct tensor, in buffer order.
         aliases: names that share storage with an entry (tied weights): ``alias -> entry name``.
         exact: the non-floating tensors (integer or bool buffers), as numpy arrays of their own dtype.
+        adapter_config: None for a model's weights; for a LoRA adapter alone (``lora_sync: adapter``), peft's
+            ``adapter_config.json`` contents: the tensors are then the adapter's, under peft's names, for a sampler
+            to apply to its base weights.
     """
 
     buffer: np.ndarray
@@ -45,6 +49,7 @@ class PackedWeights:
     entries: tuple[tuple[str, tuple[int, ...], int], ...]
     aliases: Mapping[str, str]
     exact: Mapping[str, np.ndarray]
+    adapter_config: Mapping[str, Any] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -72,11 +77,13 @@ def synced_bytes(tensors: Mapping[str, torch.Tensor], dtype: str) -> int:
     return sum(tensor.numel() for tensor in tensors.values() if tensor.is_floating_point()) * DTYPES[dtype].itemsize
 
 
-def pack_weights(named_tensors: Mapping[str, torch.Tensor], dtype: str, *, keep: bool = True) -> PackedWeights | None:
+def pack_weights(named_tensors: Mapping[str, torch.Tensor], dtype: str, *, keep: bool = True,
+                 adapter_config: Mapping[str, Any] | None = None) -> PackedWeights | None:
     """Pack ``named_tensors`` (a state dict, on any device) into one buffer of ``dtype``; tensors that share
     storage (tied embeddings) are packed once and recorded as aliases, and non-floating tensors are kept apart in
     their own dtype (``exact``). ``DTensor`` shards are gathered whole one at a time; ranks that only take part in
-    those gathers pass ``keep=False`` (nothing is allocated, None is returned)."""
+    those gathers pass ``keep=False`` (nothing is allocated, None is returned). ``adapter_config`` marks the
+    tensors as a LoRA adapter (see :class:`PackedWeights`)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     tensors, aliases = distinct_tensors(named_tensors)
@@ -97,7 +104,8 @@ def pack_weights(named_tensors: Mapping[str, torch.Tensor], dtype: str, *, keep:
     if not keep:
         return None
     buffer = flat.cpu().view(torch.uint8).numpy()
-    return PackedWeights(buffer=buffer, dtype=dtype, entries=tuple(entries), aliases=aliases, exact=exact)
+    return PackedWeights(buffer=buffer, dtype=dtype, entries=tuple(entries), aliases=aliases, exact=exact,
+                         adapter_config=None if adapter_config is None else dict(adapter_config))
 
 
 def unpack_weights(packed: PackedWeights) -> dict[str, torch.Tensor]:

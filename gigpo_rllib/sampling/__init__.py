@@ -23,14 +23,20 @@ def resolve_backend(backend: str, device: str = "cpu") -> str:
 
 
 def make_sampler(backend: str, model_name_or_path: str, *, device: str = "cpu", dtype: str = "float32",
-                 max_model_len: int | None = None, seed: int = 0, engine_kwargs: dict | None = None) -> Sampler:
+                 max_model_len: int | None = None, seed: int = 0, engine_kwargs: dict | None = None,
+                 lora_rank: int | None = None) -> Sampler:
     """Build the sampler of ``backend`` ("hf", "vllm" or "auto") on ``device`` with weights in ``dtype``.
-    ``max_model_len``, ``seed`` and ``engine_kwargs`` (``vllm.LLM`` arguments) apply to the vLLM engine only."""
+    ``max_model_len``, ``seed``, ``engine_kwargs`` (``vllm.LLM`` arguments) and ``lora_rank`` (serve LoRA adapters
+    of up to this rank: ``VLLMSampler.load_adapter``) apply to the vLLM engine only."""
     if resolve_backend(backend, device) == "hf":
         from gigpo_rllib.sampling.hf import HFSampler
+
+        if lora_rank is not None:
+            raise ValueError(f"lora_rank={lora_rank} needs the vLLM sampler (LoRA requests); the HF sampler loads "
+                             "merged weights only")
 
         return HFSampler(model_name_or_path, device=device, dtype=dtype)
     from gigpo_rllib.sampling.vllm import VLLMSampler
 
     return VLLMSampler(model_name_or_path, device=device, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                       engine_kwargs=engine_kwargs)
+                       engine_kwargs=engine_kwargs, lora_rank=lora_rank)
