@@ -8,6 +8,7 @@ Two-learner groups take seconds to form, so one module-scoped run builds each ki
 
 from __future__ import annotations
 
+import copy
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -167,6 +168,32 @@ def test_fsdp_checkpoint_restores_into_one_learner_and_back(runs):
     back_optimizer = _optimizer_arrays(back)
     for key, value in expected.items():
         np.testing.assert_array_equal(back_optimizer[key], value, err_msg=str(key))
+
+
+def test_fsdp_composes_with_lora_and_gradient_checkpointing(ray_session):
+    # The adapters are sharded like every other parameter (the frozen base too); the samplers get merged weights.
+    settings = dict(SETTINGS, lora={"r": 4, "alpha": 8}, gradient_checkpointing=True)
+    whole, shards = _batch()
+    single = local_learner(minibatch_size=ROWS, **settings)
+    # Fresh adapters are random: the sharded learners start from these (a copy: the state holds the live tensors).
+    start = copy.deepcopy(single.get_state())
+    before = single.packed_weights("float32").buffer.view(np.float32).copy()
+    _update(single, whole, minibatch_size=ROWS)
+    expected = single.packed_weights("float32").buffer.view(np.float32)
+    group = learner_config(learner_sharding="fsdp", **settings).learners(num_learners=2).build_learner_group(
+        env=None, spaces=SPACES)
+    try:
+        group.set_state({"learner": start})
+        _update(group, shards, minibatch_size=ROWS // 2)
+        sharded = _packed(group).view(np.float32)
+        held = [call.get() for call in group.foreach_learner(_held_bytes)]
+    finally:
+        group.shutdown()
+    assert np.abs(expected - before).max() > 1e-4  # the update moved the merged weights
+    np.testing.assert_allclose(sharded, expected, rtol=1e-5, atol=1e-7)
+    whole_bytes = _held_bytes(single)
+    for part in ("parameters", "optimizer"):  # the trainable adapters and their Adam state, halved
+        assert all(0.4 < rank[part] / whole_bytes[part] < 0.6 for rank in held), (part, held, whole_bytes)
 
 
 def _policy_logprobs(learner) -> np.ndarray:
