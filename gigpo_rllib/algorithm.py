@@ -611,12 +611,19 @@ class GiGPO(Algorithm):
 
     # -------------------------------------------------------------------------------------- checkpoints
 
-    def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
+    def _gather_sharded_learner_state(self) -> None:
+        """RLlib asks one learner for the learners' state or weights (now, or in the learner group's save that
+        follows): sharded, they are gathered by all learners together first."""
         if self.config.learner_sharding == "fsdp" and self.config.num_learners > 1:
-            # RLlib asks one learner for the learners' state (now, or in the learner group's save that follows):
-            # sharded, it is gathered by all of them together first.
             for call in self.learner_group.foreach_learner(lambda learner: learner.gather_state()):
                 call.get()
+
+    def get_weights(self, policies: list[str] | None = None) -> dict:
+        self._gather_sharded_learner_state()
+        return super().get_weights(policies)
+
+    def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
+        self._gather_sharded_learner_state()
         state = super().get_state(components, not_components=not_components, **kwargs)
         state["seed_counters"] = {"train": self._train_draws, "validation": self._val_draws}
         # The batch sampled during the last update is saved with the weights it was not yet trained on, so a resume

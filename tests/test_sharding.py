@@ -232,6 +232,7 @@ def test_an_algorithm_checkpoint_moves_from_two_sharded_learners_to_one_and_back
     one = None
     try:
         sharded.train()
+        sharded_weights = sharded.get_weights()["default_policy"]  # gathered by the learners together
         saved_logprobs, saved_optimizer = _learner_logprobs_and_optimizer(sharded)
         steps = {float(value) for (_, key), value in saved_optimizer.items() if key == "step"}
         assert len(steps) == 1 and steps.pop() > 0  # every parameter took the update's Adam step
@@ -243,6 +244,10 @@ def test_an_algorithm_checkpoint_moves_from_two_sharded_learners_to_one_and_back
         logprobs, optimizer = _learner_logprobs_and_optimizer(one)
         np.testing.assert_allclose(logprobs, saved_logprobs, rtol=0, atol=1e-6)
         _assert_same_optimizer_state(optimizer, saved_optimizer)
+        one_weights = one.get_weights()["default_policy"]
+        assert sharded_weights.keys() == one_weights.keys()
+        for name, value in one_weights.items():
+            np.testing.assert_array_equal(sharded_weights[name], value, err_msg=name)
 
         one.train()  # the one-learner run moves on; its checkpoint goes back into the sharded learners
         saved_logprobs, saved_optimizer = _learner_logprobs_and_optimizer(one)
