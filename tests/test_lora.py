@@ -55,9 +55,6 @@ def test_adapter_sync_is_refused_where_it_cannot_work():
                               ({"lora_sync": "adapters", "lora": {"r": 8}, **vllm}, r"lora_sync must be one of")]:
         with pytest.raises(ValueError, match=message):
             GiGPOConfig().training(**training).validate()
-    sharded = GiGPOConfig().training(lora_sync="adapter", lora={"r": 8}, learner_sharding="fsdp", **vllm)
-    with pytest.raises(ValueError, match="not supported with sharded learners"):
-        sharded.learners(num_learners=2).validate()
 
 
 def test_a_missing_peft_names_the_extra(monkeypatch):

@@ -99,9 +99,14 @@ def _as_fresh(state: dict) -> dict:
     return {**state, "weights_seq_no": 0}
 
 
-def _packed(group):
+def _packed_weights(group):
+    """The group's sampler payload (every sharded learner takes part in the gathers; rank 0 keeps it)."""
     packed = [call.get() for call in group.foreach_learner(lambda learner: learner.packed_weights("float32"))]
-    return next(p for p in packed if p is not None).buffer.copy()
+    return next(p for p in packed if p is not None)
+
+
+def _packed(group):
+    return _packed_weights(group).buffer.copy()
 
 
 @pytest.fixture(scope="module")
@@ -170,27 +175,35 @@ def test_fsdp_checkpoint_restores_into_one_learner_and_back(runs):
         np.testing.assert_array_equal(back_optimizer[key], value, err_msg=str(key))
 
 
-def test_fsdp_composes_with_lora_and_gradient_checkpointing(ray_session):
-    # The adapters are sharded like every other parameter (the frozen base too); the samplers get merged weights.
-    settings = dict(SETTINGS, lora={"r": 4, "alpha": 8}, gradient_checkpointing=True)
+@pytest.mark.parametrize("lora_sync", ["merged", "adapter"])
+def test_fsdp_composes_with_lora_and_gradient_checkpointing(ray_session, lora_sync):
+    # The adapters are sharded like every other parameter (the frozen base too); the samplers get the merged weights
+    # or the adapters alone, gathered.
+    settings = dict(SETTINGS, lora={"r": 4, "alpha": 8}, gradient_checkpointing=True, lora_sync=lora_sync,
+                    sampler_backend="vllm" if lora_sync == "adapter" else "hf")
     whole, shards = _batch()
     single = local_learner(minibatch_size=ROWS, **settings)
     # Fresh adapters are random: the sharded learners start from these (a copy: the state holds the live tensors).
     start = copy.deepcopy(single.get_state())
     before = single.packed_weights("float32").buffer.view(np.float32).copy()
     _update(single, whole, minibatch_size=ROWS)
-    expected = single.packed_weights("float32").buffer.view(np.float32)
+    expected_packed = single.packed_weights("float32")
+    expected = expected_packed.buffer.view(np.float32)
     group = learner_config(learner_sharding="fsdp", **settings).learners(num_learners=2).build_learner_group(
         env=None, spaces=SPACES)
     try:
         group.set_state({"learner": start})
         _update(group, shards, minibatch_size=ROWS // 2)
-        sharded = _packed(group).view(np.float32)
+        sharded_packed = _packed_weights(group)
+        sharded = sharded_packed.buffer.view(np.float32)
         held = [call.get() for call in group.foreach_learner(_held_bytes)]
     finally:
         group.shutdown()
     assert np.abs(expected - before).max() > 1e-4  # the update moved the merged weights
     np.testing.assert_allclose(sharded, expected, rtol=1e-5, atol=1e-7)
+    assert sharded_packed.entries == expected_packed.entries
+    assert sharded_packed.adapter_config == expected_packed.adapter_config
+    assert (expected_packed.adapter_config is not None) == (lora_sync == "adapter")
     whole_bytes = _held_bytes(single)
     for part in ("parameters", "optimizer"):  # the trainable adapters and their Adam state, halved
         assert all(0.4 < rank[part] / whole_bytes[part] < 0.6 for rank in held), (part, held, whole_bytes)
