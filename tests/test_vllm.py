@@ -358,10 +358,17 @@ def test_gigpo_syncs_lora_adapters_alone_to_vllm_runners(ray_session, tmp_path, 
         if runners:
             # A runner that restarts comes back with a fresh engine (base weights, no adapter): RLlib's restore step
             # must hand it the current adapters.
+            runner_pids = lambda: group.foreach_env_runner(lambda runner: os.getpid(), local_env_runner=False)
+            (killed_pid,) = runner_pids()
             ray.kill(group._worker_manager.actors()[1], no_restart=False)
             group._worker_manager.set_actor_state(1, healthy=False)
+            # ray.kill is asynchronous: a probe can still reach the old process and bring it back into service until it
+            # dies (a failed call then takes it out again), so wait for the new process, which only a restore admits.
             deadline = time.monotonic() + 180
-            while not algo.restore_env_runners(group) and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
+                algo.restore_env_runners(group)
+                if runner_pids() not in ([], [killed_pid]):
+                    break
                 time.sleep(1.0)
         ((seq_no, adapter),) = group.foreach_env_runner(lambda runner: (runner.weights_seq_no, runner.sampler._adapter),
                                                         local_env_runner=not runners)
